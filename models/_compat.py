@@ -1,0 +1,131 @@
+"""Compatibility for detectron2 v0.6 on current numpy, Pillow and torch.
+
+This is the one module that adapts the environment for detectron2. ``models``
+applies it on import, before any detectron2 module is imported, so every code path
+of this project (server, CLI, tests) sees the same environment.
+
+What it does, each only where needed:
+
+* ``detectron2._C``: the pure-Python build has no C++ extension. A meta-path finder,
+  placed *after* every real finder, supplies a stand-in module only when no real
+  ``detectron2._C`` can be found. Using any op of it raises :class:`MissingOpError`
+  naming the op and why it is unavailable. A build with the extension is untouched.
+* numpy aliases (``np.int``, ``np.float``, ``np.str``, ``np.object``, ``np.bool``)
+  removed in numpy 1.24 and ``PIL.Image.LINEAR`` removed in Pillow 10 are used by
+  v0.6 code. They are restored only when missing *and* the installed detectron2
+  source still uses them, so an upstream detectron2 (which no longer does) sees an
+  unchanged numpy and Pillow.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MissingOpError", "apply", "has_native_ops"]
+
+_NUMPY_ALIASES = {"int": int, "float": float, "str": str, "object": object, "bool": bool}
+# v0.6 files that use the removed names; a newer detectron2 changed all of them.
+_NUMPY_USERS = ("evaluation/sem_seg_evaluation.py", "structures/masks.py", "data/build.py")
+_PIL_USERS = ("data/transforms/transform.py",)
+
+_applied = False
+
+
+class MissingOpError(RuntimeError):
+    """A detectron2 C++/CUDA op was used but this detectron2 build has no ``_C`` extension."""
+
+
+class _MissingNativeOps(types.ModuleType):
+    """Stand-in for ``detectron2._C`` whose every attribute is an op that cannot run."""
+
+    __file__ = None
+    _CVSERVE_STUB = True
+
+    def __getattr__(self, op: str) -> Any:
+        if op.startswith("__"):
+            raise AttributeError(op)
+
+        def unavailable(*args: Any, **kwargs: Any) -> Any:
+            raise MissingOpError(
+                f"detectron2 op '_C.{op}' is unavailable: this detectron2 was built without its C++/CUDA "
+                "extension (rotated boxes, deformable convolution and detectron2's fast COCOeval need it). "
+                "Install detectron2 built from source with its extension to use this model."
+            )
+
+        unavailable.__name__ = op
+        return unavailable
+
+
+class _NativeOpsFallback(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``detectron2._C`` only after every other finder failed to."""
+
+    def find_spec(
+        self, fullname: str, path: Any, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "detectron2._C":
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return _MissingNativeOps(spec.name)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        return None
+
+
+def _detectron2_source_uses(relative_paths: tuple[str, ...], needle: str) -> bool:
+    spec = importlib.util.find_spec("detectron2")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for rel in relative_paths:
+        try:
+            if needle in (root / rel).read_text(encoding="utf-8"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _restore_numpy_aliases() -> None:
+    import numpy as np
+
+    missing = [name for name in _NUMPY_ALIASES if name not in np.__dict__]
+    if missing and _detectron2_source_uses(_NUMPY_USERS, "dtype=np.int)"):
+        for name in missing:
+            setattr(np, name, _NUMPY_ALIASES[name])
+
+
+def _restore_pillow_linear() -> None:
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR") and _detectron2_source_uses(_PIL_USERS, "Image.LINEAR"):
+        Image.LINEAR = Image.BILINEAR  # type: ignore[attr-defined]
+
+
+def apply() -> None:
+    """Apply the compatibility measures once; safe to call any number of times."""
+    global _applied
+    if _applied:
+        return
+    if not any(isinstance(f, _NativeOpsFallback) for f in sys.meta_path):
+        sys.meta_path.append(_NativeOpsFallback())
+    _restore_numpy_aliases()
+    _restore_pillow_linear()
+    _applied = True
+
+
+def has_native_ops() -> bool:
+    """Whether the installed detectron2 has its compiled ``_C`` extension."""
+    apply()
+    try:
+        from detectron2 import _C
+    except ImportError:
+        return False
+    return not getattr(_C, "_CVSERVE_STUB", False)

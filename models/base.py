@@ -1,0 +1,92 @@
+"""The transport-neutral model interface every served model implements."""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from models.types import Prediction, Task
+
+
+class VisionModel(abc.ABC):
+    """A vision model: RGB uint8 images in, :class:`Prediction` out.
+
+    The work of one request is split in three so a server can put each part where it
+    belongs: ``preprocess`` and ``postprocess`` are thread-safe and run in a worker
+    pool, ``forward`` runs a whole batch on the model's device, one batch at a time.
+    ``predict_batch`` composes the three for in-process callers.
+
+    Attributes:
+        name: the model's name in its repository.
+        task: what it predicts.
+        class_names: label names, index = category id / label value.
+        device: the torch device string it runs on (``cpu``, ``cuda:0``).
+    """
+
+    name: str
+    task: Task
+    class_names: tuple[str, ...]
+    device: str = "cpu"
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        """True once ``load`` (and warm-up, where the caller does one) completed."""
+        return self._ready.is_set()
+
+    def mark_ready(self, ready: bool = True) -> None:
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Build the network and load its weights. Raises on failure."""
+
+    @abc.abstractmethod
+    def preprocess(self, image: np.ndarray) -> Any:
+        """Turn one ``(H, W, 3)`` RGB uint8 image into the model's input. Thread-safe."""
+
+    @abc.abstractmethod
+    def forward(self, inputs: Sequence[Any]) -> list[Any]:
+        """Run the network on a batch of preprocessed inputs; one raw output per input."""
+
+    @abc.abstractmethod
+    def postprocess(self, raw: Any, image_size: tuple[int, int]) -> Prediction:
+        """Turn one raw output into a :class:`Prediction` in original image coordinates. Thread-safe."""
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """Predict a batch of RGB uint8 images in-process.
+
+        Args:
+            images: ``(H, W, 3)`` uint8 RGB arrays, sizes may differ.
+
+        Returns:
+            One :class:`Prediction` per image, in order.
+        """
+        if not images:
+            return []
+        inputs = [self.preprocess(img) for img in images]
+        raws = self.forward(inputs)
+        if len(raws) != len(images):
+            raise RuntimeError(f"{self.name}: forward returned {len(raws)} outputs for {len(images)} inputs")
+        return [
+            self.postprocess(r, (int(img.shape[0]), int(img.shape[1])))
+            for r, img in zip(raws, images, strict=True)
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        """Static facts about the model for metadata endpoints."""
+        return {
+            "name": self.name,
+            "task": self.task.value,
+            "class_names": list(self.class_names),
+            "device": self.device,
+        }

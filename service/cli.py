@@ -1,0 +1,68 @@
+"""The ``cvserve`` command line: parses arguments and calls library functions.
+
+Each subcommand lives in ``service/commands/<name>.py`` and exposes ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int``. Heavy imports happen inside
+``run`` so that ``cvserve --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# name -> module; the order is the order of ``cvserve --help``.
+COMMANDS = {
+    "serve": "service.commands.serve",
+    "client": "service.commands.client",
+    "eval": "service.commands.eval",
+    "annotate": "service.commands.annotate",
+    "train": "service.commands.train",
+    "demo": "service.commands.demo",
+    "info": "service.commands.info",
+}
+
+
+class CLIError(Exception):
+    """A user-facing command-line error: printed as ``cvserve: error: <message>``, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvserve", description="Computer-vision inference service.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args._run(args) or 0)
+    except CLIError as e:
+        print(f"cvserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cvserve {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
