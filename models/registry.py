@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterable
 
 from models.base import VisionModel
@@ -32,12 +33,23 @@ def _ensure_builtin_builders() -> None:
     import models.semseg  # noqa: F401
 
 
+def _import_handler(spec: ModelSpec) -> ModelBuilder:
+    module_name, _, attr = spec.handler.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError) as e:
+        raise KeyError(f"model {spec.name!r}: cannot import handler {spec.handler!r}: {e}") from None
+
+
 def build_model(spec: ModelSpec) -> VisionModel:
     """Construct (not load) the model a spec describes.
 
     Raises:
-        KeyError: no builder handles the spec's task.
+        KeyError: no builder handles the spec's task, or its handler cannot be imported.
     """
+    if spec.handler:
+        return _import_handler(spec)(spec)
     _ensure_builtin_builders()
     try:
         builder = MODEL_REGISTRY[spec.task]

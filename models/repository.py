@@ -68,6 +68,9 @@ class ModelSpec:
         max_wait_ms: longest a request waits for a batch to fill.
         max_queue: most requests waiting; more are refused.
         options: model-specific settings (e.g. ``score_threshold``, ``min_size_test``).
+        handler: optional ``"package.module:callable"`` building a custom
+            :class:`~models.base.VisionModel` from this spec (like a TorchServe custom
+            handler); empty to use the built-in builder for ``task``.
     """
 
     name: str
@@ -81,6 +84,7 @@ class ModelSpec:
     max_wait_ms: float = 0.0
     max_queue: int = 64
     options: Mapping[str, Any] = field(default_factory=dict)
+    handler: str = ""
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -126,6 +130,10 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
         return value
 
     name = req_str("name")
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise RepositoryError(
+            f"{where}.name: may contain only letters, digits, '-', '_' and '.', got {name!r}"
+        )
     try:
         task = Task(raw.get("task"))
     except ValueError:
@@ -141,6 +149,9 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
     options = raw.get("options", {}) or {}
     if not isinstance(options, dict):
         raise RepositoryError(f"{where}.options: must be a mapping")
+    handler = raw.get("handler", "") or ""
+    if not isinstance(handler, str) or (handler and ":" not in handler):
+        raise RepositoryError(f"{where}.handler: must look like 'package.module:callable', got {handler!r}")
     weights = raw.get("weights", "") or ""
     if not isinstance(weights, str):
         raise RepositoryError(f"{where}.weights: must be a string path or URL")
@@ -156,6 +167,7 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
         max_wait_ms=float(pos_number("max_wait_ms", 0.0, integer=False, allow_zero=True)),
         max_queue=pos_number("max_queue", 64, integer=True),
         options=dict(options),
+        handler=handler,
     )
 
 
