@@ -34,6 +34,8 @@ _NUMPY_ALIASES = {"int": int, "float": float, "str": str, "object": object, "boo
 _NUMPY_USERS = ("evaluation/sem_seg_evaluation.py", "structures/masks.py", "data/build.py")
 _PIL_USERS = ("data/transforms/transform.py",)
 
+_DISPATCHER_OPS = ("nms_rotated",)
+
 _applied = False
 
 
@@ -76,7 +78,13 @@ class _NativeOpsFallback(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return _MissingNativeOps(spec.name)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        return None
+        # v0.6 also calls one op through torch's dispatcher (torch.ops.detectron2.*), which
+        # would fail with an obscure AttributeError; give it the same clear error.
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            namespace = torch.ops.detectron2
+            for op in _DISPATCHER_OPS:
+                setattr(namespace, op, getattr(module, op))
 
 
 def _detectron2_source_uses(relative_paths: tuple[str, ...], needle: str) -> bool:

@@ -45,6 +45,7 @@ _KNOWN_FIELDS = {
     "max_wait_ms",
     "max_queue",
     "options",
+    "handler",
 }
 
 

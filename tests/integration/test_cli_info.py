@@ -1,0 +1,44 @@
+"""``cvserve info`` run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+CVSERVE = [sys.executable, "-m", "service.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_info_reports_versions_and_devices() -> None:
+    out = subprocess.run([*CVSERVE, "info", "--json"], capture_output=True, text=True, check=True, cwd=ROOT)
+    info = json.loads(out.stdout)
+    assert info["torch"] == torch.__version__
+    assert info["detectron2"] == "0.6" or info["detectron2"].startswith("0.")
+    assert isinstance(info["detectron2_native_ops"], bool)
+    assert info["cuda_available"] is torch.cuda.is_available()
+    assert len(info["cuda_devices"]) == torch.cuda.device_count()
+    for key in ("python", "torchvision", "grpcio", "model_repository"):
+        assert info[key]
+
+
+def test_info_text_names_the_build() -> None:
+    out = subprocess.run([*CVSERVE, "info"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "detectron2" in out
+    assert "C++ ops" in out
+    assert "CUDA" in out
+
+
+def test_info_uses_the_given_repository(tmp_path: Path) -> None:
+    repo = tmp_path / "models.yaml"
+    out = subprocess.run(
+        [*CVSERVE, "info", "--json", "--models", str(repo)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert json.loads(out.stdout)["model_repository"] == str(repo)
