@@ -21,6 +21,7 @@ COMMANDS = {
     "annotate": "service.commands.annotate",
     "train": "service.commands.train",
     "demo": "service.commands.demo",
+    "health": "service.commands.health",
     "info": "service.commands.info",
 }
 
