@@ -1,0 +1,1 @@
+"""Datasets: the synthetic COCO-format generator, registration with detectron2, augmentation."""
