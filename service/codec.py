@@ -1,0 +1,284 @@
+"""Conversions between the ``cvserve.v1`` protos and numpy images / :mod:`models.types`.
+
+Server side: request image -> array, options -> :class:`DetectOptions` (validated),
+:class:`~models.types.Prediction` -> response. Client side: image -> proto, response ->
+:class:`~models.types.Prediction`. All of it is CPU work run in the shared worker pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_util
+
+from models.types import Instance, Mask, Prediction, SemanticMap
+from service._proto.cvserve.v1 import types_pb2 as types_pb
+from service._proto.cvserve.v1 import vision_service_pb2 as pb
+from service.errors import InvalidImageError, InvalidOptionError
+from service.imaging import array_from_raw, decode_image, decode_png_array, encode_png
+
+__all__ = [
+    "MASK_FORMATS",
+    "DetectOptions",
+    "apply_options",
+    "decode_request_image",
+    "detect_response",
+    "image_to_proto",
+    "mask_format_to_proto",
+    "parse_detect_options",
+    "prediction_from_detect",
+    "prediction_from_segment",
+    "segment_response",
+]
+
+# Client-facing names of the MaskFormat enum values.
+MASK_FORMATS = {
+    "none": types_pb.MASK_FORMAT_NONE,
+    "rle": types_pb.MASK_FORMAT_RLE,
+    "polygon": types_pb.MASK_FORMAT_POLYGON,
+    "png": types_pb.MASK_FORMAT_PNG,
+}
+_FORMAT_NAMES = {v: k for k, v in MASK_FORMATS.items()} | {types_pb.MASK_FORMAT_UNSPECIFIED: "rle"}
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """Validated per-request detection options.
+
+    Attributes:
+        score_threshold: drop detections below it; None keeps the model's own.
+        max_detections: keep the top-N by score; None for no limit.
+        class_ids: keep only these class ids; None keeps all.
+        mask_format: ``none``, ``rle``, ``polygon`` or ``png``.
+    """
+
+    score_threshold: float | None = None
+    max_detections: int | None = None
+    class_ids: frozenset[int] | None = None
+    mask_format: str = "rle"
+
+
+def decode_request_image(image: types_pb.Image, *, max_pixels: int) -> np.ndarray:
+    """The ``(H, W, 3)`` RGB uint8 array a request's ``Image`` holds.
+
+    Raises:
+        InvalidImageError: missing, undecodable or mis-shaped image.
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+    """
+    source = image.WhichOneof("source")
+    if source == "encoded":
+        return decode_image(image.encoded, max_pixels=max_pixels)
+    if source == "raw":
+        raw = image.raw
+        return array_from_raw(raw.data, raw.height, raw.width, raw.channels, max_pixels=max_pixels)
+    raise InvalidImageError("request has no image: set image.encoded or image.raw")
+
+
+def parse_detect_options(options: pb.DetectOptions, class_names: Sequence[str]) -> DetectOptions:
+    """Validate ``options`` against the model's classes.
+
+    Raises:
+        InvalidOptionError: naming the option and the bad value.
+    """
+    threshold = None
+    if options.HasField("score_threshold"):
+        threshold = float(options.score_threshold)
+        if not 0.0 <= threshold <= 1.0:  # also rejects NaN
+            raise InvalidOptionError(f"score_threshold must be in [0, 1], got {threshold}")
+    max_det = int(options.max_detections) if options.HasField("max_detections") else None
+    if options.mask_format not in _FORMAT_NAMES:
+        raise InvalidOptionError(
+            f"unknown mask_format {options.mask_format}; use one of {', '.join(MASK_FORMATS)}"
+        )
+    ids: set[int] = set()
+    index = {name: i for i, name in enumerate(class_names)}
+    for name in options.class_names:
+        if name not in index:
+            raise InvalidOptionError(
+                f"unknown class name {name!r}; the model's classes: {', '.join(class_names)}"
+            )
+        ids.add(index[name])
+    for class_id in options.class_ids:
+        if class_id >= len(class_names):
+            raise InvalidOptionError(f"unknown class id {class_id}; the model has {len(class_names)} classes")
+        ids.add(int(class_id))
+    return DetectOptions(
+        score_threshold=threshold,
+        max_detections=max_det or None,
+        class_ids=frozenset(ids) if ids else None,
+        mask_format=_FORMAT_NAMES[options.mask_format],
+    )
+
+
+def apply_options(instances: Sequence[Instance], opts: DetectOptions) -> list[Instance]:
+    """Filter instances by score and class, then keep the top ``max_detections`` by score."""
+    kept = [
+        inst
+        for inst in instances
+        if (opts.score_threshold is None or inst.score >= opts.score_threshold)
+        and (opts.class_ids is None or inst.category_id in opts.class_ids)
+    ]
+    kept.sort(key=lambda inst: -inst.score)
+    return kept[: opts.max_detections] if opts.max_detections else kept
+
+
+def _mask_polygons(mask: Mask) -> types_pb.Polygons:
+    binary = mask_util.decode({"size": list(mask.size), "counts": mask.counts}).astype(np.uint8)
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = [
+        types_pb.Polygon(points=c.reshape(-1).astype(np.float32).tolist()) for c in contours if len(c) >= 3
+    ]
+    return types_pb.Polygons(polygons=polygons)
+
+
+def _detection(inst: Instance, class_names: Sequence[str], mask_format: str) -> types_pb.Detection:
+    x0, y0, x1, y1 = inst.box
+    det = types_pb.Detection(
+        box=types_pb.Box(x0=x0, y0=y0, x1=x1, y1=y1),
+        class_id=inst.category_id,
+        class_name=class_names[inst.category_id] if inst.category_id < len(class_names) else "",
+        score=inst.score,
+    )
+    if inst.mask is None or mask_format == "none":
+        return det
+    if mask_format == "rle":
+        det.rle.CopyFrom(
+            types_pb.RleMask(height=inst.mask.size[0], width=inst.mask.size[1], counts=inst.mask.counts)
+        )
+    elif mask_format == "polygon":
+        det.polygons.CopyFrom(_mask_polygons(inst.mask))
+    else:
+        binary = mask_util.decode({"size": list(inst.mask.size), "counts": inst.mask.counts})
+        det.png = encode_png(binary.astype(bool))
+    return det
+
+
+def detect_response(
+    prediction: Prediction,
+    *,
+    model: str,
+    version: str,
+    class_names: Sequence[str],
+    options: DetectOptions,
+    timing: types_pb.Timing | None = None,
+) -> pb.DetectResponse:
+    """Build a ``DetectResponse`` from an instance prediction, applying ``options``."""
+    height, width = prediction.image_size
+    return pb.DetectResponse(
+        model=model,
+        model_version=version,
+        image_height=height,
+        image_width=width,
+        detections=[
+            _detection(inst, class_names, options.mask_format)
+            for inst in apply_options(prediction.instances, options)
+        ],
+        timing=timing,
+    )
+
+
+def encode_label_map(labels: np.ndarray) -> bytes:
+    """PNG of a label map: 8-bit when every label fits, else 16-bit."""
+    dtype = np.uint8 if labels.size == 0 or int(labels.max()) < 256 else np.uint16
+    return encode_png(labels.astype(dtype))
+
+
+def segment_response(
+    prediction: Prediction, *, model: str, version: str, timing: types_pb.Timing | None = None
+) -> pb.SegmentResponse:
+    """Build a ``SegmentResponse`` (label-map PNG, class names, areas) from a semantic prediction."""
+    semantic = prediction.semantic
+    if semantic is None:
+        raise RuntimeError(f"model {model!r} returned no label map")
+    names = semantic.class_names
+    height, width = prediction.image_size
+    return pb.SegmentResponse(
+        model=model,
+        model_version=version,
+        image_height=height,
+        image_width=width,
+        label_map_png=encode_label_map(np.asarray(semantic.labels)),
+        class_names=list(names),
+        areas=[
+            types_pb.ClassArea(class_id=cid, class_name=names[cid] if cid < len(names) else "", pixels=count)
+            for cid, count in sorted(semantic.areas().items())
+        ],
+        timing=timing,
+    )
+
+
+# ---- client side -------------------------------------------------------------------------------
+
+
+def image_to_proto(image: bytes | np.ndarray) -> types_pb.Image:
+    """Wrap encoded bytes, or an ``(H, W, 3)`` RGB uint8 array sent raw, in an ``Image``.
+
+    Raises:
+        ValueError: an array that is not ``(H, W, 3)`` uint8.
+    """
+    if isinstance(image, bytes | bytearray | memoryview):
+        return types_pb.Image(encoded=bytes(image))
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image array must be (H, W, 3) uint8 RGB, got {array.shape} {array.dtype}")
+    height, width, _ = array.shape
+    raw = types_pb.RawImage(
+        data=np.ascontiguousarray(array).tobytes(), height=height, width=width, channels=3
+    )
+    return types_pb.Image(raw=raw)
+
+
+def mask_format_to_proto(name: str) -> int:
+    """The ``MaskFormat`` value of ``none``, ``rle``, ``polygon`` or ``png``.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    try:
+        return MASK_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown mask format {name!r}; use one of {', '.join(MASK_FORMATS)}") from None
+
+
+def _mask_from_detection(det: types_pb.Detection, size: tuple[int, int]) -> Mask | None:
+    kind = det.WhichOneof("mask")
+    if kind == "rle":
+        return Mask(size=(det.rle.height, det.rle.width), counts=det.rle.counts)
+    if kind == "png":
+        binary = decode_png_array(det.png)
+    elif kind == "polygons":
+        binary = np.zeros(size, np.uint8)
+        contours = [
+            np.asarray(p.points, np.float32).reshape(-1, 1, 2).round().astype(np.int32)
+            for p in det.polygons.polygons
+        ]
+        cv2.drawContours(binary, contours, -1, 1, thickness=cv2.FILLED)
+    else:
+        return None
+    rle = mask_util.encode(np.asfortranarray(binary.astype(np.uint8)))
+    return Mask(size=(int(rle["size"][0]), int(rle["size"][1])), counts=rle["counts"])
+
+
+def prediction_from_detect(response: pb.DetectResponse) -> Prediction:
+    """Turn a ``DetectResponse`` back into a :class:`Prediction` (masks as COCO RLE)."""
+    size = (response.image_height, response.image_width)
+    instances = tuple(
+        Instance(
+            box=(d.box.x0, d.box.y0, d.box.x1, d.box.y1),
+            category_id=d.class_id,
+            score=d.score,
+            mask=_mask_from_detection(d, size),
+        )
+        for d in response.detections
+    )
+    return Prediction(image_size=size, instances=instances)
+
+
+def prediction_from_segment(response: pb.SegmentResponse) -> Prediction:
+    """Turn a ``SegmentResponse`` back into a :class:`Prediction` with its label map."""
+    labels = decode_png_array(response.label_map_png)
+    semantic = SemanticMap(labels=labels, class_names=tuple(response.class_names))
+    return Prediction(image_size=(response.image_height, response.image_width), semantic=semantic)

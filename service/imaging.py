@@ -1,0 +1,113 @@
+"""Image decoding and encoding for the service: bytes in, RGB uint8 arrays out, and back.
+
+Decoding checks the size from the header before decompressing anything: PIL's
+``Image.open`` reads only the header, so an oversized or "decompression bomb" image
+is refused without allocating its pixels. EXIF orientation is applied, so a portrait
+photo taken sideways comes out upright, as every viewer shows it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from service.errors import ImageTooLargeError, InvalidImageError
+
+__all__ = ["ENCODINGS", "array_from_raw", "decode_image", "encode_png", "set_decoder_pixel_limit"]
+
+# PIL format names accepted; MPO is the multi-picture JPEG some cameras write.
+ENCODINGS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+_ACCEPTED = {*ENCODINGS, "MPO"}
+
+
+def set_decoder_pixel_limit(max_pixels: int) -> None:
+    """Make PIL itself refuse images over ``max_pixels`` (its decompression-bomb guard).
+
+    PIL warns above ``MAX_IMAGE_PIXELS`` and raises above twice that; the service checks
+    the exact limit itself, this is the second line of defence for any other decode path.
+    """
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
+def _check_pixels(height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {height * width} pixels, more than the limit of {max_pixels}"
+        )
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decode an encoded image into an upright ``(H, W, 3)`` RGB uint8 array.
+
+    Args:
+        data: JPEG, PNG, WebP, BMP or TIFF bytes.
+        max_pixels: largest ``height * width`` accepted.
+
+    Raises:
+        InvalidImageError: empty, undecodable, truncated or of an unsupported format.
+        ImageTooLargeError: over ``max_pixels``, checked before decoding.
+    """
+    if not data:
+        raise InvalidImageError("image is empty: no encoded bytes and no raw array")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in _ACCEPTED:
+                raise InvalidImageError(
+                    f"unsupported image format {img.format}; accepted: {', '.join(ENCODINGS)}"
+                )
+            _check_pixels(img.height, img.width, max_pixels)
+            img = ImageOps.exif_transpose(img)
+            rgb = img.convert("RGB")
+    except (InvalidImageError, ImageTooLargeError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(f"image refused as too large: {e}") from None
+    except Exception as e:  # PIL raises many types for corrupt data: UnidentifiedImageError, OSError ...
+        raise InvalidImageError(f"cannot decode image ({len(data)} bytes): {e}") from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def array_from_raw(data: bytes, height: int, width: int, channels: int, *, max_pixels: int) -> np.ndarray:
+    """View raw interleaved RGB uint8 bytes as an ``(H, W, 3)`` array (read-only, no copy).
+
+    Raises:
+        InvalidImageError: a zero dimension, channels other than 3, or a byte count not
+            equal to ``height * width * channels``.
+        ImageTooLargeError: over ``max_pixels``.
+    """
+    channels = channels or 3
+    if height <= 0 or width <= 0:
+        raise InvalidImageError(f"raw image must have height and width > 0, got {height}x{width}")
+    if channels != 3:
+        raise InvalidImageError(f"raw image must have 3 channels (RGB), got {channels}")
+    _check_pixels(height, width, max_pixels)
+    expected = height * width * channels
+    if len(data) != expected:
+        raise InvalidImageError(
+            f"raw image data is {len(data)} bytes, expected {expected} for {height}x{width}x{channels} uint8"
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Encode a 2-D uint8/bool array (grayscale or 1-bit) or an RGB array as PNG bytes."""
+    if array.dtype == bool:
+        img = Image.fromarray(array).convert("1")
+    else:
+        img = Image.fromarray(np.ascontiguousarray(array))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def decode_png_array(data: bytes) -> np.ndarray:
+    """Decode PNG bytes written by :func:`encode_png` back into an array (``L`` or ``1`` modes)."""
+    img = Image.open(io.BytesIO(data))
+    if img.mode == "1":
+        return np.asarray(img, dtype=bool)
+    return np.asarray(img)
