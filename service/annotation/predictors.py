@@ -1,0 +1,216 @@
+"""Predictors: run annotation batches in-process or against a cvserve server.
+
+A :class:`Predictor` maps batches of :class:`WorkItem` to journal records and yields
+each batch's records as soon as it completes, in any order. The in-process and server
+predictors run batches in a thread pool; the Ray predictor (``service.ray_annotate``)
+runs them on a pool of Ray actors.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from models.base import VisionModel
+from models.types import Prediction, Task
+from service.annotation.worker import LoadedImage, RenderOptions, WorkItem, process_batch
+
+__all__ = ["LocalPredictor", "ModelInfo", "Predictor", "ServerPredictor", "ThreadedPredictor"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What annotation needs to know about a model."""
+
+    name: str
+    task: Task
+    class_names: tuple[str, ...]
+
+
+class Predictor(abc.ABC):
+    """Annotates batches of images with one model. Use as a context manager."""
+
+    info: ModelInfo
+
+    @abc.abstractmethod
+    def map_batches(
+        self, batches: Iterable[Sequence[WorkItem]], render: RenderOptions
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield the journal records of each batch as it completes (in any order).
+
+        Raises:
+            Exception: anything that should stop the run (the model or server is
+                unusable); per-image problems become ``error`` records instead.
+        """
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release resources (threads, connections, actors)."""
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ThreadedPredictor(Predictor):
+    """Runs batches in a thread pool, a bounded number in flight, so reading and decoding
+    overlap with inference; subclasses say how a batch of decoded images is predicted."""
+
+    def __init__(self, concurrency: int) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = concurrency
+
+    @abc.abstractmethod
+    def predict(self, images: Sequence[LoadedImage]) -> list[Prediction | Exception]:
+        """One prediction or per-image exception per image; raise to stop the run."""
+
+    def map_batches(
+        self, batches: Iterable[Sequence[WorkItem]], render: RenderOptions
+    ) -> Iterator[list[dict[str, Any]]]:
+        pending: set[cf.Future[list[dict[str, Any]]]] = set()
+        batch_iter = iter(batches)
+        with cf.ThreadPoolExecutor(self.concurrency, thread_name_prefix="annotate") as pool:
+            try:
+                while True:
+                    # Keep every worker busy plus one batch queued behind each.
+                    while len(pending) < 2 * self.concurrency:
+                        batch = next(batch_iter, None)
+                        if batch is None:
+                            break
+                        pending.add(pool.submit(process_batch, batch, self.predict, render))
+                    if not pending:
+                        return
+                    finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    for future in finished:
+                        yield future.result()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+
+class LocalPredictor(ThreadedPredictor):
+    """Runs a loaded :class:`VisionModel` in this process, one batch at a time.
+
+    A batch that fails as a whole is retried image by image, so one bad image fails
+    alone (a batch-wide failure that persists fails every image of the batch).
+    """
+
+    def __init__(self, model: VisionModel, concurrency: int = 2) -> None:
+        super().__init__(concurrency)
+        self.model = model
+        self.info = ModelInfo(model.name, model.task, tuple(model.class_names))
+        self._lock = threading.Lock()  # models are not required to be thread-safe
+
+    @classmethod
+    def from_repository(cls, repository: str, name: str, concurrency: int = 2) -> LocalPredictor:
+        """Build and load model ``name`` of a repository YAML.
+
+        Raises:
+            models.repository.RepositoryError: the file is invalid.
+            KeyError: the repository has no model ``name``.
+        """
+        from models.registry import build_model
+        from models.repository import load_repository
+
+        specs = {s.name: s for s in load_repository(repository)}
+        if name not in specs:
+            raise KeyError(f"{repository}: no model named {name!r} (available: {', '.join(sorted(specs))})")
+        model = build_model(specs[name])
+        model.load()
+        model.mark_ready()
+        return cls(model, concurrency)
+
+    def _predict(self, arrays: list[Any]) -> list[Prediction]:
+        with self._lock:
+            return self.model.predict_batch(arrays)
+
+    def predict(self, images: Sequence[LoadedImage]) -> list[Prediction | Exception]:
+        arrays = [img.array for img in images]
+        try:
+            return list(self._predict(arrays))
+        except Exception as e:
+            if len(arrays) == 1:
+                logger.warning("%s: model failed: %s", images[0].item.path, e)
+                return [e]
+            logger.warning("a batch of %d failed (%s); retrying image by image", len(arrays), e)
+        results: list[Prediction | Exception] = []
+        for array, img in zip(arrays, images, strict=True):
+            try:
+                results.append(self._predict([array])[0])
+            except Exception as e:
+                logger.warning("%s: model failed: %s", img.item.path, e)
+                results.append(e)
+        return results
+
+
+def _code_name(error: Exception) -> str:
+    code = getattr(error, "code", None)
+    code = code() if callable(code) else code
+    return str(getattr(code, "name", code) or "UNKNOWN").upper()
+
+
+class ServerPredictor(ThreadedPredictor):
+    """Sends images to a cvserve server, ``concurrency`` requests in flight; the server
+    batches them. Overload and transient unavailability are retried with backoff; an
+    image the server rejects as invalid fails alone; anything else stops the run.
+    """
+
+    PER_IMAGE_CODES = frozenset({"INVALID_ARGUMENT"})
+    RETRY_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED"})
+
+    def __init__(
+        self,
+        address: str,
+        model: str,
+        *,
+        concurrency: int = 4,
+        timeout: float | None = 60.0,
+        root_certificates: bytes | None = None,
+        token: str | None = None,
+        retries: int = 5,
+        client: Any = None,
+    ) -> None:
+        super().__init__(concurrency)
+        if client is None:
+            from service.client import Client
+
+            client = Client(address, timeout=timeout, root_certificates=root_certificates, token=token)
+        self.client = client
+        self.model_name = model
+        self.retries = retries
+        meta = client.get_model(model)
+        self.info = ModelInfo(model, Task(meta["task"]), tuple(meta["class_names"]))
+
+    def _predict_one(self, image: LoadedImage) -> Prediction | Exception:
+        for attempt in range(self.retries + 1):
+            try:
+                # The encoded file is much smaller on the wire than the decoded array.
+                return self.client.predict(image.data, model=self.model_name)  # type: ignore[no-any-return]
+            except Exception as e:
+                code = _code_name(e)
+                if code in self.PER_IMAGE_CODES:
+                    return e
+                if code not in self.RETRY_CODES or attempt == self.retries:
+                    raise
+                delay = min(5.0, 0.1 * 2**attempt)
+                logger.warning("%s: %s (%s); retrying in %.1f s", image.item.path, code, e, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def predict(self, images: Sequence[LoadedImage]) -> list[Prediction | Exception]:
+        return [self._predict_one(img) for img in images]
+
+    def close(self) -> None:
+        close = getattr(self.client, "close", None)
+        if callable(close):
+            close()
