@@ -1,0 +1,19 @@
+"""The encoder-decoder semantic segmenter: architecture, transfer learning and serving adapter.
+
+Importing this package registers ``EncoderDecoderSegmentor`` in detectron2's
+``META_ARCH_REGISTRY`` and the semantic-segmentation builder in :mod:`models.registry`.
+"""
+
+from models.semseg.adapter import SemanticSegmentationModel
+from models.semseg.arch import EncoderDecoderSegmentor
+from models.semseg.config import add_semseg_config, semseg_config
+from models.semseg.transfer import TransferReport, load_encoder_from_detection
+
+__all__ = [
+    "EncoderDecoderSegmentor",
+    "SemanticSegmentationModel",
+    "TransferReport",
+    "add_semseg_config",
+    "load_encoder_from_detection",
+    "semseg_config",
+]

@@ -1,0 +1,174 @@
+"""Serving adapter for semantic segmentation models (``Task.SEMANTIC``).
+
+Serves :class:`~models.semseg.arch.EncoderDecoderSegmentor` and any other detectron2
+meta-architecture that returns ``[{"sem_seg": logits}]`` (e.g. detectron2's semantic FPN).
+
+``spec.options`` (all optional):
+    class_names: label names, index = label value; overrides the checkpoint's.
+    min_size_test, max_size_test: override the config's test-time resize.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model as build_d2_model
+
+import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
+from models.base import VisionModel
+from models.registry import register_builder
+from models.repository import ModelSpec
+from models.semseg.config import add_semseg_config
+from models.types import Prediction, SemanticMap, Task
+
+__all__ = ["SemanticSegmentationModel", "load_semseg_config", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other values unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_semseg_config(config: str) -> CfgNode:
+    """Load a segmenter config from a YAML file or a detectron2 model-zoo config name.
+
+    Raises:
+        FileNotFoundError: ``config`` is neither a file nor a model-zoo name.
+        ValueError: the YAML has keys detectron2 and this package do not know.
+    """
+    cfg = add_semseg_config(get_cfg())
+    path = Path(config)
+    if not path.is_file():
+        from detectron2 import model_zoo
+
+        try:
+            path = Path(model_zoo.get_config_file(config))
+        except RuntimeError:
+            raise FileNotFoundError(
+                f"config {config!r}: neither a YAML file nor a model-zoo config name"
+            ) from None
+    try:
+        cfg.merge_from_file(str(path))
+    except KeyError as e:
+        raise ValueError(f"{path}: unknown config key {e}") from None
+    return cfg
+
+
+class SemanticSegmentationModel(VisionModel):
+    """A per-pixel classifier: RGB images in, :class:`SemanticMap` predictions out.
+
+    Args:
+        spec: the repository entry (config, weights, device, precision, options).
+    """
+
+    task = Task.SEMANTIC
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = spec.name
+        self.device = resolve_device(spec.device)
+        self.class_names: tuple[str, ...] = tuple(spec.options.get("class_names", ()))
+        self.cfg: CfgNode | None = None
+        self.model: torch.nn.Module | None = None
+        self._resize: T.ResizeShortestEdge | None = None
+        self._format = "BGR"
+
+    def load(self) -> None:
+        """Build the network from the config and load the weights.
+
+        Raises:
+            FileNotFoundError, ValueError: the config or weights are missing or invalid,
+                naming the model and file.
+        """
+        try:
+            cfg = load_semseg_config(self.spec.config)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"model {self.name!r}: {e}") from None
+        cfg.MODEL.DEVICE = self.device
+        opts = self.spec.options
+        min_size = int(opts.get("min_size_test", cfg.INPUT.MIN_SIZE_TEST))
+        max_size = int(opts.get("max_size_test", cfg.INPUT.MAX_SIZE_TEST))
+        cfg.freeze()
+        model = build_d2_model(cfg)
+        model.eval()
+        extra = self._load_weights(model)
+        if not self.class_names:
+            self.class_names = self._class_names(cfg, extra)
+        self.cfg, self.model = cfg, model
+        self._resize = T.ResizeShortestEdge([min_size, min_size], max_size)
+        self._format = cfg.INPUT.FORMAT
+        self.mark_ready()
+
+    def _load_weights(self, model: torch.nn.Module) -> dict[str, Any]:
+        weights = self.spec.weights
+        if not weights:
+            logger.warning("model %r has no weights: serving a randomly initialised network", self.name)
+            return {}
+        if "://" not in weights and not Path(weights).is_file():
+            raise FileNotFoundError(f"model {self.name!r}: weights file {weights} not found")
+        return dict(DetectionCheckpointer(model).load(weights) or {})
+
+    def _class_names(self, cfg: CfgNode, extra: dict[str, Any]) -> tuple[str, ...]:
+        names = (extra.get("__cvserve__") or {}).get("class_names")
+        if not names and cfg.DATASETS.TEST:
+            names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes")
+        if not names:
+            names = [f"class_{i}" for i in range(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)]
+        return tuple(str(n) for n in names)
+
+    def preprocess(self, image: np.ndarray) -> dict[str, Any]:
+        """RGB uint8 ``(H, W, 3)`` -> ``{"image": CHW float tensor in INPUT.FORMAT, "height", "width"}``."""
+        if self._resize is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+        if self._format == "BGR":
+            image = image[:, :, ::-1]
+        resized = self._resize.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
+        return {"image": tensor, "height": int(resized.shape[0]), "width": int(resized.shape[1])}
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.startswith("cuda") and self.spec.precision in ("fp16", "bf16"):
+            dtype = torch.float16 if self.spec.precision == "fp16" else torch.bfloat16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def forward(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
+        """One batched forward; returns ``(C, h, w)`` float logits on the CPU at each resized size."""
+        if self.model is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        with torch.inference_mode(), self._autocast():
+            outputs = self.model(list(inputs))
+        return [o["sem_seg"].float().cpu() for o in outputs]
+
+    def postprocess(self, raw: torch.Tensor, image_size: tuple[int, int]) -> Prediction:
+        """Upsample logits to ``image_size`` and take the per-pixel argmax."""
+        logits = F.interpolate(raw[None], size=image_size, mode="bilinear", align_corners=False)[0]
+        labels = logits.argmax(dim=0).numpy()
+        labels = labels.astype(np.uint8 if raw.shape[0] <= 256 else np.int32)
+        return Prediction(
+            image_size=image_size, semantic=SemanticMap(labels=labels, class_names=self.class_names)
+        )
+
+
+@register_builder(Task.SEMANTIC)
+def build_semantic_model(spec: ModelSpec) -> VisionModel:
+    """The registry builder for ``task: semantic`` specs."""
+    return SemanticSegmentationModel(spec)

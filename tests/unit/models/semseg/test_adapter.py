@@ -1,0 +1,111 @@
+"""SemanticSegmentationModel built through the model registry from files the test writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import CfgNode
+from detectron2.modeling import build_model as build_d2_model
+
+import models  # noqa: F401
+from models.registry import MODEL_REGISTRY, build_model
+from models.repository import ModelSpec
+from models.semseg import SemanticSegmentationModel
+from models.types import Task
+
+from .conftest import NUM_CLASSES
+
+NAMES = ["background", "circle", "square", "triangle"]
+
+
+def _write_model(seg_cfg: CfgNode, tmp_path: Path, extra: dict | None = None) -> tuple[Path, Path]:
+    config = tmp_path / "config.yaml"
+    config.write_text(seg_cfg.dump(), encoding="utf-8")
+    weights = tmp_path / "model.pth"
+    net = build_d2_model(seg_cfg)
+    torch.save({"model": net.state_dict(), **(extra or {})}, weights)
+    return config, weights
+
+
+def _build(spec: ModelSpec) -> SemanticSegmentationModel:
+    model = MODEL_REGISTRY[Task.SEMANTIC](spec)
+    assert isinstance(model, SemanticSegmentationModel)
+    return model
+
+
+def _spec(config: Path, weights: Path, **options: object) -> ModelSpec:
+    return ModelSpec(
+        name="seg",
+        task=Task.SEMANTIC,
+        config=str(config),
+        weights=str(weights),
+        device="cpu",
+        options=options,
+    )
+
+
+def test_registry_builds_and_predicts_original_sizes(seg_cfg: CfgNode, tmp_path: Path) -> None:
+    config, weights = _write_model(seg_cfg, tmp_path, {"__cvserve__": {"class_names": NAMES}})
+    model = build_model(_spec(config, weights))
+    assert isinstance(model, SemanticSegmentationModel)
+    assert not model.ready
+    model.load()
+    assert model.ready
+    assert model.class_names == tuple(NAMES)
+
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 255, (50, 90, 3), dtype=np.uint8),
+        rng.integers(0, 255, (120, 64, 3), dtype=np.uint8),
+    ]
+    preds = model.predict_batch(images)
+
+    for pred, image in zip(preds, images, strict=True):
+        assert pred.image_size == image.shape[:2]
+        assert pred.semantic is not None
+        assert pred.semantic.labels.shape == image.shape[:2]
+        assert pred.semantic.labels.dtype == np.uint8
+        assert pred.semantic.labels.max() < NUM_CLASSES
+        assert pred.semantic.class_names == tuple(NAMES)
+        assert not pred.instances
+
+
+def test_preprocess_resizes_and_converts_to_bgr(seg_cfg: CfgNode, tmp_path: Path) -> None:
+    config, weights = _write_model(seg_cfg, tmp_path)
+    model = _build(_spec(config, weights, min_size_test=32, class_names=["a", "b", "c", "d"]))
+    model.load()
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[..., 0] = 200  # red in RGB
+    item = model.preprocess(image)
+    assert (item["height"], item["width"]) == (32, 64)
+    assert item["image"].shape == (3, 32, 64)
+    assert float(item["image"][2].mean()) == pytest.approx(200)  # red is the last channel in BGR
+    assert float(item["image"][0].abs().max()) == 0
+    logits = model.forward([item])[0]
+    assert logits.shape == (NUM_CLASSES, 32, 64)
+    assert model.postprocess(logits, (40, 80)).semantic.labels.shape == (40, 80)
+    assert model.class_names == ("a", "b", "c", "d")
+    with pytest.raises(ValueError, match="uint8"):
+        model.preprocess(np.zeros((10, 10), np.uint8))
+
+
+def test_class_names_default_without_metadata(seg_cfg: CfgNode, tmp_path: Path) -> None:
+    config, weights = _write_model(seg_cfg, tmp_path)
+    model = _build(_spec(config, weights))
+    model.load()
+    assert model.class_names == tuple(f"class_{i}" for i in range(NUM_CLASSES))
+
+
+def test_missing_files_name_the_model_and_file(seg_cfg: CfgNode, tmp_path: Path) -> None:
+    config, _ = _write_model(seg_cfg, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'seg'.*absent\.pth"):
+        _build(_spec(config, tmp_path / "absent.pth")).load()
+    with pytest.raises(FileNotFoundError, match=r"'seg'.*nope\.yaml"):
+        _build(_spec(tmp_path / "nope.yaml", tmp_path / "model.pth")).load()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MODEL:\n  NOT_A_KEY: 1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.yaml"):
+        _build(_spec(bad, tmp_path / "model.pth")).load()
