@@ -42,10 +42,11 @@ CONSTRAINTS=(-c "$ROOT/requirements/constraints.txt")
 "${PIP[@]}" install -q "pip>=24" "setuptools<82" wheel "${CONSTRAINTS[@]}"
 echo "==> torch"
 "${PIP[@]}" install -q -r "$ROOT/requirements/torch.txt" "${CONSTRAINTS[@]}"
-echo "==> detectron2 (hash-pinned sdist, pure Python build)"
-"$VENV/bin/python" "$ROOT/scripts/install_detectron2.py"
 echo "==> cvserve[$EXTRAS]"
 "${PIP[@]}" install -q -e "$ROOT[$EXTRAS]" "${CONSTRAINTS[@]}"
+# After cvserve, which lists detectron2's runtime dependencies itself (see pyproject.toml).
+echo "==> detectron2 (hash-pinned sdist, pure Python build)"
+"$VENV/bin/python" "$ROOT/scripts/install_detectron2.py"
 
 echo "$want" > "$STAMP"
 echo "==> environment ready in $((SECONDS - start)) s: $VENV/bin/cvserve"
