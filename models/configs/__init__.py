@@ -1,0 +1,82 @@
+"""Ready-made detectron2 configs: the tiny Mask R-CNN trained from scratch on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import models  # noqa: F401  (detectron2 compatibility layer first)
+
+# isort: split
+
+from detectron2 import model_zoo
+from detectron2.config import CfgNode, get_cfg
+
+__all__ = ["TINY_INSTANCE_YAML", "tiny_instance_config", "write_tiny_instance_yaml"]
+
+BASE_INSTANCE_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+TINY_INSTANCE_YAML = Path(__file__).with_name("tiny_mask_rcnn.yaml")
+
+
+def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:
+    """A Mask R-CNN small enough to train from scratch on a CPU in minutes.
+
+    ResNet-18 with BatchNorm (trainable from the stem: there are no pretrained
+    weights to freeze), a 64-channel FPN, smaller heads and sampling, anchors one
+    octave smaller than COCO's (objects of 15-100 px at 256 px), bitmask ground truth
+    (RLE annotations and masks with holes), and the schedule that trains it in about
+    600 iterations of 4 images.
+
+    Args:
+        num_classes: number of object categories.
+        input_size: short edge of training and test images.
+
+    Returns:
+        A fresh, unfrozen config.
+
+    Raises:
+        ValueError: ``num_classes`` < 1 or ``input_size`` < 32.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if input_size < 32:
+        raise ValueError(f"input_size must be >= 32, got {input_size}")
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(BASE_INSTANCE_CONFIG))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]  # not the Caffe2 [1, 1, 1]: no pretrained weights
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.FPN.OUT_CHANNELS = 64
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
+    cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 128
+    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 256
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 64
+    max_size = round(input_size * 1333 / 800)
+    cfg.INPUT.MIN_SIZE_TRAIN = (input_size,)
+    cfg.INPUT.MAX_SIZE_TRAIN = max_size
+    cfg.INPUT.MIN_SIZE_TEST = input_size
+    cfg.INPUT.MAX_SIZE_TEST = max_size
+    cfg.INPUT.MASK_FORMAT = "bitmask"
+    cfg.DATALOADER.NUM_WORKERS = 1
+    cfg.SOLVER.IMS_PER_BATCH = 4
+    cfg.SOLVER.BASE_LR = 0.01
+    cfg.SOLVER.WARMUP_ITERS = 100
+    cfg.SOLVER.MAX_ITER = 600
+    cfg.SOLVER.STEPS = (400, 533)
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 5.0
+    cfg.TEST.EVAL_PERIOD = 200
+    return cfg
+
+
+def write_tiny_instance_yaml(path: str | Path = TINY_INSTANCE_YAML, num_classes: int = 5) -> Path:
+    """Write :func:`tiny_instance_config` as a self-contained YAML (``get_cfg().merge_from_file`` reads it)."""
+    target = Path(path)
+    target.write_text(tiny_instance_config(num_classes).dump(), encoding="utf-8")
+    return target

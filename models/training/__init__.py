@@ -1,0 +1,1 @@
+"""Parts of the training engine (:mod:`models.train`): options, solver, history."""

@@ -1,0 +1,67 @@
+"""Optimizers, learning-rate schedules and the L1 penalty for :mod:`models.train`."""
+
+from __future__ import annotations
+
+import models  # noqa: F401  (detectron2 compatibility layer first)
+
+# isort: split
+
+import torch
+from detectron2.solver.build import get_default_optimizer_params
+from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
+from fvcore.common.param_scheduler import (
+    ConstantParamScheduler,
+    CosineParamScheduler,
+    MultiStepParamScheduler,
+    ParamScheduler,
+)
+
+from models.training.options import TrainOptions
+
+__all__ = ["build_lr_scheduler", "build_optimizer", "l1_penalty"]
+
+
+def build_optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
+    """The optimizer ``options.optimizer`` names, without weight decay on norm layers."""
+    params = get_default_optimizer_params(
+        model, base_lr=options.lr, weight_decay=options.weight_decay, weight_decay_norm=0.0
+    )
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum)
+    if options.optimizer == "adam":
+        return torch.optim.Adam(params, lr=options.lr)
+    if options.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=options.lr)
+    if options.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=options.lr, momentum=options.momentum)
+    raise ValueError(f"unknown optimizer {options.optimizer!r}")
+
+
+def _multiplier(options: TrainOptions) -> ParamScheduler:
+    if options.lr_schedule == "constant":
+        return ConstantParamScheduler(1.0)
+    if options.lr_schedule == "cosine":
+        return CosineParamScheduler(1.0, 0.0)
+    steps = sorted(options.lr_steps) or [int(options.max_iter * 2 / 3), int(options.max_iter * 8 / 9)]
+    steps = [s for s in steps if 0 < s < options.max_iter]
+    return MultiStepParamScheduler(
+        values=[0.1**k for k in range(len(steps) + 1)], milestones=steps, num_updates=options.max_iter
+    )
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, options: TrainOptions
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up from 0.1% of the base rate, then the chosen schedule; step once per iteration."""
+    sched = _multiplier(options)
+    if options.warmup_iters:
+        sched = WarmupParamScheduler(sched, 0.001, options.warmup_iters / options.max_iter, "linear")
+    return LRMultiplier(optimizer, sched, options.max_iter)
+
+
+def l1_penalty(model: torch.nn.Module) -> torch.Tensor:
+    """Sum of absolute values of conv and linear weights (tensors of 2 or more dims)."""
+    terms = [p.abs().sum() for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()
