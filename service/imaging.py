@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.types import Prediction
 from service.errors import ImageTooLargeError, InvalidImageError
 
-__all__ = ["ENCODINGS", "array_from_raw", "decode_image", "encode_png", "set_decoder_pixel_limit"]
+__all__ = [
+    "ENCODINGS",
+    "array_from_raw",
+    "decode_image",
+    "decode_png_array",
+    "draw_overlay",
+    "encode_png",
+    "palette",
+    "set_decoder_pixel_limit",
+]
 
 # PIL format names accepted; MPO is the multi-picture JPEG some cameras write.
 ENCODINGS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
@@ -67,6 +78,10 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(f"image refused as too large: {e}") from None
+    except UnidentifiedImageError:
+        raise InvalidImageError(
+            f"cannot decode image ({len(data)} bytes): not a {', '.join(ENCODINGS)} image"
+        ) from None
     except Exception as e:  # PIL raises many types for corrupt data: UnidentifiedImageError, OSError ...
         raise InvalidImageError(f"cannot decode image ({len(data)} bytes): {e}") from None
     return np.asarray(rgb, dtype=np.uint8)
@@ -111,3 +126,56 @@ def decode_png_array(data: bytes) -> np.ndarray:
     if img.mode == "1":
         return np.asarray(img, dtype=bool)
     return np.asarray(img)
+
+
+def palette(n: int) -> np.ndarray:
+    """``n`` distinct, deterministic RGB colours (golden-ratio hue steps)."""
+    import colorsys
+
+    hues = (np.arange(n) * 0.618033988749895) % 1.0
+    rgb = [colorsys.hsv_to_rgb(h, 0.75, 1.0) for h in hues]
+    return (np.asarray(rgb, dtype=np.float64).reshape(n, 3) * 255).astype(np.uint8)
+
+
+def draw_overlay(image: np.ndarray, prediction: Prediction, names: Sequence[str] | None = None) -> np.ndarray:
+    """Draw a prediction onto a copy of ``image`` (RGB uint8) for people to look at.
+
+    Instance predictions get translucent masks, boxes and ``name score`` labels (``names``
+    holds one label per instance); a label map is colourised and blended, except for a
+    class named ``background``, with a legend of the classes present.
+    """
+    from PIL import ImageDraw
+    from pycocotools import mask as mask_util
+
+    out = image.astype(np.float32)
+    if prediction.semantic is not None:
+        labels = np.asarray(prediction.semantic.labels)
+        class_names = prediction.semantic.class_names
+        colours = palette(max(int(labels.max()) + 1, len(class_names)))
+        blend = np.ones(labels.shape, bool)
+        if class_names and class_names[0] == "background":
+            blend &= labels != 0
+        out[blend] = 0.45 * out[blend] + 0.55 * colours[labels[blend]]
+        canvas = Image.fromarray(out.astype(np.uint8))
+        draw = ImageDraw.Draw(canvas)
+        for row, value in enumerate(int(v) for v in np.unique(labels)):
+            label = class_names[value] if value < len(class_names) else str(value)
+            draw.rectangle((4, 4 + 14 * row, 14, 14 + 14 * row), fill=tuple(int(c) for c in colours[value]))
+            draw.text((18, 3 + 14 * row), label, fill=(255, 255, 255))
+        return np.asarray(canvas)
+    colours = palette(max((i.category_id for i in prediction.instances), default=0) + 1)
+    for inst in prediction.instances:
+        if inst.mask is not None:
+            binary = mask_util.decode({"size": list(inst.mask.size), "counts": inst.mask.counts}).astype(bool)
+            out[binary] = 0.5 * out[binary] + 0.5 * colours[inst.category_id]
+    canvas = Image.fromarray(out.astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for k, inst in enumerate(prediction.instances):
+        colour = tuple(int(c) for c in colours[inst.category_id])
+        draw.rectangle(inst.box, outline=colour, width=2)
+        name = names[k] if names and k < len(names) and names[k] else str(inst.category_id)
+        text = f"{name} {inst.score:.2f}"
+        x, y = inst.box[0], max(0.0, inst.box[1] - 12)
+        draw.rectangle(draw.textbbox((x, y), text), fill=colour)
+        draw.text((x, y), text, fill=(0, 0, 0))
+    return np.asarray(canvas)

@@ -1,0 +1,356 @@
+"""Python client of the ``cvserve.v1`` API: :class:`Client` (sync, thread-safe) and :class:`AsyncClient`.
+
+Images are encoded bytes (JPEG, PNG, WebP, BMP, TIFF), sent as they are, or RGB uint8
+``(H, W, 3)`` numpy arrays, sent raw. Results are :class:`models.types.Prediction`;
+failures raise :class:`ClientError` with the gRPC status code and the server's message::
+
+    with Client("localhost:8001", timeout=10) as client:
+        prediction = client.detect(Path("cat.jpg").read_bytes(), model="shapes-maskrcnn")
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from models.types import Prediction, Task
+from service import codec
+from service._proto.cvserve.v1 import types_pb2 as types_pb
+from service._proto.cvserve.v1 import vision_service_pb2 as pb
+from service._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncClient", "Client", "ClientError", "model_to_dict"]
+
+Image = bytes | np.ndarray
+_TASKS = {types_pb.TASK_INSTANCE: Task.INSTANCE, types_pb.TASK_SEMANTIC: Task.SEMANTIC}
+_STATES = {
+    pb.MODEL_STATE_LOADING: "loading",
+    pb.MODEL_STATE_READY: "ready",
+    pb.MODEL_STATE_FAILED: "failed",
+    pb.MODEL_STATE_UNLOADED: "unloaded",
+}
+
+
+class ClientError(Exception):
+    """A failed call.
+
+    Attributes:
+        code: the ``grpc.StatusCode``.
+        message: the server's message.
+        request_id: the server's request id for this call, when it sent one.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        request_id = dict(trailing or ()).get("x-request-id")
+        return cls(code, details or "", request_id)
+
+
+def model_to_dict(info: pb.ModelInfo) -> dict[str, Any]:
+    """A ``ModelInfo`` proto as plain Python values."""
+    task = _TASKS.get(info.task)
+    return {
+        "name": info.name,
+        "version": info.version,
+        "task": task.value if task else "unspecified",
+        "class_names": list(info.class_names),
+        "ready": info.ready,
+        "state": _STATES.get(info.state, "unspecified"),
+        "error": info.error,
+        "device": info.device,
+        "precision": info.precision,
+        "input_limits": {
+            "max_image_pixels": info.input_limits.max_image_pixels,
+            "max_message_bytes": info.input_limits.max_message_bytes,
+            "encodings": list(info.input_limits.encodings),
+        },
+        "batching": {
+            "max_batch_size": info.batching.max_batch_size,
+            "max_wait_ms": info.batching.max_wait_ms,
+            "max_queue": info.batching.max_queue,
+        },
+    }
+
+
+def detect_request(
+    image: Image,
+    *,
+    model: str,
+    version: str = "",
+    score_threshold: float | None = None,
+    max_detections: int | None = None,
+    classes: Sequence[str] | None = None,
+    mask_format: str = "rle",
+) -> pb.DetectRequest:
+    """Build a ``DetectRequest``; ``classes`` are class names. Raises ``ValueError`` on bad input."""
+    options = pb.DetectOptions(
+        class_names=list(classes or ()), mask_format=codec.mask_format_to_proto(mask_format)
+    )
+    if score_threshold is not None:
+        options.score_threshold = score_threshold
+    if max_detections is not None:
+        options.max_detections = max_detections
+    return pb.DetectRequest(
+        model=model, model_version=version, image=codec.image_to_proto(image), options=options
+    )
+
+
+def segment_request(image: Image, *, model: str, version: str = "") -> pb.SegmentRequest:
+    """Build a ``SegmentRequest``."""
+    return pb.SegmentRequest(model=model, model_version=version, image=codec.image_to_proto(image))
+
+
+def _channel_args(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class Client:
+    """Synchronous client; one instance may be shared by threads.
+
+    Args:
+        address: ``host:port`` of the server.
+        timeout: deadline of each call in seconds; None for none.
+        root_certificates: PEM roots to verify a TLS server; None for plaintext.
+        token: bearer token sent as ``authorization`` metadata.
+        max_message_bytes: largest message sent or received.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        root_certificates: bytes | None = None,
+        token: str | None = None,
+        max_message_bytes: int = 64 << 20,
+    ) -> None:
+        args = _channel_args(max_message_bytes)
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, creds, options=args)
+        else:
+            self._channel = grpc.insecure_channel(address, options=args)
+        self._stub = pb_grpc.VisionServiceStub(self._channel)
+        self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._tasks: dict[str, Task] = {}
+        self._lock = threading.Lock()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc_error(e) from None
+
+    def detect_response(self, image: Image, *, model: str, **options: Any) -> pb.DetectResponse:
+        """``detect`` returning the raw ``DetectResponse`` (class names, timing, masks as sent)."""
+        return self._call(self._stub.Detect, detect_request(image, model=model, **options))
+
+    def segment_response(self, image: Image, *, model: str, version: str = "") -> pb.SegmentResponse:
+        """``segment`` returning the raw ``SegmentResponse``."""
+        return self._call(self._stub.Segment, segment_request(image, model=model, version=version))
+
+    def detect(
+        self,
+        image: Image,
+        *,
+        model: str,
+        score_threshold: float | None = None,
+        max_detections: int | None = None,
+        classes: Sequence[str] | None = None,
+        mask_format: str = "rle",
+    ) -> Prediction:
+        """Detect instances in one image with an instance model.
+
+        Raises:
+            ClientError: the call failed (e.g. ``INVALID_ARGUMENT``, ``NOT_FOUND``).
+            ValueError: a local argument is malformed (array shape, mask format).
+        """
+        response = self.detect_response(
+            image,
+            model=model,
+            score_threshold=score_threshold,
+            max_detections=max_detections,
+            classes=classes,
+            mask_format=mask_format,
+        )
+        return codec.prediction_from_detect(response)
+
+    def segment(self, image: Image, *, model: str) -> Prediction:
+        """Segment one image with a semantic model; the label map is in ``prediction.semantic``."""
+        return codec.prediction_from_segment(self.segment_response(image, model=model))
+
+    def _task(self, model: str) -> Task:
+        with self._lock:
+            task = self._tasks.get(model)
+        if task is None:
+            task = Task(self.get_model(model)["task"])
+            with self._lock:
+                self._tasks[model] = task
+        return task
+
+    def predict(self, image: Image, *, model: str) -> Prediction:
+        """``detect`` or ``segment``, whichever the model's task calls for."""
+        return (
+            self.detect(image, model=model)
+            if self._task(model) is Task.INSTANCE
+            else self.segment(image, model=model)
+        )
+
+    def predict_stream(
+        self, images: Iterable[Image], *, model: str, **detect_options: Any
+    ) -> Iterator[tuple[int, Prediction | ClientError]]:
+        """Pipeline many images over one stream.
+
+        Yields:
+            ``(index, prediction or ClientError)`` in completion order; a failed image
+            does not stop the others.
+        """
+        task = self._task(model)
+
+        def requests() -> Iterator[pb.StreamRequest]:
+            for i, image in enumerate(images):
+                if task is Task.INSTANCE:
+                    yield pb.StreamRequest(
+                        correlation_id=str(i), detect=detect_request(image, model=model, **detect_options)
+                    )
+                else:
+                    yield pb.StreamRequest(correlation_id=str(i), segment=segment_request(image, model=model))
+
+        try:
+            for response in self._stub.PredictStream(
+                requests(), timeout=self._timeout, metadata=self._metadata
+            ):
+                yield int(response.correlation_id), _stream_result(response)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc_error(e) from None
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """Every model the server knows, ready or not."""
+        return [model_to_dict(m) for m in self._call(self._stub.ListModels, pb.ListModelsRequest()).models]
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        """One model's metadata (task, class names, limits, state)."""
+        return model_to_dict(self._call(self._stub.GetModel, pb.GetModelRequest(name=name)).model)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _stream_result(response: pb.StreamResponse) -> Prediction | ClientError:
+    kind = response.WhichOneof("result")
+    if kind == "detect":
+        return codec.prediction_from_detect(response.detect)
+    if kind == "segment":
+        return codec.prediction_from_segment(response.segment)
+    code = next((c for c in grpc.StatusCode if c.value[0] == response.error.code), grpc.StatusCode.UNKNOWN)
+    return ClientError(code, response.error.message)
+
+
+class AsyncClient:
+    """The same API as :class:`Client`, as coroutines on a ``grpc.aio`` channel."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        root_certificates: bytes | None = None,
+        token: str | None = None,
+        max_message_bytes: int = 64 << 20,
+    ) -> None:
+        args = _channel_args(max_message_bytes)
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.aio.secure_channel(address, creds, options=args)
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=args)
+        self._stub = pb_grpc.VisionServiceStub(self._channel)
+        self._timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._tasks: dict[str, Task] = {}
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc_error(e) from None
+
+    async def detect(self, image: Image, *, model: str, **options: Any) -> Prediction:
+        """See :meth:`Client.detect`."""
+        response = await self._call(self._stub.Detect, detect_request(image, model=model, **options))
+        return codec.prediction_from_detect(response)
+
+    async def segment(self, image: Image, *, model: str) -> Prediction:
+        """See :meth:`Client.segment`."""
+        response = await self._call(self._stub.Segment, segment_request(image, model=model))
+        return codec.prediction_from_segment(response)
+
+    async def predict(self, image: Image, *, model: str) -> Prediction:
+        """See :meth:`Client.predict`."""
+        if model not in self._tasks:
+            self._tasks[model] = Task((await self.get_model(model))["task"])
+        if self._tasks[model] is Task.INSTANCE:
+            return await self.detect(image, model=model)
+        return await self.segment(image, model=model)
+
+    async def predict_stream(
+        self, images: Iterable[Image], *, model: str, **detect_options: Any
+    ) -> AsyncIterator[tuple[int, Prediction | ClientError]]:
+        """See :meth:`Client.predict_stream`."""
+        if model not in self._tasks:
+            self._tasks[model] = Task((await self.get_model(model))["task"])
+        instance = self._tasks[model] is Task.INSTANCE
+        requests = [
+            pb.StreamRequest(correlation_id=str(i), detect=detect_request(img, model=model, **detect_options))
+            if instance
+            else pb.StreamRequest(correlation_id=str(i), segment=segment_request(img, model=model))
+            for i, img in enumerate(images)
+        ]
+        call = self._stub.PredictStream(iter(requests), timeout=self._timeout, metadata=self._metadata)
+        try:
+            async for response in call:
+                yield int(response.correlation_id), _stream_result(response)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc_error(e) from None
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        """See :meth:`Client.list_models`."""
+        return [
+            model_to_dict(m) for m in (await self._call(self._stub.ListModels, pb.ListModelsRequest())).models
+        ]
+
+    async def get_model(self, name: str) -> dict[str, Any]:
+        """See :meth:`Client.get_model`."""
+        return model_to_dict((await self._call(self._stub.GetModel, pb.GetModelRequest(name=name))).model)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,117 @@
+"""``cvserve serve``: serve a model repository over gRPC until SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "serve a model repository over gRPC (health, reflection, Prometheus metrics)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models", help="model repository YAML (default: the demo repository, built if missing)"
+    )
+    parser.add_argument("--host", default="[::]", help="interface to bind (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=8001, help="gRPC port, 0 for any free one (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=9090, help="Prometheus /metrics HTTP port (default: %(default)s)"
+    )
+    parser.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
+    parser.add_argument(
+        "--max-message-mb", type=float, default=64, help="largest gRPC message, MiB (default: 64)"
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=40_000_000,
+        help="largest image, height x width (default: 40000000)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=4, help="decode / pre- / post-processing threads (default: 4)"
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get on shutdown (default: 10)",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines format")
+    parser.add_argument(
+        "--no-warmup", action="store_true", help="mark models ready without a warm-up inference"
+    )
+    parser.add_argument("--tls-cert", help="PEM certificate chain (serves TLS with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key")
+    parser.add_argument(
+        "--auth-token-env",
+        metavar="VAR",
+        help="require 'authorization: Bearer <token>' with the token read from environment variable VAR",
+    )
+
+
+def _repository(path: str | None) -> str:
+    from service.cli import CLIError
+
+    if path:
+        return path
+    try:
+        from models.demo import ensure_demo_repository
+    except ModuleNotFoundError:
+        raise CLIError(
+            "no --models given and the demo repository builder (models.demo) is not available; "
+            "pass --models path/to/models.yaml"
+        ) from None
+    return str(ensure_demo_repository())
+
+
+def _config(args: argparse.Namespace) -> object:
+    from service.cli import CLIError
+    from service.config import ServerConfig
+
+    token = None
+    if args.auth_token_env:
+        token = os.environ.get(args.auth_token_env)
+        if not token:
+            raise CLIError(f"--auth-token-env: environment variable {args.auth_token_env} is empty or unset")
+    try:
+        return ServerConfig(
+            host=args.host,
+            port=args.port,
+            metrics_port=None if args.no_metrics else args.metrics_port,
+            max_message_bytes=int(args.max_message_mb * (1 << 20)),
+            max_image_pixels=args.max_image_pixels,
+            worker_threads=args.workers,
+            grace_period_s=args.grace_period,
+            log_format=args.log_format,
+            warmup=not args.no_warmup,
+            tls_cert_file=args.tls_cert,
+            tls_key_file=args.tls_key,
+            auth_token=token,
+        )
+    except ValueError as e:
+        raise CLIError(str(e).replace("ServerConfig.", "option ")) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from models.repository import RepositoryError, load_repository
+    from service.cli import CLIError
+    from service.logs import configure_logging
+    from service.server import run_server
+
+    config = _config(args)
+    configure_logging(getattr(args, "log_level", "INFO"), args.log_format)
+    repository = _repository(args.models)
+    try:
+        specs = load_repository(repository)
+    except RepositoryError as e:
+        raise CLIError(str(e)) from None
+    try:
+        return asyncio.run(run_server(config, specs))  # type: ignore[arg-type]
+    except RuntimeError as e:
+        if "cannot bind" in str(e):
+            raise CLIError(str(e)) from None
+        raise

@@ -1,0 +1,104 @@
+"""Prometheus metrics of the service, on a registry of their own (one per server).
+
+A private :class:`~prometheus_client.CollectorRegistry` rather than the global one lets
+several servers live in one process (tests) without clashing registrations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["Metrics"]
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+
+
+class Metrics:
+    """The service's counters, histograms and gauges.
+
+    Attributes:
+        registry: the registry all of them live in (serve it with :meth:`serve_http`).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "cvserve_requests", "RPCs handled, by method and status code", ["method", "code"], registry=r
+        )
+        self.request_latency = Histogram(
+            "cvserve_request_latency_seconds",
+            "Total time to handle an RPC, by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inferences = Counter(
+            "cvserve_inferences",
+            "Images inferred, by model and outcome (ok / error)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.queue_latency = Histogram(
+            "cvserve_queue_latency_seconds",
+            "Time an image waited in its model's batch queue",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_latency = Histogram(
+            "cvserve_inference_latency_seconds",
+            "Duration of one batched forward pass",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "cvserve_batch_size", "Images per forward pass", ["model"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(
+            "cvserve_queue_depth", "Images waiting in a model's batch queue", ["model"], registry=r
+        )
+        self.model_ready = Gauge(
+            "cvserve_model_ready", "1 when the model serves, else 0", ["model"], registry=r
+        )
+
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        """Count one finished RPC."""
+        self.requests.labels(method, code).inc()
+        self.request_latency.labels(method).observe(seconds)
+
+    def observe_batch(
+        self, model: str, size: int, queue_s: tuple[float, ...], compute_s: float, failed: bool
+    ) -> None:
+        """Record one executed batch."""
+        self.batch_size.labels(model).observe(size)
+        self.inference_latency.labels(model).observe(compute_s)
+        for q in queue_s:
+            self.queue_latency.labels(model).observe(q)
+        self.inferences.labels(model, "error" if failed else "ok").inc(size)
+
+    def track_queue_depth(self, model: str, depth: Callable[[], float]) -> None:
+        """Read the queue depth of ``model`` from ``depth()`` at every scrape."""
+        self.queue_depth.labels(model).set_function(depth)
+
+    def set_ready(self, model: str, ready: bool) -> None:
+        self.model_ready.labels(model).set(1 if ready else 0)
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> tuple[Any, int]:
+        """Serve ``/metrics`` over HTTP in a daemon thread.
+
+        Returns:
+            The HTTP server (call ``shutdown()`` to stop it) and the port it bound.
+        """
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(server.server_port)
+        logger.info("metrics on http://%s:%d/metrics", host, bound)
+        return server, bound
