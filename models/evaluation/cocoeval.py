@@ -25,8 +25,9 @@ import numpy as np
 
 __all__ = ["Accumulated", "EvalParams", "PairIoU", "evaluate"]
 
-# Computes one IoU per (detection, ground truth) pair, given the pair index arrays and the
-# group boundaries (pairs of one (image, category) are contiguous, detection-major).
+# Computes one IoU per (detection, ground truth) pair, given the pair index arrays and a
+# ``(G, 3)`` array of groups ``(start, stop, ground truths per detection)``: the pairs of one
+# (image, category) are contiguous and detection-major.
 PairIoU = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -157,10 +158,11 @@ def _pairs(
     pd = np.repeat(d_idx, ng)
     offs = np.arange(total) - np.repeat(np.cumsum(ng) - ng, ng)
     pg = np.repeat(gstart[pos[d_idx]], ng) + offs
-    # Group boundaries in pair space: a group is every detection of one key.
+    # Groups in pair space: a group is every pair of one key.
     dk = dkey[pd]
-    bounds = np.flatnonzero(np.r_[True, dk[1:] != dk[:-1]]) if total else np.zeros(0, np.int64)
-    return pd, pg, bounds
+    starts = np.flatnonzero(np.r_[True, dk[1:] != dk[:-1]]) if total else np.zeros(0, np.int64)
+    groups = np.stack([starts, np.r_[starts[1:], total], np.repeat(ng, ng)[starts]], axis=1)
+    return pd, pg, groups.astype(np.int64)
 
 
 def _match(
@@ -174,8 +176,8 @@ def _match(
     gkey_raw = gt["img"].astype(np.int64) * num_cats + gt["cat"]
     gorder = np.argsort(gkey_raw, kind="stable")
     gkey = gkey_raw[gorder]
-    pd, pg, bounds = _pairs(dkey, gkey)
-    ious = pair_iou(dorder[pd], gorder[pg], bounds) if len(pd) else np.zeros(0)
+    pd, pg, groups = _pairs(dkey, gkey)
+    ious = pair_iou(dorder[pd], gorder[pg], groups) if len(pd) else np.zeros(0)
 
     thr = np.minimum(params.iou_thrs, 1 - 1e-10)[:, None]
     crowd = gt["crowd"][gorder]
@@ -258,43 +260,73 @@ def _accumulate(params: EvalParams, num_cats: int, m: _Matches) -> Accumulated:
     precision = -np.ones((n_t, n_r, num_cats, n_a, n_m))
     recall = -np.ones((n_t, num_cats, n_a, n_m))
     scores = -np.ones((n_t, n_r, num_cats, n_a, n_m))
-    cat_bounds = np.searchsorted(m.cat, np.arange(num_cats + 1))
-    for k in range(num_cats):
-        lo, hi = cat_bounds[k], cat_bounds[k + 1]
-        for a in range(n_a):
-            npig = int(m.npig[k, a])
-            if npig == 0:
-                continue
-            for mi, max_det in enumerate(params.max_dets):
-                keep = np.flatnonzero(m.rank[lo:hi] < max_det) + lo
-                p, r, s = _pr_curve(params, m.matched[a][:, keep], m.ignored[a][:, keep], m.score[keep], npig)
-                precision[:, :, k, a, mi] = p
-                recall[:, k, a, mi] = r
-                scores[:, :, k, a, mi] = s
+    for a in range(n_a):
+        npig = m.npig[:, a]
+        cats = np.flatnonzero(npig > 0)  # pycocotools leaves -1 where a category has no ground truth
+        for mi, max_det in enumerate(params.max_dets):
+            keep = np.flatnonzero(m.rank < max_det)
+            p, r, s = _pr_curves(params, m.cat[keep], m.matched[a][:, keep], m.ignored[a][:, keep], m.score[keep], npig)
+            precision[:, :, cats, a, mi] = p[:, :, cats]
+            recall[:, cats, a, mi] = r[:, cats]
+            scores[:, :, cats, a, mi] = s[:, :, cats]
     return Accumulated(params, precision, recall, scores)
 
 
-def _pr_curve(
-    params: EvalParams, matched: np.ndarray, ignored: np.ndarray, score: np.ndarray, npig: int
+def _segment_cumsum(flags: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Running count of ``flags`` along axis 1, restarting at every segment start (exact, integer)."""
+    total = np.cumsum(flags, axis=1, dtype=np.int64)
+    before = np.concatenate([np.zeros((len(flags), 1), np.int64), total], axis=1)[:, starts]
+    return total - np.repeat(before, counts, axis=1)
+
+
+def _first_tp_reaching(params: EvalParams, npig: np.ndarray) -> np.ndarray:
+    """``(K, R)``: the least true-positive count whose recall ``tp / npig`` reaches each recall threshold.
+
+    Recall is monotone in the count, so pycocotools' ``searchsorted(rc, recThrs)`` equals a
+    search on the integer counts for this value; candidates around ``thr * npig`` are checked
+    with the same float division pycocotools does.
+    """
+    n = np.maximum(npig, 1).astype(np.float64)[:, None]
+    base = np.floor(params.rec_thrs[None, :] * n) - 1
+    best = np.full(base.shape, np.inf)
+    for step in (3, 2, 1, 0):
+        cand = np.maximum(base + step, 0)
+        best = np.where(cand / n >= params.rec_thrs[None, :], cand, best)
+    return best
+
+
+def _pr_curves(
+    params: EvalParams, cat: np.ndarray, matched: np.ndarray, ignored: np.ndarray, score: np.ndarray, npig: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Interpolated precision, recall and scores at the recall thresholds, for all IoU thresholds."""
-    n_t, n_r = matched.shape[0], len(params.rec_thrs)
-    tps = matched & ~ignored
-    fps = ~matched & ~ignored
-    tp = np.cumsum(tps, axis=1).astype(float)
-    fp = np.cumsum(fps, axis=1).astype(float)
-    nd = tp.shape[1]
-    q = np.zeros((n_t, n_r))
-    ss = np.zeros((n_t, n_r))
-    if nd == 0:
-        return q, np.zeros(n_t), ss
-    rc = tp / npig
-    pr = tp / (fp + tp + np.spacing(1))
-    # The precision envelope: pycocotools' backward loop is a reverse running maximum.
-    pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
-    for t in range(n_t):
-        inds = np.searchsorted(rc[t], params.rec_thrs, side="left")
-        ok = inds < nd
-        q[t, ok] = pr[t, inds[ok]]
-        ss[t, ok] = score[inds[ok]]
-    return q, rc[:, -1], ss
+    """Interpolated precision ``(T, R, K)``, recall ``(T, K)`` and scores for every category at once.
+
+    ``cat`` is sorted; within a category detections are in accumulation order.
+    """
+    n_t, n_r, n_k, nd = matched.shape[0], len(params.rec_thrs), len(npig), len(cat)
+    starts = np.searchsorted(cat, np.arange(n_k))
+    counts = np.diff(np.r_[starts, nd])
+    tp = _segment_cumsum(matched & ~ignored, starts, counts)
+    fp = _segment_cumsum(~matched & ~ignored, starts, counts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rc = tp / npig[cat][None, :]
+        pr = tp / (fp + tp + np.spacing(1))
+    for k in np.flatnonzero(counts):
+        seg = pr[:, starts[k] : starts[k] + counts[k]]
+        # pycocotools' backward loop making precision monotone is a reverse running maximum.
+        seg[:] = np.maximum.accumulate(seg[:, ::-1], axis=1)[:, ::-1]
+    last = starts + counts - 1
+    recall = np.where(counts[None, :] > 0, rc[:, np.maximum(last, 0)] if nd else 0.0, 0.0)
+    # searchsorted per (threshold, category) done once on integer keys made globally sorted.
+    big = nd + 2
+    row = np.arange(n_t)[:, None] * n_k + np.repeat(np.arange(n_k), counts)[None, :]
+    keys = (row * big + tp).ravel()
+    need = _first_tp_reaching(params, npig)  # (K, R), may be inf
+    need = np.minimum(need, big - 1).astype(np.int64)
+    qrow = np.arange(n_t)[:, None, None] * n_k + np.arange(n_k)[None, :, None]
+    found = np.searchsorted(keys, (qrow * big + need[None]).ravel()).reshape(n_t, n_k, n_r)
+    pos = found - np.arange(n_t)[:, None, None] * nd
+    ok = pos < (starts + counts)[None, :, None]
+    pos = np.where(ok, pos, 0)
+    q = np.where(ok, pr.reshape(n_t, nd)[np.arange(n_t)[:, None, None], pos] if nd else 0.0, 0.0)
+    ss = np.where(ok, score[pos] if nd else 0.0, 0.0)
+    return q.transpose(0, 2, 1), recall, ss.transpose(0, 2, 1)

@@ -25,8 +25,8 @@ def bbox_pair_iou(dt_boxes: np.ndarray, gt_boxes: np.ndarray, gt_crowd: np.ndarr
     compare on identical doubles.
     """
 
-    def iou(d: np.ndarray, g: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-        del bounds
+    def iou(d: np.ndarray, g: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        del groups
         dx, dy, dw, dh = dt_boxes[d].T
         gx, gy, gw, gh = gt_boxes[g].T
         w = np.minimum(dw + dx, gw + gx) - np.maximum(dx, gx)
@@ -42,28 +42,18 @@ def bbox_pair_iou(dt_boxes: np.ndarray, gt_boxes: np.ndarray, gt_crowd: np.ndarr
     return iou
 
 
-def _group_slices(d: np.ndarray, bounds: np.ndarray) -> list[tuple[int, int, int]]:
-    """(start, stop, ground truths per detection) of each group of pairs."""
-    ends = np.r_[bounds[1:], len(d)]
-    out = []
-    for s, e in zip(bounds.tolist(), ends.tolist(), strict=True):
-        # Pairs of a group are detection-major: the first detection repeats once per ground truth.
-        other = d[s:e] != d[s]
-        ng = int(np.argmax(other)) if other.any() else e - s
-        out.append((s, e, ng))
-    return out
-
-
 def segm_pair_iou(dt_rles: Sequence[dict[str, Any]], gt_rles: Sequence[dict[str, Any]], gt_crowd: np.ndarray) -> PairIoU:
     """Mask IoU of COCO RLEs through pycocotools' C implementation, one call per group."""
+    crowd = gt_crowd.astype(np.uint8).tolist()
 
-    def iou(d: np.ndarray, g: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    def iou(d: np.ndarray, g: np.ndarray, groups: np.ndarray) -> np.ndarray:
         out = np.empty(len(d))
-        for s, e, ng in _group_slices(d, bounds):
-            dets = [dt_rles[i] for i in d[s:e:ng].tolist()]
-            gidx = g[s : s + ng]
-            gts = [gt_rles[i] for i in gidx.tolist()]
-            out[s:e] = np.asarray(mask_util.iou(dets, gts, gt_crowd[gidx].astype(np.uint8).tolist())).ravel()
+        d_list, g_list = d.tolist(), g.tolist()
+        for s, e, ng in groups.tolist():
+            dets = [dt_rles[i] for i in d_list[s:e:ng]]
+            gidx = g_list[s : s + ng]
+            gts = [gt_rles[i] for i in gidx]
+            out[s:e] = np.asarray(mask_util.iou(dets, gts, [crowd[i] for i in gidx])).ravel()
         return out
 
     return iou
@@ -83,9 +73,9 @@ def oks_pair_iou(
     """
     variances = (sigmas * 2) ** 2
 
-    def iou(d: np.ndarray, g: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    def iou(d: np.ndarray, g: np.ndarray, groups: np.ndarray) -> np.ndarray:
         out = np.empty(len(d))
-        for s, e, ng in _group_slices(d, bounds):
+        for s, e, ng in groups.tolist():
             dets = d[s:e:ng]
             xd, yd = dt_kpts[dets][:, 0::3], dt_kpts[dets][:, 1::3]
             for j, gi in enumerate(g[s : s + ng].tolist()):

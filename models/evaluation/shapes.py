@@ -41,7 +41,11 @@ def _segm_error(seg: Any, h: int, w: int) -> str | None:
         for poly in seg:
             if not (type(poly) is list and len(poly) >= 4 and len(poly) % 2 == 0):
                 return f"polygon must be a list of at least 2 (x, y) pairs, got {describe(poly)}"
-            if not all(type(v) in (int, float) and math.isfinite(v) for v in poly):
+            try:
+                arr = np.asarray(poly)
+            except ValueError:  # ragged nesting
+                arr = np.zeros(0, object)
+            if arr.dtype.kind not in "if" or arr.ndim != 1 or not np.isfinite(arr).all():
                 return f"polygon coordinates must be finite numbers, got {describe(poly)}"
         return None
     return f"expected polygons (list of lists) or an RLE object, got {describe(seg)}"
@@ -52,7 +56,9 @@ def _is_count(c: Any) -> bool:
 
 
 def _image_size(gt: GroundTruth, img: int, where: str) -> tuple[int, int]:
-    h, w = int(gt.heights[img]), int(gt.widths[img])
+    if "sizes" not in gt.cache:
+        gt.cache["sizes"] = list(zip(gt.heights.tolist(), gt.widths.tolist(), strict=True))
+    h, w = gt.cache["sizes"][img]
     if h <= 0 or w <= 0:
         image_id = int(gt.image_ids[img])
         raise EvaluationInputError(
@@ -70,26 +76,43 @@ def _to_rle(seg: Any, h: int, w: int) -> dict[str, Any]:
 
 
 def gt_rles(gt: GroundTruth) -> list[dict[str, Any]]:
-    """RLEs of every ground-truth annotation (cached on ``gt``)."""
-    if "rles" not in gt.cache:
-        rles = []
-        for i, ann in enumerate(gt.anns):
-            h, w = _image_size(gt, int(gt.img[i]), gt.where(i))
-            seg = ann.get("segmentation")
-            err = _segm_error(seg, h, w)
-            if err:
-                raise EvaluationInputError(f"{gt.where(i)}: field 'segmentation': {err}")
-            rles.append(_to_rle(seg, h, w))
-        gt.cache["rles"] = rles
-    return gt.cache["rles"]  # type: ignore[no-any-return]
+    """RLEs of every ground-truth annotation (cached on ``gt``), as ``COCO.annToRLE`` makes them."""
+    if "rles" in gt.cache:
+        return gt.cache["rles"]  # type: ignore[no-any-return]
+    rles: list[Any] = [None] * len(gt.anns)
+    # Polygons of one image are rasterised in one call; an annotation of one polygon needs
+    # no merge (merging one RLE returns it unchanged). pycocotools reads a first polygon of
+    # 4 numbers as a box, so such annotations take the per-annotation path.
+    batches: dict[int, list[int]] = {}
+    for i, (ann, img) in enumerate(zip(gt.anns, gt.img.tolist(), strict=True)):
+        h, w = _image_size(gt, img, gt.where(i))
+        seg = ann.get("segmentation")
+        err = _segm_error(seg, h, w)
+        if err:
+            raise EvaluationInputError(f"{gt.where(i)}: field 'segmentation': {err}")
+        if type(seg) is list and len(seg[0]) > 4:
+            batches.setdefault(img, []).append(i)
+        else:
+            rles[i] = _to_rle(seg, h, w)
+    for img, idx in batches.items():
+        h, w = int(gt.heights[img]), int(gt.widths[img])
+        polys = [p for i in idx for p in gt.anns[i]["segmentation"]]
+        flat = mask_util.frPyObjects(polys, h, w)
+        j = 0
+        for i in idx:
+            n = len(gt.anns[i]["segmentation"])
+            rles[i] = flat[j] if n == 1 else mask_util.merge(flat[j : j + n])
+            j += n
+    gt.cache["rles"] = rles
+    return rles
 
 
 def dt_rles(gt: GroundTruth, dets: Detections) -> tuple[list[dict[str, Any]], np.ndarray]:
     """RLEs and mask areas of every detection (cached on ``dets``)."""
     if "rles" not in dets.cache:
         rles = []
-        for i, r in enumerate(dets.entries):
-            h, w = _image_size(gt, int(dets.img[i]), f"{dets.source}: entry {i}")
+        for i, (r, img) in enumerate(zip(dets.entries, dets.img.tolist(), strict=True)):
+            h, w = _image_size(gt, img, f"{dets.source}: entry {i}")
             seg = r.get("segmentation")
             err = _segm_error(seg, h, w)
             if err:
