@@ -77,7 +77,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     except (InvalidImageError, ImageTooLargeError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageTooLargeError(f"image refused as too large: {e}") from None
+        raise ImageTooLargeError(f"image has more than the limit of {max_pixels} pixels ({e})") from None
     except UnidentifiedImageError:
         raise InvalidImageError(
             f"cannot decode image ({len(data)} bytes): not a {', '.join(ENCODINGS)} image"

@@ -133,7 +133,6 @@ def build_server(
         RuntimeError: the address cannot be bound.
     """
     metrics = metrics or Metrics()
-    set_decoder_pixel_limit(config.max_image_pixels)
     if isinstance(specs_or_dataplane, DataPlane):
         dataplane = specs_or_dataplane
     else:
@@ -172,6 +171,8 @@ async def run_server(
     config: ServerConfig, specs: Sequence[ModelSpec], *, servicers: Sequence[AddServicer] = ()
 ) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully. Returns an exit code."""
+    # Process-wide PIL setting, so only the serving process (not build_server) changes it.
+    set_decoder_pixel_limit(config.max_image_pixels)
     server, _ = build_server(config, specs, servicers=servicers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
