@@ -16,6 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
+
+# isort: split
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,7 +29,6 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model as build_d2_model
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
 from models.base import VisionModel
 from models.registry import register_builder
 from models.repository import ModelSpec

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
+
+# isort: split
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode
@@ -22,7 +26,6 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
 from models.semseg.config import FREEZE_CHOICES
 
 __all__ = ["DecoderBlock", "EncoderDecoderSegmentor", "UNetDecoder", "freeze_encoder"]
@@ -175,7 +178,7 @@ class EncoderDecoderSegmentor(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return self.pixel_mean.device  # type: ignore[return-value]
 
     def forward(self, batched_inputs: list[dict[str, Any]]) -> Any:
         """Run on detectron2-style inputs (``image``: CHW tensor in ``INPUT.FORMAT``; ``sem_seg`` to train)."""

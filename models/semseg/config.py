@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from detectron2.config import CfgNode, get_cfg
-
 import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
+
+# isort: split
+
+from detectron2.config import CfgNode, get_cfg
 
 __all__ = ["FREEZE_CHOICES", "META_ARCH_NAME", "add_semseg_config", "semseg_config"]
 
@@ -72,7 +74,7 @@ def _detection_config(source: str) -> CfgNode:
 
 
 def _default_backbone() -> CfgNode:
-    from models.train import tiny_instance_config
+    from models.configs import tiny_instance_config
 
     return tiny_instance_config(1)
 

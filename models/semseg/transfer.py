@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
+
+# isort: split
+
 import numpy as np
 import torch
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts, convert_c2_detectron_names
 from torch import nn
-
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
 
 __all__ = ["TransferReport", "load_encoder_from_detection", "read_checkpoint"]
 

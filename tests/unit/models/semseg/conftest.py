@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
+
+# isort: split
+
 import pytest
 import torch
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
 from models.semseg import semseg_config
 
 NUM_CLASSES = 4

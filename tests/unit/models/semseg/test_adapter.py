@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
+
+# isort: split
+
 import numpy as np
 import pytest
 import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model as build_d2_model
 
-import models  # noqa: F401
 from models.registry import MODEL_REGISTRY, build_model
 from models.repository import ModelSpec
 from models.semseg import SemanticSegmentationModel

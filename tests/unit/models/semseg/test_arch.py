@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
+
+# isort: split
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +17,6 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
-import models  # noqa: F401
 from models.semseg import EncoderDecoderSegmentor
 
 from .conftest import NUM_CLASSES

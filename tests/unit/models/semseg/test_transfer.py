@@ -5,13 +5,16 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
+
+# isort: split
+
 import numpy as np
 import pytest
 import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
-import models  # noqa: F401
 from models.semseg import load_encoder_from_detection
 
 
@@ -126,12 +129,12 @@ def test_unrelated_checkpoint_and_missing_file_raise(seg_cfg: CfgNode, tmp_path:
     seg = build_model(seg_cfg)
     path = tmp_path / "other.pth"
     torch.save({"model": {"classifier.weight": torch.zeros(3)}}, path)
-    with pytest.raises(ValueError, match="other.pth"):
+    with pytest.raises(ValueError, match=r"other\.pth"):
         load_encoder_from_detection(seg, path)
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
+    with pytest.raises(FileNotFoundError, match=r"absent\.pth"):
         load_encoder_from_detection(seg, tmp_path / "absent.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth"):
+    with pytest.raises(ValueError, match=r"junk\.pth"):
         load_encoder_from_detection(seg, tmp_path / "junk.pth")
 
 
