@@ -1,0 +1,182 @@
+"""Running a model over a dataset for evaluation, whatever carries the images to it.
+
+A *predictor* maps a batch of image files to predictions: in-process it decodes them and
+calls :meth:`VisionModel.predict_batch`; the CLI also builds one that sends the files to a
+server. Instance predictions become a COCO results list, with the model's class names
+mapped to the ground truth's category ids by name; semantic predictions are added to a
+confusion matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.base import VisionModel
+from models.evaluation.coco_io import GroundTruth
+from models.evaluation.errors import EvaluationInputError
+from models.evaluation.semantic import IMAGE_SUFFIXES, label_files, read_label_png, update_confusion
+from models.types import Prediction
+
+__all__ = [
+    "Predictor",
+    "image_for_label",
+    "in_process_predictor",
+    "instance_results",
+    "load_rgb",
+    "map_categories",
+    "semantic_confusion",
+]
+
+logger = logging.getLogger(__name__)
+
+Predictor = Callable[[Sequence[Path]], list[Prediction]]
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Decode an image file to ``(H, W, 3)`` RGB uint8, upright per its EXIF orientation (as the server does)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise EvaluationInputError(f"{path}: cannot read image: {e}") from None
+
+
+def in_process_predictor(model: VisionModel) -> Predictor:
+    """A predictor running ``model`` in this process (it must be loaded)."""
+
+    def predict(paths: Sequence[Path]) -> list[Prediction]:
+        return model.predict_batch([load_rgb(p) for p in paths])
+
+    return predict
+
+
+def map_categories(class_names: Sequence[str], gt: GroundTruth) -> list[int]:
+    """Ground-truth category id of each model class, matched by name.
+
+    Raises:
+        EvaluationInputError: a model class has no category of that name (or several).
+    """
+    by_name: dict[str, list[int]] = {}
+    for cid, name in zip(gt.cat_ids.tolist(), gt.cat_names, strict=True):
+        by_name.setdefault(name, []).append(cid)
+    missing = [n for n in class_names if n not in by_name]
+    if missing:
+        raise EvaluationInputError(
+            f"{gt.source}: categories: the model's class(es) {', '.join(map(repr, missing))} have no category "
+            f"of that name (categories: {', '.join(map(repr, gt.cat_names))})"
+        )
+    ambiguous = [n for n in class_names if len(by_name[n]) > 1]
+    if ambiguous:
+        raise EvaluationInputError(f"{gt.source}: categories: several categories are named {ambiguous[0]!r}")
+    unused = sorted(set(gt.cat_names) - set(class_names))
+    if unused:
+        logger.warning("ground-truth categories the model cannot predict (AP 0): %s", ", ".join(unused))
+    return [by_name[n][0] for n in class_names]
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _image_paths(gt: GroundTruth, images_dir: Path) -> list[Path]:
+    paths = []
+    for image_id, name in zip(gt.image_ids.tolist(), gt.file_names, strict=True):
+        if not isinstance(name, str) or not name:
+            raise EvaluationInputError(f"{gt.source}: image {image_id}: field 'file_name' is missing")
+        path = images_dir / name
+        if not path.is_file():
+            raise EvaluationInputError(f"{path}: image file of image {image_id} ({gt.source}) not found")
+        paths.append(path)
+    return paths
+
+
+def _to_entries(pred: Prediction, image_id: int, cat_map: list[int], expect: tuple[int, int], path: Path) -> list[dict[str, Any]]:
+    if tuple(pred.image_size) != expect:
+        raise EvaluationInputError(
+            f"{path}: image is {pred.image_size[0]}x{pred.image_size[1]} but the ground truth says {expect[0]}x{expect[1]}"
+        )
+    out = []
+    for inst in pred.instances:
+        x0, y0, x1, y1 = (float(v) for v in inst.box)
+        entry: dict[str, Any] = {
+            "image_id": image_id,
+            "category_id": cat_map[inst.category_id],
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "score": float(inst.score),
+        }
+        if inst.mask is not None:
+            entry["segmentation"] = inst.mask.to_coco()
+        out.append(entry)
+    return out
+
+
+def instance_results(
+    gt: GroundTruth,
+    images_dir: str | os.PathLike[str],
+    predict: Predictor,
+    class_names: Sequence[str],
+    batch_size: int = 1,
+) -> list[dict[str, Any]]:
+    """Run ``predict`` over every ground-truth image; return COCO results entries.
+
+    Raises:
+        EvaluationInputError: an image file is missing or unreadable, its size disagrees
+            with the ground truth, or the class names do not map onto the categories.
+    """
+    cat_map = map_categories(class_names, gt)
+    paths = _image_paths(gt, Path(images_dir))
+    sizes = list(zip(gt.heights.tolist(), gt.widths.tolist(), strict=True))
+    ids = gt.image_ids.tolist()
+    results: list[dict[str, Any]] = []
+    for start, batch in zip(range(0, len(paths), batch_size), _batches(paths, batch_size), strict=True):
+        for k, pred in enumerate(predict(batch)):
+            i = start + k
+            expect = sizes[i] if sizes[i][0] > 0 else tuple(pred.image_size)
+            results.extend(_to_entries(pred, ids[i], cat_map, expect, paths[i]))
+        logger.info("predicted %d/%d images", min(start + batch_size, len(paths)), len(paths))
+    return results
+
+
+def image_for_label(label: Path, images_dir: Path) -> Path:
+    """The image named like a label PNG (any common image suffix)."""
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (images_dir / (label.stem + suffix), images_dir / (label.stem + suffix.upper())):
+            if candidate.is_file():
+                return candidate
+    raise EvaluationInputError(f"{label}: no image named {label.stem}.* in {images_dir}")
+
+
+def semantic_confusion(
+    images_dir: str | os.PathLike[str],
+    labels_dir: str | os.PathLike[str],
+    predict: Predictor,
+    num_classes: int,
+    ignore_label: int = 255,
+    batch_size: int = 1,
+) -> tuple[np.ndarray, int]:
+    """Confusion matrix of a semantic model over every label PNG and its image.
+
+    Returns:
+        ``(confusion matrix (N + 1, N + 1), number of images)``.
+    """
+    labels = label_files(labels_dir)
+    images = [image_for_label(lab, Path(images_dir)) for lab in labels]
+    conf = np.zeros((num_classes + 1, num_classes + 1), np.int64)
+    for start in range(0, len(images), batch_size):
+        preds = predict(images[start : start + batch_size])
+        for k, pred in enumerate(preds):
+            i = start + k
+            if pred.semantic is None:
+                raise EvaluationInputError(f"{images[i]}: the model returned no label map (is it a semantic model?)")
+            update_confusion(conf, np.asarray(pred.semantic.labels), read_label_png(labels[i]), ignore_label, str(labels[i]))
+        logger.info("predicted %d/%d images", min(start + batch_size, len(images)), len(images))
+    return conf, len(images)
