@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     from models.repository import RepositoryError, load_repository
     from service.cli import CLIError
+    from service.kserve import add_kserve_servicer
     from service.logs import configure_logging
     from service.server import run_server
 
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     except RepositoryError as e:
         raise CLIError(str(e)) from None
     try:
-        return asyncio.run(run_server(config, specs))  # type: ignore[arg-type]
+        servicers = [add_kserve_servicer]  # the Open Inference Protocol beside cvserve.v1
+        return asyncio.run(run_server(config, specs, servicers=servicers))  # type: ignore[arg-type]
     except RuntimeError as e:
         if "cannot bind" in str(e):
             raise CLIError(str(e)) from None
