@@ -21,9 +21,21 @@ from models.base import VisionModel
 from models.types import Prediction, Task
 from service.annotation.worker import LoadedImage, RenderOptions, WorkItem, process_batch
 
-__all__ = ["LocalPredictor", "ModelInfo", "Predictor", "ServerPredictor", "ThreadedPredictor"]
+__all__ = [
+    "LocalPredictor",
+    "ModelInfo",
+    "Predictor",
+    "PredictorError",
+    "ServerPredictor",
+    "ThreadedPredictor",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class PredictorError(RuntimeError):
+    """The model or server cannot serve the job (not per image): the run stops, finished
+    batches stay in the journal, and a rerun resumes."""
 
 
 @dataclass(frozen=True)
@@ -186,10 +198,35 @@ class ServerPredictor(ThreadedPredictor):
 
             client = Client(address, timeout=timeout, root_certificates=root_certificates, token=token)
         self.client = client
+        self.address = address
         self.model_name = model
         self.retries = retries
-        meta = client.get_model(model)
-        self.info = ModelInfo(model, Task(meta["task"]), tuple(meta["class_names"]))
+        meta = self._wait_ready(timeout or 60.0)
+        try:
+            self.info = ModelInfo(model, Task(meta["task"]), tuple(meta["class_names"]))
+        except ValueError:
+            raise PredictorError(f"{address}: model {model!r} has unknown task {meta['task']!r}") from None
+
+    def _wait_ready(self, timeout: float) -> dict[str, Any]:
+        """The model's metadata once it is ready; a model still loading is waited for."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                meta: dict[str, Any] = self.client.get_model(self.model_name)
+            except Exception as e:
+                raise PredictorError(f"{self.address}: model {self.model_name!r}: {e}") from None
+            state = meta.get("state", "ready")
+            if meta.get("ready", True) or state not in ("loading", "unspecified"):
+                break
+            if time.monotonic() > deadline:
+                raise PredictorError(
+                    f"{self.address}: model {self.model_name!r} still loading after {timeout:.0f} s"
+                )
+            time.sleep(0.5)
+        if not meta.get("ready", True):
+            reason = meta.get("error") or state
+            raise PredictorError(f"{self.address}: model {self.model_name!r} is not ready ({reason})")
+        return meta
 
     def _predict_one(self, image: LoadedImage) -> Prediction | Exception:
         for attempt in range(self.retries + 1):
@@ -201,7 +238,9 @@ class ServerPredictor(ThreadedPredictor):
                 if code in self.PER_IMAGE_CODES:
                     return e
                 if code not in self.RETRY_CODES or attempt == self.retries:
-                    raise
+                    raise PredictorError(
+                        f"{self.address}: {e} (finished images are kept; rerun the same command to resume)"
+                    ) from e
                 delay = min(5.0, 0.1 * 2**attempt)
                 logger.warning("%s: %s (%s); retrying in %.1f s", image.item.path, code, e, delay)
                 time.sleep(delay)

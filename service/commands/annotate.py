@@ -64,7 +64,7 @@ def _spec(args: argparse.Namespace) -> Any:
 
 
 def _server_predictor(args: argparse.Namespace) -> Any:
-    from service.annotation.predictors import ServerPredictor
+    from service.annotation.predictors import PredictorError, ServerPredictor
     from service.cli import CLIError
 
     if args.engine != "local":
@@ -87,8 +87,8 @@ def _server_predictor(args: argparse.Namespace) -> Any:
         )
     except ImportError as e:
         raise CLIError(f"the gRPC client is not available: {e}") from None
-    except Exception as e:  # ClientError from the contract: unknown model, unreachable server
-        raise CLIError(f"--server {args.server}: model {args.model!r}: {e}") from None
+    except PredictorError as e:  # unknown model, unreachable server, model failed to load
+        raise CLIError(f"--server {e}") from None
 
 
 def _predictor(args: argparse.Namespace) -> tuple[Any, int]:
@@ -122,6 +122,7 @@ def _predictor(args: argparse.Namespace) -> tuple[Any, int]:
 
 def run(args: argparse.Namespace) -> int:
     from service.annotate import AnnotateJob, InputError, JournalError, annotate
+    from service.annotation.predictors import PredictorError
     from service.cli import CLIError
 
     _positive(args, "batch_size", "concurrency", "timeout", "num_actors")
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with predictor:
             summary = annotate(job, predictor, progress=False if args.quiet else None)
-    except (InputError, JournalError) as e:
+    except (InputError, JournalError, PredictorError) as e:
         raise CLIError(str(e)) from None
     except ValueError as e:  # model classes vs COCO categories
         raise CLIError(f"{args.inputs[0]}: {e}") from None

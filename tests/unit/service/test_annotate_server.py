@@ -14,7 +14,7 @@ import pytest
 
 from models.types import Prediction
 from service.annotate import AnnotateJob, annotate
-from service.annotation.predictors import ServerPredictor
+from service.annotation.predictors import PredictorError, ServerPredictor
 
 
 class Code(enum.Enum):  # the shape of grpc.StatusCode: members with a name
@@ -92,7 +92,7 @@ def test_persistent_outage_or_internal_error_stops_the_run_and_keeps_progress(
 ) -> None:
     monkeypatch.setattr("service.annotation.predictors.time.sleep", lambda s: None)
     _images(tmp_path / "in", [1, 2])
-    with pytest.raises(FakeClientError, match="UNAVAILABLE"):
+    with pytest.raises(PredictorError, match=r"UNAVAILABLE.*rerun the same command to resume"):
         _run(tmp_path, FakeClient({2: [Code.UNAVAILABLE] * 3}))
     assert not (tmp_path / "r.json").exists()  # outputs only from a finished run
     summary = _run(tmp_path, FakeClient())  # the server is back: finish the job
@@ -105,6 +105,31 @@ def test_internal_server_error_is_not_retried_and_stops_the_run(
     monkeypatch.setattr("service.annotation.predictors.time.sleep", lambda s: None)
     _images(tmp_path / "in", [1])
     client = FakeClient({1: [Code.INTERNAL]})
-    with pytest.raises(FakeClientError, match="INTERNAL"):
+    with pytest.raises(PredictorError, match="INTERNAL"):
         _run(tmp_path, client)
     assert client.calls == 1
+
+
+class LoadingClient(FakeClient):
+    """Reports the model loading twice, then ``final``."""
+
+    def __init__(self, final: dict[str, Any]) -> None:
+        super().__init__()
+        self.states = [{"ready": False, "state": "loading"}] * 2 + [final]
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        return {**super().get_model(name), **self.states.pop(0)}
+
+
+def test_a_loading_model_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.annotation.predictors.time.sleep", lambda s: None)
+    client = LoadingClient({"ready": True, "state": "ready"})
+    assert ServerPredictor("srv:1", "m", client=client).info.class_names == ("a", "b")
+    assert client.states == []
+
+
+def test_a_model_that_failed_to_load_is_refused_with_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.annotation.predictors.time.sleep", lambda s: None)
+    client = LoadingClient({"ready": False, "state": "failed", "error": "checkpoint is corrupt"})
+    with pytest.raises(PredictorError, match=r"srv:1: model 'm' is not ready \(checkpoint is corrupt\)"):
+        ServerPredictor("srv:1", "m", client=client)

@@ -1,0 +1,140 @@
+"""Images per second of ``cvserve annotate``: in-process, through a local server, and on a local Ray.
+
+Generates small synthetic images, then annotates them with each engine and prints one
+row per (model, engine). Models: the weight-free fake detector (measures the pipeline:
+reading, decoding, journal, outputs) and, with ``--real``, the tiny Mask R-CNN of
+``models/configs/tiny_mask_rcnn.yaml`` with random weights (a real network's cost).
+
+The Ray figure includes starting the actors and loading the model in each of them;
+Ray's own start-up (``ray.init``) is not counted. Run from the repository root::
+
+    .venv/bin/python benchmarks/annotate_throughput.py --images 300 --real
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from models.repository import ModelSpec, load_repository  # noqa: E402
+from service.annotate import AnnotateJob, AnnotateSummary, annotate  # noqa: E402
+from service.annotation.predictors import LocalPredictor, Predictor, ServerPredictor  # noqa: E402
+
+
+def make_images(folder: Path, n: int, size: int) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rgb = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+        x, y = rng.integers(0, size // 2, 2)
+        rgb[y : y + size // 2, x : x + size // 2, i % 3] = 230
+        cv2.imwrite(str(folder / f"{i:05d}.jpg"), rgb[..., ::-1])
+
+
+def write_repository(path: Path, real: bool) -> list[ModelSpec]:
+    models: list[dict[str, Any]] = [
+        {"name": "fake", "task": "instance", "config": "-", "max_batch_size": 8, "max_wait_ms": 2}
+    ]
+    models[0]["handler"] = "tests.fixtures.fake_models:build_fake"
+    if real:
+        models.append(
+            {
+                "name": "tiny-maskrcnn",
+                "task": "instance",
+                "config": str(ROOT / "models/configs/tiny_mask_rcnn.yaml"),
+                "max_batch_size": 1,
+                "max_wait_ms": 0,
+                "options": {"class_names": ["circle", "square", "triangle", "star", "ring"]},
+            }
+        )
+    path.write_text(yaml.safe_dump({"models": models}))
+    return load_repository(path)
+
+
+def run_engine(
+    engine: str, spec: ModelSpec, job: AnnotateJob, args: argparse.Namespace, server: Any
+) -> AnnotateSummary:
+    predictor: Predictor
+    if engine == "local":
+        predictor = LocalPredictor.from_repository(args.repo, spec.name, concurrency=2)
+    elif engine == "server":
+        predictor = ServerPredictor(server.address, spec.name, concurrency=args.concurrency)
+    else:
+        from service.ray_annotate import RayPredictor
+
+        predictor = RayPredictor(spec, num_actors=args.num_actors)
+    with predictor:
+        return annotate(job, predictor, progress=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=300, help="images for the fake model")
+    parser.add_argument("--real-images", type=int, default=40, help="images for the tiny real model")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--engines", default="local,server,ray", help="comma-separated subset")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight to the server")
+    parser.add_argument("--num-actors", type=int, default=2, help="Ray actors")
+    parser.add_argument("--real", action="store_true", help="also time the tiny Mask R-CNN (random weights)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+
+    tmp = Path(tempfile.mkdtemp(prefix="annotate-bench-"))
+    args.repo = str(tmp / "models.yaml")
+    specs = write_repository(Path(args.repo), args.real)
+    make_images(tmp / "images", max(args.images, args.real_images), args.size)
+    counts = {"fake": args.images, "tiny-maskrcnn": args.real_images}
+    for spec in specs:
+        (tmp / spec.name).mkdir()
+        for i in range(counts[spec.name]):
+            os.link(tmp / "images" / f"{i:05d}.jpg", tmp / spec.name / f"{i:05d}.jpg")
+
+    server = None
+    if "server" in engines:
+        from service.config import ServerConfig
+        from service.server import ServerThread
+
+        server = ServerThread(ServerConfig(port=0, metrics_port=None, worker_threads=2), specs)
+        server.start(wait_loaded=True)
+    if "ray" in engines:
+        from service.ray_annotate import import_ray
+
+        ray = import_ray()
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+    print(f"{'model':<15} {'engine':<7} {'images':>6} {'seconds':>8} {'images/s':>9}")
+    try:
+        for spec in specs:
+            for engine in engines:
+                out = tmp / "out" / f"{spec.name}-{engine}.json"
+                job = AnnotateJob(inputs=(str(tmp / spec.name),), out=str(out), batch_size=args.batch_size)
+                s = run_engine(engine, spec, job, args, server)
+                print(
+                    f"{spec.name:<15} {engine:<7} {s.done:>6} {s.elapsed_s:>8.2f} {s.images_per_s:>9.1f}",
+                    flush=True,
+                )
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
