@@ -231,7 +231,7 @@ def image_to_proto(image: bytes | np.ndarray) -> types_pb.Image:
     return types_pb.Image(raw=raw)
 
 
-def mask_format_to_proto(name: str) -> int:
+def mask_format_to_proto(name: str) -> types_pb.MaskFormat:
     """The ``MaskFormat`` value of ``none``, ``rle``, ``polygon`` or ``png``.
 
     Raises:

@@ -72,8 +72,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
                     f"unsupported image format {img.format}; accepted: {', '.join(ENCODINGS)}"
                 )
             _check_pixels(img.height, img.width, max_pixels)
-            img = ImageOps.exif_transpose(img)
-            rgb = img.convert("RGB")
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
     except (InvalidImageError, ImageTooLargeError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
