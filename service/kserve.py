@@ -18,8 +18,9 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import metadata
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -63,6 +64,15 @@ def _deadline(context: grpc.aio.ServicerContext, timeout_s: float | None) -> flo
     remaining = context.time_remaining()
     candidates = [now + t for t in (remaining, timeout_s) if t is not None]
     return min(candidates) if candidates else None
+
+
+def _unsupported(what: str, hint: str) -> Callable[..., Awaitable[NoReturn]]:
+    """An RPC answering UNIMPLEMENTED with a message naming the extension."""
+
+    async def rpc(self: object, request: object, context: object) -> NoReturn:
+        raise NotSupportedError(f"cvserve does not implement Triton's {what}; {hint}")
+
+    return rpc
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -283,47 +293,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- Triton extensions cvserve does not implement ------------------------------------------
 
-    @staticmethod
-    def _unsupported(what: str, hint: str) -> NotSupportedError:
-        return NotSupportedError(f"cvserve does not implement Triton's {what}; {hint}")
-
-    async def SystemSharedMemoryStatus(
-        self, request: object, context: object
-    ) -> pb.SystemSharedMemoryStatusResponse:
-        raise self._unsupported("system shared memory extension", "send tensors in the request")
-
-    async def SystemSharedMemoryRegister(
-        self, request: object, context: object
-    ) -> pb.SystemSharedMemoryRegisterResponse:
-        raise self._unsupported("system shared memory extension", "send tensors in the request")
-
-    async def SystemSharedMemoryUnregister(
-        self, request: object, context: object
-    ) -> pb.SystemSharedMemoryUnregisterResponse:
-        raise self._unsupported("system shared memory extension", "send tensors in the request")
-
-    async def CudaSharedMemoryStatus(
-        self, request: object, context: object
-    ) -> pb.CudaSharedMemoryStatusResponse:
-        raise self._unsupported("CUDA shared memory extension", "send tensors in the request")
-
-    async def CudaSharedMemoryRegister(
-        self, request: object, context: object
-    ) -> pb.CudaSharedMemoryRegisterResponse:
-        raise self._unsupported("CUDA shared memory extension", "send tensors in the request")
-
-    async def CudaSharedMemoryUnregister(
-        self, request: object, context: object
-    ) -> pb.CudaSharedMemoryUnregisterResponse:
-        raise self._unsupported("CUDA shared memory extension", "send tensors in the request")
-
-    async def TraceSetting(self, request: object, context: object) -> pb.TraceSettingResponse:
-        raise self._unsupported(
-            "trace extension", "use the x-request-id metadata and the server's access log"
-        )
-
-    async def LogSettings(self, request: object, context: object) -> pb.LogSettingsResponse:
-        raise self._unsupported("logging extension", "set the log level with cvserve --log-level")
+    _SHM = ("system shared memory extension", "send tensors in the request")
+    _CUDA_SHM = ("CUDA shared memory extension", "send tensors in the request")
+    SystemSharedMemoryStatus = _unsupported(*_SHM)
+    SystemSharedMemoryRegister = _unsupported(*_SHM)
+    SystemSharedMemoryUnregister = _unsupported(*_SHM)
+    CudaSharedMemoryStatus = _unsupported(*_CUDA_SHM)
+    CudaSharedMemoryRegister = _unsupported(*_CUDA_SHM)
+    CudaSharedMemoryUnregister = _unsupported(*_CUDA_SHM)
+    TraceSetting = _unsupported("trace extension", "use x-request-id metadata and the server's access log")
+    LogSettings = _unsupported("logging extension", "set the log level with cvserve --log-level")
 
 
 def add_kserve_servicer(server: grpc.aio.Server, dataplane: DataPlane) -> list[str]:
