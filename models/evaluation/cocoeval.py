@@ -148,10 +148,13 @@ def _pairs(
 
     Both key arrays must be sorted. Returns positions into them and group boundaries.
     """
+    if len(dkey) == 0 or len(gkey) == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros((0, 3), np.int64)
     gkeys, gstart, gcount = np.unique(gkey, return_index=True, return_counts=True)
     pos = np.searchsorted(gkeys, dkey)
-    pos = np.minimum(pos, max(len(gkeys) - 1, 0))
-    has = (gkeys[pos] == dkey) if len(gkeys) else np.zeros(len(dkey), bool)
+    pos = np.minimum(pos, len(gkeys) - 1)
+    has = gkeys[pos] == dkey
     d_idx = np.flatnonzero(has)
     ng = gcount[pos[d_idx]]
     total = int(ng.sum())

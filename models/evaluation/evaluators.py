@@ -51,8 +51,7 @@ def _entries_from_instances(instances: Any, image_id: int, cat_map: Sequence[int
             e["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
         if kpts is not None:
             k = kpts[i].astype(np.float64).copy()
-            k[:, :2] -= 0.5  # detectron2's pixel-centre convention, undone as its COCOEvaluator does
-            k[:, 2] = 1  # COCO visibility flag of predicted keypoints
+            k[:, :2] -= 0.5  # COCO keypoints are pixel indices; detectron2's COCOEvaluator does the same
             e["keypoints"] = k.ravel().tolist()
         out.append(e)
     return out
