@@ -31,7 +31,13 @@ from models.types import Task
 from service.annotation.coco import build_categories, build_outputs
 from service.annotation.inputs import ImageSet, InputError, collect_images
 from service.annotation.journal import Journal, JournalError, atomic_write_json
-from service.annotation.predictors import LocalPredictor, ModelInfo, Predictor, ServerPredictor
+from service.annotation.predictors import (
+    LocalPredictor,
+    ModelInfo,
+    Predictor,
+    PredictorError,
+    ServerPredictor,
+)
 from service.annotation.worker import RenderOptions, WorkItem
 
 __all__ = [
@@ -41,11 +47,16 @@ __all__ = [
     "JournalError",
     "LocalPredictor",
     "Predictor",
+    "PredictorError",
     "ServerPredictor",
     "annotate",
 ]
 
 logger = logging.getLogger(__name__)
+
+# A model that fails on this many images before succeeding on any is broken, not
+# unlucky: stop rather than fill the errors file with every image of the job.
+FAIL_FAST_AFTER = 32
 
 
 @dataclass(frozen=True)
@@ -167,7 +178,7 @@ def _run_pending(
         pending = [item for path, item in unique.items() if path not in done]
         skipped = len(unique) - len(pending)
         errors: dict[str, dict[str, Any]] = {}
-        ran = 0
+        ran = model_failures = 0
         with _progress_bar(len(unique), skipped, progress) as bar:
             for records in predictor.map_batches(_chunks(pending, job.batch_size), render):
                 journal.append(records)
@@ -175,10 +186,17 @@ def _run_pending(
                     if record["type"] == "image":
                         done[record["path"]] = record
                         ran += 1
-                    else:
-                        errors[record["path"]] = {"path": record["path"], "reason": record["reason"]}
+                        continue
+                    errors[record["path"]] = {"path": record["path"], "reason": record["reason"]}
+                    if record.get("stage") == "predict":
+                        model_failures += 1
                 bar.update(len(records))
                 bar.set_postfix(failed=len(errors), refresh=False)
+                if ran == 0 and model_failures >= FAIL_FAST_AFTER:
+                    raise PredictorError(
+                        f"model {predictor.info.name!r} failed on the first {model_failures} images and "
+                        f"succeeded on none; stopping (last error: {records[-1].get('reason', '')})"
+                    )
     return done, list(errors.values()), ran, skipped
 
 
@@ -197,6 +215,8 @@ def annotate(job: AnnotateJob, predictor: Predictor, *, progress: bool | None = 
         InputError: an input is missing or unreadable, or no image was found.
         JournalError: the journal is locked, corrupt, or from a run with other arguments.
         ValueError: the model's classes match none of a COCO json's categories.
+        PredictorError: the model or server cannot serve the job (finished batches are
+            kept in the journal; a rerun resumes).
     """
     start = time.perf_counter()
     image_set = collect_images(job.inputs, job.image_root)

@@ -177,7 +177,7 @@ def process_batch(
         try:
             data, array = read_image(item.path)
         except ImageReadError as e:
-            records[item.path] = {"type": "error", "path": item.path, "reason": str(e)}
+            records[item.path] = {"type": "error", "stage": "read", "path": item.path, "reason": str(e)}
             continue
         loaded.append(LoadedImage(item, data, array))
     results = predict(loaded) if loaded else []
@@ -186,7 +186,12 @@ def process_batch(
     for image, result in zip(loaded, results, strict=True):
         if isinstance(result, Exception):
             reason = f"prediction failed: {result}"
-            records[image.item.path] = {"type": "error", "path": image.item.path, "reason": reason}
+            records[image.item.path] = {
+                "type": "error",
+                "stage": "predict",
+                "path": image.item.path,
+                "reason": reason,
+            }
         else:
             records[image.item.path] = _image_record(image, result, render)
     return [records[item.path] for item in items]

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 
 from models.repository import ModelSpec
 from models.types import Task
-from service.annotate import AnnotateJob, JournalError, annotate
+from service.annotate import FAIL_FAST_AFTER, AnnotateJob, JournalError, PredictorError, annotate
 from service.annotation.predictors import LocalPredictor
 from tests.fixtures.fake_models import build_fake
 
@@ -214,3 +214,17 @@ def test_summary_text_reports_the_counts(tmp_path: Path) -> None:
     text = summary.format()
     assert "annotated 2 of 3 images (0 skipped as already done, 1 failed)" in text
     assert f"{summary.instances} instances" in text and "images/s" in text and "r.errors.json" in text
+
+
+def test_a_model_failing_on_every_image_stops_the_run(tmp_path: Path) -> None:
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 2] = 255  # BGR: pure red, refused by the fake model's forward
+    (tmp_path / "in").mkdir()
+    for i in range(FAIL_FAST_AFTER + 8):
+        cv2.imwrite(str(tmp_path / "in" / f"{i:03d}.png"), red)
+    job = AnnotateJob(inputs=(str(tmp_path / "in"),), out=str(tmp_path / "r.json"), batch_size=8)
+    with pytest.raises(
+        PredictorError, match=f"failed on the first {FAIL_FAST_AFTER} images.*fake batch failure"
+    ):
+        annotate(job, _predictor(fail_forward_on_red=True))
+    assert not (tmp_path / "r.json").exists()
