@@ -125,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             for engine in engines:
                 out = tmp / "out" / f"{spec.name}-{engine}.json"
                 job = AnnotateJob(inputs=(str(tmp / spec.name),), out=str(out), batch_size=args.batch_size)
-                s = run_engine(engine, spec, job, args, server)
-                print(
-                    f"{spec.name:<15} {engine:<7} {s.done:>6} {s.elapsed_s:>8.2f} {s.images_per_s:>9.1f}",
-                    flush=True,
-                )
+                try:
+                    s = run_engine(engine, spec, job, args, server)
+                except Exception as e:  # a broken model or engine must not hide the other rows
+                    print(f"{spec.name:<15} {engine:<7} failed: {str(e).splitlines()[0][:120]}", flush=True)
+                    continue
+                row = f"{spec.name:<15} {engine:<7} {s.done:>6} {s.elapsed_s:>8.2f} {s.images_per_s:>9.1f}"
+                print(row + (f"  ({s.failed} failed)" if s.failed else ""), flush=True)
     finally:
         if server is not None:
             server.stop()
