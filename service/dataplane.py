@@ -194,7 +194,7 @@ class DataPlane:
         stats.execution_count += 1
         stats.inference_count += report.size
         stats.last_inference_ms = int(time.time() * 1000)
-        if self._metrics is not None:
+        if self._metrics is not None and entry.state == ModelState.READY:  # warm-up is not traffic
             self._metrics.observe_batch(
                 entry.spec.name, report.size, report.queue_s, report.compute_s, report.failed
             )
