@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.config import ServerConfig
 
 HELP = "serve a model repository over gRPC (health, reflection, Prometheus metrics)"
 
@@ -51,22 +55,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# ServerConfig field -> the flag that sets it, for error messages.
+_FLAGS = {
+    "port": "--port",
+    "metrics_port": "--metrics-port",
+    "max_message_bytes": "--max-message-mb",
+    "max_image_pixels": "--max-image-pixels",
+    "worker_threads": "--workers",
+    "grace_period_s": "--grace-period",
+    "tls_key_file": "--tls-key",
+}
+
+
 def _repository(path: str | None) -> str:
+    import sys
+
     from service.cli import CLIError
 
     if path:
         return path
     try:
         from models.demo import ensure_demo_repository
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as e:
+        if e.name != "models.demo":
+            raise
         raise CLIError(
             "no --models given and the demo repository builder (models.demo) is not available; "
             "pass --models path/to/models.yaml"
         ) from None
-    return str(ensure_demo_repository())
+    try:
+        return str(ensure_demo_repository(progress=lambda line: print(line, file=sys.stderr)))
+    except OSError as e:  # e.g. FileExistsError: a non-empty directory that is not a repository
+        raise CLIError(
+            f"cannot prepare the demo repository: {e}; pass --models path/to/models.yaml"
+        ) from None
 
 
-def _config(args: argparse.Namespace) -> object:
+def _config(args: argparse.Namespace) -> ServerConfig:
     from service.cli import CLIError
     from service.config import ServerConfig
 
@@ -91,7 +116,10 @@ def _config(args: argparse.Namespace) -> object:
             auth_token=token,
         )
     except ValueError as e:
-        raise CLIError(str(e).replace("ServerConfig.", "option ")) from None
+        message = str(e)
+        for field, flag in _FLAGS.items():
+            message = message.replace(f"ServerConfig.{field}:", f"{flag}:")
+        raise CLIError(message) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     try:
         servicers = [add_kserve_servicer]  # the Open Inference Protocol beside cvserve.v1
-        return asyncio.run(run_server(config, specs, servicers=servicers))  # type: ignore[arg-type]
+        return asyncio.run(run_server(config, specs, servicers=servicers))
     except RuntimeError as e:
         if "cannot bind" in str(e):
             raise CLIError(str(e)) from None
