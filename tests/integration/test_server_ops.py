@@ -235,3 +235,14 @@ def test_cli_client_detect_segment_and_models(tmp_path: Path) -> None:
         assert drawn.shape == (30, 40, 3) and not np.array_equal(drawn, red(30, 40))
     assert [m["name"] for m in json.loads(listing.stdout)] == ["det", "seg"]
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+def test_max_message_size_is_enforced(tmp_path: Path) -> None:
+    models = [{"name": "det", "task": "instance"}]
+    with start(tmp_path, models, max_message_bytes=64 * 1024).start(wait_loaded=True) as srv:
+        with Client(srv.address, timeout=5) as client:
+            assert client.detect(red(100, 100), model="det").instances  # 30 kB raw
+            with pytest.raises(ClientError) as info:
+                client.detect(red(200, 200), model="det")  # 120 kB raw
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in info.value.message
