@@ -105,7 +105,9 @@ def generate(proto_dir: Path, out_dir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--protos", type=Path, default=PROTO_DIR, help="source directory (default: protos/)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory (default: service/_proto/)")
+    parser.add_argument(
+        "--out", type=Path, default=OUT_DIR, help="output directory (default: service/_proto/)"
+    )
     args = parser.parse_args(argv)
     try:
         files = generate(args.protos, args.out)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.batcher import BatchHandlerError, Batcher, BatchReport, ItemTiming
+from service.batcher import Batcher, BatchHandlerError, BatchReport, ItemTiming
 from service.errors import DeadlineExceededError, QueueFullError, ServerDrainingError
 
 
