@@ -34,7 +34,7 @@ from service.dataplane import DataPlane, ModelState, ModelStatus
 from service.errors import InvalidOptionError, ServiceError, status_of
 from service.imaging import decode_image
 from service.kserve_codec import read_inputs, write_output
-from service.kserve_io import build_outputs, split_images
+from service.kserve_io import ImageBatch, build_outputs, split_images
 from service.kserve_meta import model_config, model_index, model_metadata, model_statistics, output_names
 from service.kserve_params import RequestOptions, parse_request_parameters, parse_requested_outputs
 
@@ -230,7 +230,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         status = self._ready_model(request.model_name, request.model_version)
         options = parse_request_parameters(request.parameters, status.class_names, status.task)
         names, raw = parse_requested_outputs(request.outputs, output_names(status))
-        batch = split_images(read_inputs(request), max_pixels=self._config.max_image_pixels)
+        batch = await self._dp.run_cpu(self._images, request, status.spec.max_queue)
         images = await self._decode(batch.images)
         results = await self._dp.infer(
             status.name,
@@ -246,6 +246,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._dp.run_cpu(
             self._response, request, status, predictions, options, names, raw, batch.batched
         )
+
+    def _images(self, request: pb.ModelInferRequest, max_images: int) -> ImageBatch:
+        """The request's images; a batch may not exceed what the model's queue can ever hold."""
+        inputs = read_inputs(request, max_bytes_elements=max_images)
+        return split_images(inputs, max_pixels=self._config.max_image_pixels, max_images=max_images)
 
     async def _decode(self, images: Sequence[bytes | np.ndarray]) -> list[np.ndarray]:
         """Decode encoded images in the shared CPU pool, concurrently; raw arrays pass through."""

@@ -116,13 +116,20 @@ def _element_count(tensor: pb.ModelInferRequest.InferInputTensor) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
-def _read_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+def _read_input(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_bytes_elements: int | None
+) -> np.ndarray:
     name, datatype = tensor.name, tensor.datatype
     if datatype not in DTYPES:
         raise InvalidTensorError(
             f"input {name!r}: unknown datatype {datatype!r}, expected one of {', '.join(DTYPES)}"
         )
     dtype, count, shape = DTYPES[datatype], _element_count(tensor), tuple(tensor.shape)
+    if datatype == "BYTES" and max_bytes_elements is not None and count > max_bytes_elements:
+        # Checked before splitting: millions of tiny elements would cost seconds of CPU.
+        raise InvalidTensorError(
+            f"input {name!r}: {count} BYTES elements, more than the limit of {max_bytes_elements}"
+        )
     if raw is not None:
         if datatype == "BYTES":
             array = np.empty(count, dtype=object)
@@ -153,15 +160,22 @@ def _read_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
-def read_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def read_inputs(
+    request: pb.ModelInferRequest, *, max_bytes_elements: int | None = None
+) -> dict[str, np.ndarray]:
     """Every input tensor of a request as a numpy array, by name.
 
     BYTES tensors become object arrays of ``bytes``. Raw inputs are read-only views of
     the request's buffers (no copy).
 
+    Args:
+        request: the request.
+        max_bytes_elements: most elements a BYTES tensor may declare; None for no limit.
+
     Raises:
         InvalidTensorError: an unknown datatype, a shape that does not match the data,
-            a duplicate input name, or ``raw_input_contents`` not matching the inputs.
+            a duplicate input name, ``raw_input_contents`` not matching the inputs, or
+            too many BYTES elements.
     """
     raws: Sequence[bytes] = request.raw_input_contents
     if raws and len(raws) != len(request.inputs):
@@ -175,7 +189,7 @@ def read_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             raise InvalidTensorError(f"input {tensor.name!r} appears more than once")
         if raws and tensor.HasField("contents") and tensor.contents.ByteSize():
             raise InvalidTensorError(f"input {tensor.name!r}: has both typed contents and raw_input_contents")
-        arrays[tensor.name] = _read_input(tensor, raws[i] if raws else None)
+        arrays[tensor.name] = _read_input(tensor, raws[i] if raws else None, max_bytes_elements)
     return arrays
 
 

@@ -91,11 +91,17 @@ def output_specs(task: Task, num_classes: int) -> list[TensorSpec]:
     ]
 
 
-def split_images(inputs: dict[str, np.ndarray], *, max_pixels: int) -> ImageBatch:
+def split_images(inputs: dict[str, np.ndarray], *, max_pixels: int, max_images: int) -> ImageBatch:
     """The images held by a request's inputs (see the module docstring for the forms).
 
+    Args:
+        inputs: the request's tensors by name.
+        max_pixels: largest ``height * width`` of a raw image.
+        max_images: most images in one request.
+
     Raises:
-        InvalidImageError: no ``image`` input, another input, or a wrong datatype/shape.
+        InvalidImageError: no ``image`` input, another input, a wrong datatype/shape, or
+            more than ``max_images`` images.
         ImageTooLargeError: a raw image over ``max_pixels``.
     """
     extra = sorted(set(inputs) - {INPUT_NAME})
@@ -105,6 +111,10 @@ def split_images(inputs: dict[str, np.ndarray], *, max_pixels: int) -> ImageBatc
         )
     array = inputs[INPUT_NAME]
     shape = list(array.shape)
+    if array.ndim in (2, 4) and shape[0] > max_images:
+        raise InvalidImageError(
+            f"batch of {shape[0]} images is more than the {max_images} one request may hold"
+        )
     if array.dtype == object:
         if shape == [1]:
             return ImageBatch([bytes(array[0])], batched=False)

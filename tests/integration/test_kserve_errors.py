@@ -65,6 +65,8 @@ def status_of(call) -> tuple[str, str]:
         (lambda: [uint8_input(np.zeros((8, 8, 4), np.uint8))], None, r"\[H, W, 3\]"),
         (lambda: [uint8_input(np.zeros((200, 200, 3), np.uint8))], None, "more than the limit of 10000"),
         (lambda: [bytes_input([png(np.zeros((200, 200, 3), np.uint8))])], None, "more than the limit"),
+        (lambda: [bytes_input([png(scene())] * 65, batched=True)], None, "more than the limit of 64"),
+        (lambda: [uint8_input(np.zeros((65, 4, 4, 3), np.uint8))], None, "batch of 65 images is more"),
         (lambda: [uint8_input(scene())], {"score_threshold": 2.0}, r"must be in \[0, 1\]"),
         (lambda: [uint8_input(scene())], {"colour": "red"}, "unknown request parameter"),
         (lambda: [uint8_input(scene())], {"class_names": "cat"}, "unknown class name 'cat'"),

@@ -164,3 +164,11 @@ def test_parameter_value() -> None:
     assert parameter_value(pb.InferParameter(bool_param=False)) is False
     assert parameter_value(pb.InferParameter(string_param="a")) == "a"
     assert parameter_value(pb.InferParameter()) is None
+
+
+def test_bytes_element_limit_is_checked_before_splitting() -> None:
+    # 100k empty elements: refused from the shape, without walking the data.
+    request = _request("image", "BYTES", [100_000, 1], b"\x00\x00\x00\x00" * 100_000)
+    with pytest.raises(InvalidTensorError, match="100000 BYTES elements, more than the limit of 64"):
+        read_inputs(request, max_bytes_elements=64)
+    assert read_inputs(request)["image"].shape == (100_000, 1)

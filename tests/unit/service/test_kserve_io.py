@@ -20,22 +20,22 @@ def _bytes_array(items: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
 
 
 def test_one_encoded_image_is_unbatched() -> None:
-    batch = split_images({"image": _bytes_array([b"png"], (1,))}, max_pixels=100)
+    batch = split_images({"image": _bytes_array([b"png"], (1,))}, max_pixels=100, max_images=8)
     assert batch.images == [b"png"] and not batch.batched
 
 
 def test_encoded_batch_needs_a_batch_dimension() -> None:
-    batch = split_images({"image": _bytes_array([b"a", b"b"], (2, 1))}, max_pixels=100)
+    batch = split_images({"image": _bytes_array([b"a", b"b"], (2, 1))}, max_pixels=100, max_images=8)
     assert batch.images == [b"a", b"b"] and batch.batched
     with pytest.raises(InvalidImageError, match=r"shape \[1\] \(one image\) or \[B, 1\]"):
-        split_images({"image": _bytes_array([b"a", b"b"], (2,))}, max_pixels=100)
+        split_images({"image": _bytes_array([b"a", b"b"], (2,))}, max_pixels=100, max_images=8)
 
 
 def test_raw_images_single_and_batch() -> None:
     images = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
-    one = split_images({"image": images[0]}, max_pixels=100)
+    one = split_images({"image": images[0]}, max_pixels=100, max_images=8)
     assert not one.batched and np.array_equal(one.images[0], images[0])
-    two = split_images({"image": images}, max_pixels=100)
+    two = split_images({"image": images}, max_pixels=100, max_images=8)
     assert two.batched and [img.shape for img in two.images] == [(4, 5, 3), (4, 5, 3)]
     np.testing.assert_array_equal(two.images[1], images[1])
 
@@ -53,13 +53,13 @@ def test_raw_images_single_and_batch() -> None:
 )
 def test_bad_image_inputs_are_invalid_argument(inputs: dict, message: str) -> None:
     with pytest.raises(InvalidImageError, match=message) as info:
-        split_images(inputs, max_pixels=100)
+        split_images(inputs, max_pixels=100, max_images=8)
     assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_raw_image_over_the_pixel_limit() -> None:
     with pytest.raises(ImageTooLargeError, match="more than the limit of 10"):
-        split_images({"image": np.zeros((4, 4, 3), np.uint8)}, max_pixels=10)
+        split_images({"image": np.zeros((4, 4, 3), np.uint8)}, max_pixels=10, max_images=8)
 
 
 def _instance(box: tuple[float, float, float, float], cls: int, score: float, counts: bytes) -> Instance:
@@ -138,3 +138,10 @@ def test_many_classes_give_int32_labels() -> None:
     )
     assert name == "labels" and array.dtype == np.int32 and array.tolist() == [[300, 0]]
     assert output_specs(Task.SEMANTIC, 400)[0].datatype == "INT32"
+
+
+def test_batch_larger_than_max_images_is_refused() -> None:
+    with pytest.raises(InvalidImageError, match="batch of 3 images is more than the 2 one request may hold"):
+        split_images({"image": _bytes_array([b"a"] * 3, (3, 1))}, max_pixels=100, max_images=2)
+    with pytest.raises(InvalidImageError, match="batch of 3 images"):
+        split_images({"image": np.zeros((3, 2, 2, 3), np.uint8)}, max_pixels=100, max_images=2)
