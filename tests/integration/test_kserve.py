@@ -7,6 +7,7 @@ statistics, and equality with our own ``Detect``. Error statuses are in
 
 from __future__ import annotations
 
+import asyncio
 import io
 import queue
 import sys
@@ -229,3 +230,36 @@ def test_statistics_move_after_inference(client: tc.InferenceServerClient) -> No
     assert after.last_inference > 0 and after.last_inference >= before.last_inference
     every = client.get_inference_statistics()
     assert {s.name for s in every.model_stats} == {"det", "seg"}
+
+
+def test_asyncio_client(server: ServerThread) -> None:
+    aio = pytest.importorskip("tritonclient.grpc.aio")
+
+    async def run() -> list:
+        client = aio.InferenceServerClient(server.address)
+        try:
+            assert await client.is_model_ready("det")
+            calls = [client.infer("det", [uint8_input(scene())], request_id=str(i)) for i in range(3)]
+            return await asyncio.gather(*calls)
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    assert [r.get_response().id for r in results] == ["0", "1", "2"]
+    assert all(r.as_numpy("classes").tolist() == [0, 2] for r in results)
+
+
+def test_bearer_token_through_headers(tmp_path: Path) -> None:
+    specs = load_repository(write_repository(tmp_path, MODELS[:1]))
+    config = ServerConfig(port=0, metrics_port=None, worker_threads=2, auth_token="s3cret")
+    with ServerThread(config, specs, servicers=[add_kserve_servicer]).start(wait_loaded=True) as srv:
+        triton = tc.InferenceServerClient(srv.address)
+        try:
+            with pytest.raises(tc.InferenceServerException) as info:
+                triton.infer("det", [uint8_input(scene())])
+            assert info.value.status() == "StatusCode.UNAUTHENTICATED"
+            headers = {"authorization": "Bearer s3cret"}
+            result = triton.infer("det", [uint8_input(scene())], headers=headers)
+            assert result.as_numpy("num_detections").tolist() == [2]
+        finally:
+            triton.close()
