@@ -108,6 +108,20 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
+def _bind(grpc_server: grpc.aio.Server, address: str, config: ServerConfig) -> int:
+    credentials = _credentials(config)
+    try:
+        if credentials is None:
+            port = grpc_server.add_insecure_port(address)
+        else:
+            port = grpc_server.add_secure_port(address, credentials)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot bind gRPC server to {address}: {e}") from None
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC server to {address}")
+    return int(port)
+
+
 def build_server(
     config: ServerConfig,
     specs_or_dataplane: Sequence[ModelSpec] | DataPlane,
@@ -152,17 +166,7 @@ def build_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server)
-    address = address or config.address
-    credentials = _credentials(config)
-    try:
-        if credentials is None:
-            port = grpc_server.add_insecure_port(address)
-        else:
-            port = grpc_server.add_secure_port(address, credentials)
-    except RuntimeError as e:
-        raise RuntimeError(f"cannot bind gRPC server to {address}: {e}") from None
-    if port == 0:
-        raise RuntimeError(f"cannot bind gRPC server to {address}")
+    port = _bind(grpc_server, address or config.address, config)
     server = Server(grpc_server, dataplane, health_servicer, metrics, config, port, tuple(names))
     return server, port
 

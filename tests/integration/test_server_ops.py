@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,3 +247,21 @@ def test_max_message_size_is_enforced(tmp_path: Path) -> None:
                 client.detect(red(200, 200), model="det")  # 120 kB raw
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "larger than max" in info.value.message
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls_server_and_client(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    models = [{"name": "det", "task": "instance"}]
+    server = start(tmp_path, models, tls_cert_file=str(cert), tls_key_file=str(key)).start(wait_loaded=True)
+    with server as srv:
+        with Client(srv.address, timeout=5, root_certificates=cert.read_bytes()) as client:
+            assert client.detect(red(), model="det").instances
+        with Client(srv.address, timeout=2) as plaintext, pytest.raises(ClientError) as info:
+            plaintext.list_models()
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
