@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -43,11 +44,13 @@ def make_images(folder: Path, n: int, size: int) -> None:
         cv2.imwrite(str(folder / f"{i:05d}.jpg"), rgb[..., ::-1])
 
 
-def write_repository(path: Path, real: bool) -> list[ModelSpec]:
+def write_repository(path: Path, real: bool, fake_ms: float) -> list[ModelSpec]:
     models: list[dict[str, Any]] = [
         {"name": "fake", "task": "instance", "config": "-", "max_batch_size": 8, "max_wait_ms": 2}
     ]
     models[0]["handler"] = "tests.fixtures.fake_models:build_fake"
+    if fake_ms:
+        models[0]["options"] = {"per_image_ms": fake_ms}
     if real:
         models.append(
             {
@@ -56,7 +59,11 @@ def write_repository(path: Path, real: bool) -> list[ModelSpec]:
                 "config": str(ROOT / "models/configs/tiny_mask_rcnn.yaml"),
                 "max_batch_size": 1,
                 "max_wait_ms": 0,
-                "options": {"class_names": ["circle", "square", "triangle", "star", "ring"]},
+                # Random weights score every proposal alike: cap the detections at a realistic count.
+                "options": {
+                    "class_names": ["circle", "square", "triangle", "star", "ring"],
+                    "max_detections": 20,
+                },
             }
         )
     path.write_text(yaml.safe_dump({"models": models}))
@@ -91,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight to the server")
     parser.add_argument("--num-actors", type=int, default=2, help="Ray actors")
     parser.add_argument("--real", action="store_true", help="also time the tiny Mask R-CNN (random weights)")
+    parser.add_argument("--fake-ms", type=float, default=0.0, help="simulated compute per image, fake model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
 
     tmp = Path(tempfile.mkdtemp(prefix="annotate-bench-"))
     args.repo = str(tmp / "models.yaml")
-    specs = write_repository(Path(args.repo), args.real)
+    specs = write_repository(Path(args.repo), args.real, args.fake_ms)
     make_images(tmp / "images", max(args.images, args.real_images), args.size)
     counts = {"fake": args.images, "tiny-maskrcnn": args.real_images}
     for spec in specs:
@@ -135,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
