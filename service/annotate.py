@@ -91,17 +91,21 @@ class AnnotateJob:
 
     @property
     def images_path(self) -> str:
+        """The images + categories file: ``<out stem>.images.json``."""
         return self._sibling(".images.json")
 
     @property
     def errors_path(self) -> str:
+        """The failed images file: ``<out stem>.errors.json``."""
         return self._sibling(".errors.json")
 
     @property
     def journal_path(self) -> str:
+        """The journal: ``<out stem>.journal.jsonl``."""
         return self._sibling(".journal.jsonl")
 
     def resolved_labels_dir(self) -> str:
+        """Absolute folder of semantic label PNGs: ``labels_dir`` or ``<out stem>.labels``."""
         return os.path.abspath(self.labels_dir or self._sibling(".labels"))
 
 

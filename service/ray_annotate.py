@@ -9,6 +9,7 @@ works exactly as with the in-process engine. Ray is an optional extra (``cvserve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -50,7 +51,9 @@ def import_ray() -> Any:
 def _model_info(spec: ModelSpec) -> ModelInfo:
     from models.registry import build_model
 
-    model = build_model(spec)  # constructed, not loaded: the driver needs only the class names
+    # Constructed, and loaded only when the class names come from the checkpoint; on the
+    # CPU, so the driver never holds a GPU the actors need.
+    model = build_model(dataclasses.replace(spec, device="cpu"))
     if not model.class_names:
         model.load()
     return ModelInfo(spec.name, model.task, tuple(model.class_names))

@@ -108,14 +108,18 @@ def _predictor(args: argparse.Namespace) -> tuple[Any, int]:
             )
         except RayUnavailableError as e:
             raise CLIError(str(e)) from None
+        except (ConnectionError, RuntimeError, ValueError) as e:  # unreachable cluster, bad address
+            raise CLIError(f"--engine ray: {e}") from None
         return predictor, max(spec.max_batch_size, 8)
-    try:
-        from models.registry import build_model
+    from models.registry import build_model
 
+    try:
         model = build_model(spec)
         model.load()
     except KeyError as e:
         raise CLIError(str(e.args[0])) from None
+    except Exception as e:  # weights missing or unreadable, bad config: name the model
+        raise CLIError(f"model {spec.name!r} failed to load: {e}") from None
     model.mark_ready()
     return LocalPredictor(model, concurrency=args.concurrency or 2), spec.max_batch_size
 

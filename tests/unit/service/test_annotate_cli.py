@@ -23,6 +23,11 @@ models:
     task: semantic
     config: unused
     handler: tests.fixtures.fake_models:build_fake
+  - name: broken
+    task: instance
+    config: unused
+    handler: tests.fixtures.fake_models:build_fake
+    options: {load_error: checkpoint is corrupt}
 """
 
 
@@ -82,7 +87,7 @@ def test_unknown_model_and_missing_input_name_what_is_wrong(
     setup: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert _run(setup, model="nope") == 2
-    assert "models.yaml: no model named 'nope' (available: det, seg)" in capsys.readouterr().err
+    assert "models.yaml: no model named 'nope' (available: broken, det, seg)" in capsys.readouterr().err
     argv = ["annotate", str(setup / "missing"), "--model", "det", "--models", str(setup / "models.yaml")]
     assert main([*argv, "--out", str(setup / "r.json")]) == 2
     assert "missing: no such file or folder" in capsys.readouterr().err
@@ -94,3 +99,8 @@ def test_ray_engine_without_ray_gives_the_install_hint(
     monkeypatch.setitem(sys.modules, "ray", None)  # makes ``import ray`` fail as if not installed
     assert _run(setup, "--engine", "ray") == 2
     assert "pip install 'cvserve[ray]'" in capsys.readouterr().err
+
+
+def test_model_that_fails_to_load_is_a_cli_error(setup: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(setup, model="broken") == 2
+    assert "model 'broken' failed to load: checkpoint is corrupt" in capsys.readouterr().err
