@@ -264,6 +264,9 @@ class DataPlane:
         """Free every model and the shared pool (after :meth:`drain`)."""
         self._draining = True
         for entry in self._entries.values():
+            if entry.loading is not None and not entry.loading.done():
+                # A load still running in its thread finishes there; nobody awaits it any more.
+                entry.loading.cancel()
             await self._teardown(entry)
         if self._own_pool:
             self._pool.shutdown(wait=False)

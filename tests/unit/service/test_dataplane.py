@@ -193,3 +193,15 @@ def test_cpu_work_runs_in_the_pool_and_forward_in_the_model_thread() -> None:
 def test_duplicate_names_are_rejected() -> None:
     with pytest.raises(ValueError, match="duplicate model name"):
         plane(spec("a"), spec("a"))
+
+
+def test_close_while_a_model_is_loading() -> None:
+    async def main() -> None:
+        dp = plane(spec("slow", load_delay_ms=300))
+        await dp.start()
+        await dp.close()
+        assert dp.get("slow").state == ModelState.LOADING
+        with pytest.raises(ServerDrainingError):
+            await dp.infer("slow", [image()])
+
+    run(main())
