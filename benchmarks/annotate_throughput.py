@@ -5,8 +5,9 @@ row per (model, engine). Models: the weight-free fake detector (measures the pip
 reading, decoding, journal, outputs) and, with ``--real``, the tiny Mask R-CNN of
 ``models/configs/tiny_mask_rcnn.yaml`` with random weights (a real network's cost).
 
-The Ray figure includes starting the actors and loading the model in each of them;
-Ray's own start-up (``ray.init``) is not counted. Run from the repository root::
+``images/s`` is for the whole run, including, for Ray, starting the actors and loading
+the model in each (Ray's own start-up, ``ray.init``, is not counted); ``steady/s`` is the
+rate after the first batch arrived. Run from the repository root::
 
     .venv/bin/python benchmarks/annotate_throughput.py --images 300 --real
 """
@@ -19,6 +20,8 @@ import os
 import shutil
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +73,45 @@ def write_repository(path: Path, real: bool, fake_ms: float) -> list[ModelSpec]:
     return load_repository(path)
 
 
+class Timed(Predictor):
+    """Delegates to a predictor and notes when each batch arrives, to tell start-up from steady rate."""
+
+    def __init__(self, inner: Predictor) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.arrivals: list[tuple[float, int]] = []
+
+    def map_batches(self, batches: Any, render: Any) -> Iterator[list[dict[str, Any]]]:
+        for records in self.inner.map_batches(batches, render):
+            self.arrivals.append((time.perf_counter(), len(records)))
+            yield records
+
+    def steady_rate(self) -> float:
+        """Images/s after the first batch arrived (actors started, models loaded)."""
+        if len(self.arrivals) < 2:
+            return float("nan")
+        images = sum(n for _, n in self.arrivals[1:])
+        return images / (self.arrivals[-1][0] - self.arrivals[0][0])
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def run_engine(
     engine: str, spec: ModelSpec, job: AnnotateJob, args: argparse.Namespace, server: Any
-) -> AnnotateSummary:
-    predictor: Predictor
+) -> tuple[AnnotateSummary, float]:
+    """Annotate the job with one engine; returns the summary and the steady rate."""
+    inner: Predictor
     if engine == "local":
-        predictor = LocalPredictor.from_repository(args.repo, spec.name, concurrency=2)
+        inner = LocalPredictor.from_repository(args.repo, spec.name, concurrency=2)
     elif engine == "server":
-        predictor = ServerPredictor(server.address, spec.name, concurrency=args.concurrency)
+        inner = ServerPredictor(server.address, spec.name, concurrency=args.concurrency)
     else:
         from service.ray_annotate import RayPredictor
 
-        predictor = RayPredictor(spec, num_actors=args.num_actors)
-    with predictor:
-        return annotate(job, predictor, progress=False)
+        inner = RayPredictor(spec, num_actors=args.num_actors)
+    with Timed(inner) as predictor:
+        return annotate(job, predictor, progress=False), predictor.steady_rate()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-images", type=int, default=40, help="images for the tiny real model")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--engines", default="local,server,ray", help="comma-separated subset")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="default as the CLI: the model's max_batch_size in-process and on Ray, 8 via server",
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight to the server")
     parser.add_argument("--num-actors", type=int, default=2, help="Ray actors")
     parser.add_argument("--real", action="store_true", help="also time the tiny Mask R-CNN (random weights)")
@@ -127,18 +159,23 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 
-    print(f"{'model':<15} {'engine':<7} {'images':>6} {'seconds':>8} {'images/s':>9}")
+    print(f"{'model':<15} {'engine':<7} {'images':>6} {'seconds':>8} {'images/s':>9} {'steady/s':>9}")
     try:
         for spec in specs:
             for engine in engines:
                 out = tmp / "out" / f"{spec.name}-{engine}.json"
-                job = AnnotateJob(inputs=(str(tmp / spec.name),), out=str(out), batch_size=args.batch_size)
+                default_batch = {"local": spec.max_batch_size, "server": 8}.get(
+                    engine, max(spec.max_batch_size, 8)
+                )
+                batch = args.batch_size or default_batch
+                job = AnnotateJob(inputs=(str(tmp / spec.name),), out=str(out), batch_size=batch)
                 try:
-                    s = run_engine(engine, spec, job, args, server)
+                    s, steady = run_engine(engine, spec, job, args, server)
                 except Exception as e:  # a broken model or engine must not hide the other rows
                     print(f"{spec.name:<15} {engine:<7} failed: {str(e).splitlines()[0][:120]}", flush=True)
                     continue
                 row = f"{spec.name:<15} {engine:<7} {s.done:>6} {s.elapsed_s:>8.2f} {s.images_per_s:>9.1f}"
+                row += f" {steady:>9.1f}"
                 print(row + (f"  ({s.failed} failed)" if s.failed else ""), flush=True)
     finally:
         if server is not None:
