@@ -45,7 +45,9 @@ def load_json(source: str | os.PathLike[str] | dict[str, Any] | list[Any], what:
     try:
         return json.loads(text), str(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        detail = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+        detail = (
+            f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+        )
         raise EvaluationInputError(f"{path}: {what} file is not valid JSON: {detail}") from None
 
 
@@ -111,17 +113,23 @@ def _section(data: dict[str, Any], key: str, source: str) -> list[Any]:
     return value
 
 
-def _parse_images(images: list[Any], source: str) -> tuple[np.ndarray, dict[int, int], np.ndarray, np.ndarray, list]:
+def _parse_images(
+    images: list[Any], source: str
+) -> tuple[np.ndarray, dict[int, int], np.ndarray, np.ndarray, list]:
     ids, heights, widths, names = [], [], [], []
     for i, im in enumerate(images):
         where = f"{source}: images[{i}]"
         if type(im) is not dict:
             raise EvaluationInputError(f"{where}: expected an object, got {describe(im)}")
         if not _is_int(im.get("id")):
-            raise EvaluationInputError(f"{where}: field 'id': expected an integer, got {describe(im.get('id'))}")
+            raise EvaluationInputError(
+                f"{where}: field 'id': expected an integer, got {describe(im.get('id'))}"
+            )
         for key in ("height", "width"):
             if key in im and not (_is_int(im[key]) and im[key] > 0):
-                raise EvaluationInputError(f"{where}: field '{key}': expected a positive integer, got {describe(im[key])}")
+                raise EvaluationInputError(
+                    f"{where}: field '{key}': expected a positive integer, got {describe(im[key])}"
+                )
         ids.append(im["id"])
         heights.append(im.get("height", -1))
         widths.append(im.get("width", -1))
@@ -131,7 +139,13 @@ def _parse_images(images: list[Any], source: str) -> tuple[np.ndarray, dict[int,
     if len(image_ids) > 1 and (dup := image_ids[1:][image_ids[1:] == image_ids[:-1]]).size:
         raise EvaluationInputError(f"{source}: images: duplicate image id {int(dup[0])}")
     index = {int(v): k for k, v in enumerate(image_ids.tolist())}
-    return (image_ids, index, np.asarray(heights)[order], np.asarray(widths)[order], [names[j] for j in order])
+    return (
+        image_ids,
+        index,
+        np.asarray(heights)[order],
+        np.asarray(widths)[order],
+        [names[j] for j in order],
+    )
 
 
 def _parse_categories(cats: list[Any], source: str) -> tuple[np.ndarray, dict[int, int], list[str]]:
@@ -141,14 +155,49 @@ def _parse_categories(cats: list[Any], source: str) -> tuple[np.ndarray, dict[in
         if type(c) is not dict:
             raise EvaluationInputError(f"{where}: expected an object, got {describe(c)}")
         if not _is_int(c.get("id")):
-            raise EvaluationInputError(f"{where}: field 'id': expected an integer, got {describe(c.get('id'))}")
+            raise EvaluationInputError(
+                f"{where}: field 'id': expected an integer, got {describe(c.get('id'))}"
+            )
         if not isinstance(c.get("name"), str):
-            raise EvaluationInputError(f"{where}: field 'name': expected a string, got {describe(c.get('name'))}")
+            raise EvaluationInputError(
+                f"{where}: field 'name': expected a string, got {describe(c.get('name'))}"
+            )
         if c["id"] in by_id:
             raise EvaluationInputError(f"{where}: field 'id': duplicate category id {c['id']}")
         by_id[c["id"]] = c["name"]
     cat_ids = np.asarray(sorted(by_id), np.int64)
     return cat_ids, {int(v): k for k, v in enumerate(cat_ids.tolist())}, [by_id[int(v)] for v in cat_ids]
+
+
+def _check_annotation(
+    a: Any, where: str, image_index: dict[int, int], cat_index: dict[int, int], seen: set[int]
+) -> None:
+    """Validate one ground-truth annotation; ``seen`` collects the ids so far."""
+    if type(a) is not dict:
+        raise EvaluationInputError(f"{where}: expected an object, got {describe(a)}")
+    if not _is_int(a.get("id")) or a["id"] in seen:  # type check first: lists are unhashable
+        what = "duplicate id" if _is_int(a.get("id")) else "expected an integer, got"
+        raise EvaluationInputError(f"{where}: field 'id': {what} {describe(a.get('id'))}")
+    seen.add(a["id"])
+    where = f"{where} (id {a['id']})"
+    if not _is_int(a.get("image_id")) or a["image_id"] not in image_index:
+        raise EvaluationInputError(
+            f"{where}: field 'image_id': {describe(a.get('image_id'))} is not an id in 'images'"
+        )
+    if not _is_int(a.get("category_id")) or a["category_id"] not in cat_index:
+        raise EvaluationInputError(
+            f"{where}: field 'category_id': {describe(a.get('category_id'))} is not an id in 'categories'"
+        )
+    if not _box_ok(a.get("bbox")):
+        raise EvaluationInputError(f"{where}: field 'bbox': {_BOX_HELP}, got {describe(a.get('bbox'))}")
+    if not (_finite(a.get("area")) and a["area"] >= 0):
+        raise EvaluationInputError(
+            f"{where}: field 'area': expected a finite number >= 0, got {describe(a.get('area'))}"
+        )
+    if a.get("iscrowd", 0) not in (0, 1):
+        raise EvaluationInputError(
+            f"{where}: field 'iscrowd': expected 0 or 1, got {describe(a.get('iscrowd'))}"
+        )
 
 
 def parse_ground_truth(source: str | os.PathLike[str] | dict[str, Any]) -> GroundTruth:
@@ -165,24 +214,7 @@ def parse_ground_truth(source: str | os.PathLike[str] | dict[str, Any]) -> Groun
     anns = _section(data, "annotations", name)
     img, cat, area, crowd, boxes, seen = [], [], [], [], [], set()
     for i, a in enumerate(anns):
-        where = f"{name}: annotations[{i}]"
-        if type(a) is not dict:
-            raise EvaluationInputError(f"{where}: expected an object, got {describe(a)}")
-        if not _is_int(a.get("id")) or a["id"] in seen:  # type check first: lists are unhashable
-            what = "duplicate id" if _is_int(a.get("id")) else "expected an integer, got"
-            raise EvaluationInputError(f"{where}: field 'id': {what} {describe(a.get('id'))}")
-        seen.add(a["id"])
-        where = f"{where} (id {a['id']})"
-        if not _is_int(a.get("image_id")) or a["image_id"] not in image_index:
-            raise EvaluationInputError(f"{where}: field 'image_id': {describe(a.get('image_id'))} is not an id in 'images'")
-        if not _is_int(a.get("category_id")) or a["category_id"] not in cat_index:
-            raise EvaluationInputError(f"{where}: field 'category_id': {describe(a.get('category_id'))} is not an id in 'categories'")
-        if not _box_ok(a.get("bbox")):
-            raise EvaluationInputError(f"{where}: field 'bbox': {_BOX_HELP}, got {describe(a.get('bbox'))}")
-        if not (_finite(a.get("area")) and a["area"] >= 0):
-            raise EvaluationInputError(f"{where}: field 'area': expected a finite number >= 0, got {describe(a.get('area'))}")
-        if a.get("iscrowd", 0) not in (0, 1):
-            raise EvaluationInputError(f"{where}: field 'iscrowd': expected 0 or 1, got {describe(a.get('iscrowd'))}")
+        _check_annotation(a, f"{name}: annotations[{i}]", image_index, cat_index, seen)
         img.append(image_index[a["image_id"]])
         cat.append(cat_index[a["category_id"]])
         area.append(a["area"])
@@ -225,6 +257,31 @@ def _infer_types(entries: list[Any]) -> tuple[str, ...]:
     return ("keypoints",) if "keypoints" in found else (found or ("bbox",))
 
 
+def _check_result(r: Any, where: str, gt: GroundTruth, types: tuple[str, ...]) -> None:
+    """Validate one results entry for the IoU types to evaluate."""
+    if type(r) is not dict:
+        raise EvaluationInputError(f"{where}: expected an object, got {describe(r)}")
+    if not _is_int(r.get("image_id")) or r["image_id"] not in gt.image_index:
+        raise EvaluationInputError(
+            f"{where}: field 'image_id': {describe(r.get('image_id'))} is not an image id of {gt.source}"
+        )
+    if not _is_int(r.get("category_id")) or r["category_id"] not in gt.cat_index:
+        raise EvaluationInputError(
+            f"{where}: field 'category_id': {describe(r.get('category_id'))} is not a category id of {gt.source}"
+        )
+    if not _finite(r.get("score")):
+        raise EvaluationInputError(
+            f"{where}: field 'score': expected a finite number, got {describe(r.get('score'))}"
+        )
+    for t in types:
+        if _TYPE_FIELD[t] not in r:
+            raise EvaluationInputError(
+                f"{where}: field '{_TYPE_FIELD[t]}' is missing (needed for {t} evaluation)"
+            )
+    if "bbox" in types and not _box_ok(r["bbox"]):
+        raise EvaluationInputError(f"{where}: field 'bbox': {_BOX_HELP}, got {describe(r['bbox'])}")
+
+
 def parse_results(
     source: str | os.PathLike[str] | list[Any], gt: GroundTruth, iou_types: tuple[str, ...] | None = None
 ) -> Detections:
@@ -248,24 +305,7 @@ def parse_results(
     need_box = "bbox" in types
     img, cat, score, boxes = [], [], [], []
     for i, r in enumerate(entries):
-        where = f"{name}: entry {i}"
-        if type(r) is not dict:
-            raise EvaluationInputError(f"{where}: expected an object, got {describe(r)}")
-        if not _is_int(r.get("image_id")) or r["image_id"] not in gt.image_index:
-            raise EvaluationInputError(
-                f"{where}: field 'image_id': {describe(r.get('image_id'))} is not an image id of {gt.source}"
-            )
-        if not _is_int(r.get("category_id")) or r["category_id"] not in gt.cat_index:
-            raise EvaluationInputError(
-                f"{where}: field 'category_id': {describe(r.get('category_id'))} is not a category id of {gt.source}"
-            )
-        if not _finite(r.get("score")):
-            raise EvaluationInputError(f"{where}: field 'score': expected a finite number, got {describe(r.get('score'))}")
-        for t in types:
-            if _TYPE_FIELD[t] not in r:
-                raise EvaluationInputError(f"{where}: field '{_TYPE_FIELD[t]}' is missing (needed for {t} evaluation)")
-        if need_box and not _box_ok(r["bbox"]):
-            raise EvaluationInputError(f"{where}: field 'bbox': {_BOX_HELP}, got {describe(r['bbox'])}")
+        _check_result(r, f"{name}: entry {i}", gt, types)
         img.append(gt.image_index[r["image_id"]])
         cat.append(gt.cat_index[r["category_id"]])
         score.append(r["score"])

@@ -141,9 +141,7 @@ def _group_detections(
     return order[keep], skey[keep], rank[keep]
 
 
-def _pairs(
-    dkey: np.ndarray, gkey: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pairs(dkey: np.ndarray, gkey: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All (detection, ground truth) pairs sharing a group key, detection-major.
 
     Both key arrays must be sorted. Returns positions into them and group boundaries.
@@ -259,7 +257,12 @@ def _best_gt(
 
 
 def _accumulate(params: EvalParams, num_cats: int, m: _Matches) -> Accumulated:
-    n_t, n_r, n_a, n_m = len(params.iou_thrs), len(params.rec_thrs), len(params.area_rngs), len(params.max_dets)
+    n_t, n_r, n_a, n_m = (
+        len(params.iou_thrs),
+        len(params.rec_thrs),
+        len(params.area_rngs),
+        len(params.max_dets),
+    )
     precision = -np.ones((n_t, n_r, num_cats, n_a, n_m))
     recall = -np.ones((n_t, num_cats, n_a, n_m))
     scores = -np.ones((n_t, n_r, num_cats, n_a, n_m))
@@ -268,7 +271,9 @@ def _accumulate(params: EvalParams, num_cats: int, m: _Matches) -> Accumulated:
         cats = np.flatnonzero(npig > 0)  # pycocotools leaves -1 where a category has no ground truth
         for mi, max_det in enumerate(params.max_dets):
             keep = np.flatnonzero(m.rank < max_det)
-            p, r, s = _pr_curves(params, m.cat[keep], m.matched[a][:, keep], m.ignored[a][:, keep], m.score[keep], npig)
+            p, r, s = _pr_curves(
+                params, m.cat[keep], m.matched[a][:, keep], m.ignored[a][:, keep], m.score[keep], npig
+            )
             precision[:, :, cats, a, mi] = p[:, :, cats]
             recall[:, cats, a, mi] = r[:, cats]
             scores[:, :, cats, a, mi] = s[:, :, cats]
@@ -299,7 +304,12 @@ def _first_tp_reaching(params: EvalParams, npig: np.ndarray) -> np.ndarray:
 
 
 def _pr_curves(
-    params: EvalParams, cat: np.ndarray, matched: np.ndarray, ignored: np.ndarray, score: np.ndarray, npig: np.ndarray
+    params: EvalParams,
+    cat: np.ndarray,
+    matched: np.ndarray,
+    ignored: np.ndarray,
+    score: np.ndarray,
+    npig: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Interpolated precision ``(T, R, K)``, recall ``(T, K)`` and scores for every category at once.
 

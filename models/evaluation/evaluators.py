@@ -106,7 +106,13 @@ class COCOInstanceEvaluator(DatasetEvaluator):
         types = self._iou_types
         if types is None:
             first = self._results[0] if self._results else {}
-            types = ("keypoints",) if "keypoints" in first else ("bbox", "segm") if "segmentation" in first else ("bbox",)
+            types = (
+                ("keypoints",)
+                if "keypoints" in first
+                else ("bbox", "segm")
+                if "segmentation" in first
+                else ("bbox",)
+            )
         metrics, _ = evaluate_loaded(self._gt, parse_results(self._results, self._gt, types), types)
         out: OrderedDict[str, dict[str, float]] = OrderedDict()
         for iou_type, res in metrics.items():

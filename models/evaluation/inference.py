@@ -99,7 +99,9 @@ def _image_paths(gt: GroundTruth, images_dir: Path) -> list[Path]:
     return paths
 
 
-def _to_entries(pred: Prediction, image_id: int, cat_map: list[int], expect: tuple[int, int], path: Path) -> list[dict[str, Any]]:
+def _to_entries(
+    pred: Prediction, image_id: int, cat_map: list[int], expect: tuple[int, int], path: Path
+) -> list[dict[str, Any]]:
     if tuple(pred.image_size) != expect:
         raise EvaluationInputError(
             f"{path}: image is {pred.image_size[0]}x{pred.image_size[1]} but the ground truth says {expect[0]}x{expect[1]}"
@@ -140,7 +142,8 @@ def instance_results(
     for start, batch in zip(range(0, len(paths), batch_size), _batches(paths, batch_size), strict=True):
         for k, pred in enumerate(predict(batch)):
             i = start + k
-            expect = sizes[i] if sizes[i][0] > 0 else tuple(pred.image_size)
+            # Ground truth without sizes cannot be checked against; its masks are not evaluated then.
+            expect = sizes[i] if sizes[i][0] > 0 else (int(pred.image_size[0]), int(pred.image_size[1]))
             results.extend(_to_entries(pred, ids[i], cat_map, expect, paths[i]))
         logger.info("predicted %d/%d images", min(start + batch_size, len(paths)), len(paths))
     return results
@@ -176,7 +179,15 @@ def semantic_confusion(
         for k, pred in enumerate(preds):
             i = start + k
             if pred.semantic is None:
-                raise EvaluationInputError(f"{images[i]}: the model returned no label map (is it a semantic model?)")
-            update_confusion(conf, np.asarray(pred.semantic.labels), read_label_png(labels[i]), ignore_label, str(labels[i]))
+                raise EvaluationInputError(
+                    f"{images[i]}: the model returned no label map (is it a semantic model?)"
+                )
+            update_confusion(
+                conf,
+                np.asarray(pred.semantic.labels),
+                read_label_png(labels[i]),
+                ignore_label,
+                str(labels[i]),
+            )
         logger.info("predicted %d/%d images", min(start + batch_size, len(images)), len(images))
     return conf, len(images)

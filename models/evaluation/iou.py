@@ -42,7 +42,9 @@ def bbox_pair_iou(dt_boxes: np.ndarray, gt_boxes: np.ndarray, gt_crowd: np.ndarr
     return iou
 
 
-def segm_pair_iou(dt_rles: Sequence[dict[str, Any]], gt_rles: Sequence[dict[str, Any]], gt_crowd: np.ndarray) -> PairIoU:
+def segm_pair_iou(
+    dt_rles: Sequence[dict[str, Any]], gt_rles: Sequence[dict[str, Any]], gt_crowd: np.ndarray
+) -> PairIoU:
     """Mask IoU of COCO RLEs through pycocotools' C implementation, one call per group."""
     crowd = gt_crowd.astype(np.uint8).tolist()
 
@@ -79,7 +81,9 @@ def oks_pair_iou(
             dets = d[s:e:ng]
             xd, yd = dt_kpts[dets][:, 0::3], dt_kpts[dets][:, 1::3]
             for j, gi in enumerate(g[s : s + ng].tolist()):
-                out[s + j : e : ng] = _oks_one_gt(xd, yd, gt_kpts[gi], gt_boxes[gi], float(gt_area[gi]), variances)
+                out[s + j : e : ng] = _oks_one_gt(
+                    xd, yd, gt_kpts[gi], gt_boxes[gi], float(gt_area[gi]), variances
+                )
         return out
 
     return iou

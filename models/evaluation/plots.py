@@ -41,7 +41,9 @@ def _curves(ax, acc: Accumulated, k: int | None) -> None:  # type: ignore[no-unt
             if not valid.any():
                 continue
             curve = np.where(valid, prec, 0).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
-        ax.plot(p.rec_thrs, curve, color=cmap(t / max(len(p.iou_thrs) - 1, 1)), lw=1.2, label=f"IoU {thr:.2f}")
+        ax.plot(
+            p.rec_thrs, curve, color=cmap(t / max(len(p.iou_thrs) - 1, 1)), lw=1.2, label=f"IoU {thr:.2f}"
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -78,7 +80,10 @@ def plot_pr_curves(acc: Accumulated, cat_names: Sequence[str], out_dir: Path, st
             _curves(ax, acc, k)
             valid = acc.precision[:, :, k, 0, -1]
             ap = float(valid[valid > -1].mean()) if (valid > -1).any() else float("nan")
-            ax.set_title(f"{names[j]}  AP {ap:.3f}" if not math.isnan(ap) else f"{names[j]}  (no ground truth)", fontsize=9)
+            ax.set_title(
+                f"{names[j]}  AP {ap:.3f}" if not math.isnan(ap) else f"{names[j]}  (no ground truth)",
+                fontsize=9,
+            )
             ax.tick_params(labelsize=7)
         axes[0, 0].legend(fontsize=6, loc="best")
         fig.suptitle(f"{acc.params.iou_type}: precision (y) over recall (x) per category", fontsize=10)

@@ -61,7 +61,13 @@ def _coco_markdown(report: dict[str, Any]) -> list[str]:
     lines = []
     for iou_type, res in report["metrics"].items():
         names = list(res["stats"])
-        lines += ["", f"## {iou_type}", "", "Summary (pycocotools' `COCOeval.stats`; n/a = no ground truth):", ""]
+        lines += [
+            "",
+            f"## {iou_type}",
+            "",
+            "Summary (pycocotools' `COCOeval.stats`; n/a = no ground truth):",
+            "",
+        ]
         lines += _table(names, [[_fmt(res["stats"][n]) for n in names]])
         lines += ["", f"Per category ({iou_type}):", ""]
         rows = [[str(c["id"]), c["name"], *(_fmt(c[n]) for n in names)] for c in res["per_category"]]
@@ -72,7 +78,17 @@ def _coco_markdown(report: dict[str, Any]) -> list[str]:
 
 def _header(report: dict[str, Any]) -> list[str]:
     lines = ["# Evaluation report", ""]
-    for key in ("task", "ground_truth", "results", "labels", "images", "model", "server", "num_images", "num_detections"):
+    for key in (
+        "task",
+        "ground_truth",
+        "results",
+        "labels",
+        "images",
+        "model",
+        "server",
+        "num_images",
+        "num_detections",
+    ):
         if report.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: `{report[key]}`")
     lines.append(f"- created: {report['created']}")
@@ -80,7 +96,11 @@ def _header(report: dict[str, Any]) -> list[str]:
 
 
 def write_coco_report(
-    out_dir: Path, report: dict[str, Any], arrays: dict[str, Accumulated], cat_names: Sequence[str], plots: bool = True
+    out_dir: Path,
+    report: dict[str, Any],
+    arrays: dict[str, Accumulated],
+    cat_names: Sequence[str],
+    plots: bool = True,
 ) -> list[Path]:
     """Write the report of a COCO evaluation.
 
@@ -118,13 +138,19 @@ def write_semantic_report(
     written = [out_dir / "report.json", out_dir / "summary.md"]
     _write_json(written[0], report)
     m = report["metrics"]
-    lines = _header(report) + ["", "## Semantic segmentation (percent, detectron2 SemSegEvaluator conventions)", ""]
-    lines += _table(["mIoU", "fwIoU", "mACC", "pACC"], [[_fmt(m[k], 100) for k in ("mIoU", "fwIoU", "mACC", "pACC")]])
+    lines = [*_header(report), "", "## Semantic segmentation (percent, detectron2 SemSegEvaluator conventions)", ""]
+    lines += _table(
+        ["mIoU", "fwIoU", "mACC", "pACC"], [[_fmt(m[k], 100) for k in ("mIoU", "fwIoU", "mACC", "pACC")]]
+    )
     lines += ["", "Per class (n/a = class absent from the ground truth):", ""]
-    rows = [[str(i), n, _fmt(m[f"IoU-{n}"], 100), _fmt(m[f"ACC-{n}"], 100)] for i, n in enumerate(class_names)]
+    rows = [
+        [str(i), n, _fmt(m[f"IoU-{n}"], 100), _fmt(m[f"ACC-{n}"], 100)] for i, n in enumerate(class_names)
+    ]
     lines += _table(["label", "class", "IoU", "ACC"], rows)
     lines += ["", "Confusion matrix: `confusion_matrix.png` (rows: ground truth, columns: prediction)."]
     written[1].write_text("\n".join(lines) + "\n")
     if plots:
-        written.append(plot_confusion(np.asarray(m["confusion_matrix"]), class_names, out_dir / "confusion_matrix.png"))
+        written.append(
+            plot_confusion(np.asarray(m["confusion_matrix"]), class_names, out_dir / "confusion_matrix.png")
+        )
     return written

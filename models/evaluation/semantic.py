@@ -22,7 +22,7 @@ import numpy as np
 
 from models.evaluation.errors import EvaluationInputError
 
-__all__ = ["IMAGE_SUFFIXES", "read_label_png", "semantic_metrics", "update_confusion", "evaluate_semantic"]
+__all__ = ["IMAGE_SUFFIXES", "evaluate_semantic", "read_label_png", "semantic_metrics", "update_confusion"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -37,7 +37,9 @@ def update_confusion(
     """
     n = conf.shape[0] - 1
     if pred.shape != gt.shape:
-        raise EvaluationInputError(f"{where}: prediction is {pred.shape[0]}x{pred.shape[1]} but the label map is {gt.shape[0]}x{gt.shape[1]}")
+        raise EvaluationInputError(
+            f"{where}: prediction is {pred.shape[0]}x{pred.shape[1]} but the label map is {gt.shape[0]}x{gt.shape[1]}"
+        )
     pred = pred.astype(np.int64, copy=False)
     gt = gt.astype(np.int64, copy=True)
     if pred.size and (pred.min() < 0 or pred.max() >= n):
@@ -88,7 +90,9 @@ def read_label_png(path: Path) -> np.ndarray:
     except (OSError, UnidentifiedImageError) as e:
         raise EvaluationInputError(f"{path}: cannot read label image: {e}") from None
     if arr.ndim != 2 or arr.dtype.kind not in "iu":
-        raise EvaluationInputError(f"{path}: a label map must be a single-channel integer image, got shape {arr.shape} {arr.dtype}")
+        raise EvaluationInputError(
+            f"{path}: a label map must be a single-channel integer image, got shape {arr.shape} {arr.dtype}"
+        )
     return arr
 
 
@@ -143,7 +147,14 @@ def evaluate_semantic(
     else:
         if len(predictions) != len(labels):
             raise EvaluationInputError(f"{len(predictions)} predictions for {len(labels)} label maps")
-        pairs = [(np.asarray(p), np.asarray(g), f"image {i}") for i, (p, g) in enumerate(zip(predictions, labels, strict=True))]
+        pairs = [
+            (np.asarray(p), np.asarray(g), f"image {i}")
+            for i, (p, g) in enumerate(zip(predictions, labels, strict=True))
+        ]
     for pred, gt, where in pairs:
         update_confusion(conf, pred, gt, ignore_label, where)
-    return {**semantic_metrics(conf, class_names), "confusion_matrix": conf.tolist(), "num_images": len(pairs)}
+    return {
+        **semantic_metrics(conf, class_names),
+        "confusion_matrix": conf.tolist(),
+        "num_images": len(pairs),
+    }

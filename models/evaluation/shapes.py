@@ -21,7 +21,9 @@ __all__ = ["KEYPOINT_SIGMAS", "dt_keypoints", "dt_rles", "gt_keypoints", "gt_rle
 
 # pycocotools' default per-keypoint OKS sigmas (COCO person keypoints).
 KEYPOINT_SIGMAS = (
-    np.array([0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89])
+    np.array(
+        [0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89]
+    )
     / 10.0
 )
 
@@ -132,8 +134,14 @@ def _areas(rles: list[dict[str, Any]]) -> np.ndarray:
 
 def _kpt_array(values: Any, where: str) -> np.ndarray:
     n = 3 * len(KEYPOINT_SIGMAS)
-    if not (type(values) is list and len(values) == n and all(type(v) in (int, float) and math.isfinite(v) for v in values)):
-        raise EvaluationInputError(f"{where}: field 'keypoints': expected {n} finite numbers (x, y, v) * {n // 3}, got {describe(values)}")
+    if not (
+        type(values) is list
+        and len(values) == n
+        and all(type(v) in (int, float) and math.isfinite(v) for v in values)
+    ):
+        raise EvaluationInputError(
+            f"{where}: field 'keypoints': expected {n} finite numbers (x, y, v) * {n // 3}, got {describe(values)}"
+        )
     return np.asarray(values, np.float64)
 
 
@@ -145,7 +153,9 @@ def gt_keypoints(gt: GroundTruth) -> tuple[np.ndarray, np.ndarray]:
             kpts.append(_kpt_array(ann.get("keypoints"), gt.where(i)))
             num = ann.get("num_keypoints")
             if not (type(num) is int and num >= 0):
-                raise EvaluationInputError(f"{gt.where(i)}: field 'num_keypoints': expected an integer >= 0, got {describe(num)}")
+                raise EvaluationInputError(
+                    f"{gt.where(i)}: field 'num_keypoints': expected an integer >= 0, got {describe(num)}"
+                )
             empty.append(num == 0)
         gt.cache["kpts"] = (np.asarray(kpts).reshape(-1, 3 * len(KEYPOINT_SIGMAS)), np.asarray(empty, bool))
     return gt.cache["kpts"]  # type: ignore[no-any-return]
@@ -163,12 +173,21 @@ def dt_keypoints(dets: Detections) -> tuple[np.ndarray, np.ndarray]:
             k = _kpt_array(r.get("keypoints"), f"{dets.source}: entry {i}")
             box = r.get("bbox")
             if box:
-                if not (type(box) is list and len(box) == 4 and all(type(v) in (int, float) and math.isfinite(v) for v in box)):
-                    raise EvaluationInputError(f"{dets.source}: entry {i}: field 'bbox': expected 4 finite numbers, got {describe(box)}")
+                if not (
+                    type(box) is list
+                    and len(box) == 4
+                    and all(type(v) in (int, float) and math.isfinite(v) for v in box)
+                ):
+                    raise EvaluationInputError(
+                        f"{dets.source}: entry {i}: field 'bbox': expected 4 finite numbers, got {describe(box)}"
+                    )
                 areas.append(box[2] * box[3])
             else:
                 x, y = k[0::3], k[1::3]
                 areas.append((np.max(x) - np.min(x)) * (np.max(y) - np.min(y)))
             kpts.append(k)
-        dets.cache["kpts"] = (np.asarray(kpts).reshape(-1, 3 * len(KEYPOINT_SIGMAS)), np.asarray(areas, np.float64))
+        dets.cache["kpts"] = (
+            np.asarray(kpts).reshape(-1, 3 * len(KEYPOINT_SIGMAS)),
+            np.asarray(areas, np.float64),
+        )
     return dets.cache["kpts"]  # type: ignore[no-any-return]
