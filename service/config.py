@@ -39,8 +39,12 @@ class ServerConfig:
         max_stream_inflight: most items of one stream processed concurrently.
         tls_cert_file: PEM certificate chain; with ``tls_key_file`` serves TLS.
         tls_key_file: PEM private key.
+        tls_client_ca_file: PEM CA certificates; when set (with TLS), clients must present
+            a certificate signed by one of them (mutual TLS).
         auth_token: when set, every RPC but health checks must carry
             ``authorization: Bearer <token>`` metadata.
+        auth_health: also require the token for ``grpc.health.v1.Health`` (by default
+            probes stay open: they carry no credentials and reveal only serving status).
     """
 
     host: str = "[::]"
@@ -57,7 +61,9 @@ class ServerConfig:
     max_stream_inflight: int = 32
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
     auth_token: str | None = None
+    auth_health: bool = False
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, what: str) -> None:
@@ -78,6 +84,12 @@ class ServerConfig:
             "tls_key_file",
             "given together with tls_cert_file",
         )
+        check(
+            self.tls_client_ca_file is None or self.tls_cert_file is not None,
+            "tls_client_ca_file",
+            "given only with tls_cert_file and tls_key_file (mutual TLS needs TLS)",
+        )
+        check(self.auth_token is None or bool(self.auth_token), "auth_token", "non-empty when set")
 
     @property
     def address(self) -> str:

@@ -50,6 +50,24 @@ def _check_pixels(height: int, width: int, max_pixels: int) -> None:
         )
 
 
+def _to_rgb(img: Image.Image, fmt: str | None) -> Image.Image | np.ndarray:
+    """Convert any 8- or 16-bit mode to RGB; refuse 32-bit integer and float pixels.
+
+    PIL's own ``convert("RGB")`` clips 16-bit values at 255 (a 16-bit photo would come
+    out almost white), so 16-bit grayscale is scaled to 8 bits here. 32-bit integer and
+    floating-point images (scientific TIFFs) have no agreed display range to map from.
+    """
+    if img.mode.startswith("I;16") or (img.mode == "I" and fmt == "PNG"):
+        gray = (np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8)  # PNG "I" is 16-bit grayscale
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "32-bit floating-point"
+        raise InvalidImageError(
+            f"unsupported pixel type: {kind} ({fmt} mode {img.mode}); send 8- or 16-bit images"
+        )
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     """Decode an encoded image into an upright ``(H, W, 3)`` RGB uint8 array.
 
@@ -72,7 +90,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
                     f"unsupported image format {img.format}; accepted: {', '.join(ENCODINGS)}"
                 )
             _check_pixels(img.height, img.width, max_pixels)
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            rgb = _to_rgb(ImageOps.exif_transpose(img), img.format)
     except (InvalidImageError, ImageTooLargeError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

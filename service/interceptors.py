@@ -5,8 +5,8 @@ Every RPC (ours, health, reflection, and servicers added later) passes through
 
 * the request id comes from ``x-request-id`` metadata or is generated; it is put in the
   logging context and returned in trailing metadata;
-* with an auth token configured, calls other than health checks need
-  ``authorization: Bearer <token>``;
+* with an auth token configured, calls other than health checks (and those too with
+  ``auth_health``) need ``authorization: Bearer <token>``, compared in constant time;
 * a :class:`~service.errors.ServiceError` becomes ``context.abort(err.code, err.message)``;
   anything else becomes ``INTERNAL, "internal error"``, its traceback logged and never sent;
 * the status code and latency of every call are counted in :class:`~service.metrics.Metrics`.
@@ -55,11 +55,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     Args:
         metrics: where to count calls; None to skip.
         auth_token: the bearer token every non-health call must carry; None for no auth.
+        auth_health: require the token for health checks too.
     """
 
-    def __init__(self, metrics: Metrics | None = None, auth_token: str | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics | None = None, auth_token: str | None = None, *, auth_health: bool = False
+    ) -> None:
         self._metrics = metrics
-        self._auth_token = auth_token
+        # Compared as bytes with hmac.compare_digest: the time taken does not reveal the token.
+        self._expected = None if auth_token is None else f"Bearer {auth_token}".encode()
+        self._open_prefixes = () if auth_health else _PUBLIC_PREFIXES
 
     async def intercept_service(
         self,
@@ -111,9 +116,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         request_id = str(values.get(REQUEST_ID_KEY) or uuid.uuid4().hex)[:128]
         call = _Call(method, request_id, time.perf_counter(), request_id_var.set(request_id))
         context.set_trailing_metadata(call.trailing)
-        if self._auth_token is not None and not method.startswith(_PUBLIC_PREFIXES):
+        if self._expected is not None and not method.startswith(self._open_prefixes):
             given = str(values.get("authorization", ""))
-            if not hmac.compare_digest(given.encode(), f"Bearer {self._auth_token}".encode()):
+            if not hmac.compare_digest(given.encode(), self._expected):
                 await self._fail(call, context, UnauthenticatedError("missing or invalid bearer token"))
         return call
 

@@ -102,10 +102,14 @@ class Server:
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials; with a client CA, clients without a certificate it signed are refused."""
     if config.tls_cert_file is None or config.tls_key_file is None:
         return None
     key, cert = Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes()
-    return grpc.ssl_server_credentials([(key, cert)])
+    if config.tls_client_ca_file is None:
+        return grpc.ssl_server_credentials([(key, cert)])
+    client_ca = Path(config.tls_client_ca_file).read_bytes()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=True)
 
 
 def _bind(grpc_server: grpc.aio.Server, address: str, config: ServerConfig) -> int:
@@ -152,7 +156,7 @@ def build_server(
     else:
         dataplane = DataPlane(specs_or_dataplane, config, metrics=metrics)
     grpc_server = grpc.aio.server(
-        interceptors=[ServiceInterceptor(metrics, config.auth_token)],
+        interceptors=[ServiceInterceptor(metrics, config.auth_token, auth_health=config.auth_health)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

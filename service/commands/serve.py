@@ -49,9 +49,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="PEM certificate chain (serves TLS with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key")
     parser.add_argument(
+        "--tls-client-ca",
+        help="PEM CA certificates: require clients to present a certificate they signed (mutual TLS)",
+    )
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--auth-token-file",
+        metavar="PATH",
+        help="require 'authorization: Bearer <token>' with the token read from PATH (mode 600)",
+    )
+    auth.add_argument(
         "--auth-token-env",
         metavar="VAR",
         help="require 'authorization: Bearer <token>' with the token read from environment variable VAR",
+    )
+    parser.add_argument(
+        "--auth-health", action="store_true", help="require the token for health checks too (default: open)"
     )
 
 
@@ -64,6 +77,7 @@ _FLAGS = {
     "worker_threads": "--workers",
     "grace_period_s": "--grace-period",
     "tls_key_file": "--tls-key",
+    "tls_client_ca_file": "--tls-client-ca",
 }
 
 
@@ -91,15 +105,41 @@ def _repository(path: str | None) -> str:
         ) from None
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    from service.auth import CredentialFileError, read_token_file
+    from service.cli import CLIError
+
+    if args.auth_token_file:
+        try:
+            return read_token_file(args.auth_token_file)
+        except CredentialFileError as e:
+            raise CLIError(f"--auth-token-file: {e}") from None
+    if args.auth_token_env:
+        token = os.environ.get(args.auth_token_env, "").strip()
+        if not token:
+            raise CLIError(f"--auth-token-env: environment variable {args.auth_token_env} is empty or unset")
+        return token
+    if args.auth_health:
+        raise CLIError("--auth-health: needs --auth-token-file or --auth-token-env")
+    return None
+
+
 def _config(args: argparse.Namespace) -> ServerConfig:
+    from service.auth import CredentialFileError, check_readable
     from service.cli import CLIError
     from service.config import ServerConfig
 
-    token = None
-    if args.auth_token_env:
-        token = os.environ.get(args.auth_token_env)
-        if not token:
-            raise CLIError(f"--auth-token-env: environment variable {args.auth_token_env} is empty or unset")
+    token = _token(args)
+    for flag, path in (
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+        ("--tls-client-ca", args.tls_client_ca),
+    ):
+        if path is not None:
+            try:
+                check_readable(path, "file")
+            except CredentialFileError as e:
+                raise CLIError(f"{flag}: {e}") from None
     try:
         return ServerConfig(
             host=args.host,
@@ -113,7 +153,9 @@ def _config(args: argparse.Namespace) -> ServerConfig:
             warmup=not args.no_warmup,
             tls_cert_file=args.tls_cert,
             tls_key_file=args.tls_key,
+            tls_client_ca_file=args.tls_client_ca,
             auth_token=token,
+            auth_health=args.auth_health,
         )
     except ValueError as e:
         message = str(e)
@@ -131,8 +173,9 @@ def run(args: argparse.Namespace) -> int:
     from service.logs import configure_logging
     from service.server import run_server
 
-    config = _config(args)
+    # Logging first: reading the token file may warn about its permissions.
     configure_logging(getattr(args, "log_level", "INFO"), args.log_format)
+    config = _config(args)
     repository = _repository(args.models)
     try:
         specs = load_repository(repository)
