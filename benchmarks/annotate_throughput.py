@@ -122,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-images", type=int, default=40, help="images for the tiny real model")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--engines", default="local,server,ray", help="comma-separated subset")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        help="default as the CLI: the model's max_batch_size in-process and on Ray, 8 via server",
-    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per journal write / Ray call")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight to the server")
     parser.add_argument("--num-actors", type=int, default=2, help="Ray actors")
     parser.add_argument("--real", action="store_true", help="also time the tiny Mask R-CNN (random weights)")
@@ -164,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:
             for engine in engines:
                 out = tmp / "out" / f"{spec.name}-{engine}.json"
-                default_batch = {"local": spec.max_batch_size, "server": 8}.get(
-                    engine, max(spec.max_batch_size, 8)
-                )
-                batch = args.batch_size or default_batch
-                job = AnnotateJob(inputs=(str(tmp / spec.name),), out=str(out), batch_size=batch)
+                job = AnnotateJob(inputs=(str(tmp / spec.name),), out=str(out), batch_size=args.batch_size)
                 try:
                     s, steady = run_engine(engine, spec, job, args, server)
                 except Exception as e:  # a broken model or engine must not hide the other rows

@@ -68,7 +68,7 @@ class AnnotateActor:
         model = build_model(spec)
         model.load()
         model.mark_ready()
-        self._predictor = LocalPredictor(model, concurrency=1)
+        self._predictor = LocalPredictor(model, concurrency=1, max_batch_size=spec.max_batch_size)
         self._render = render
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -111,21 +111,31 @@ class ThreadedPredictor(Predictor):
 
 
 class LocalPredictor(ThreadedPredictor):
-    """Runs a loaded :class:`VisionModel` in this process, one batch at a time.
+    """Runs a loaded :class:`VisionModel` in this process.
 
-    A batch that fails as a whole is retried image by image, so one bad image fails
-    alone (a batch-wide failure that persists fails every image of the batch).
+    Each forward pass takes at most ``max_batch_size`` images, whatever the size of the
+    annotation batch (the unit of journal writes), one pass at a time. A pass that fails
+    as a whole is retried image by image, so one bad image fails alone (a failure that
+    persists fails every image of the pass).
+
+    Args:
+        model: a loaded model.
+        concurrency: batches in flight; the others are read and decoded meanwhile.
+        max_batch_size: most images per forward pass (None: the whole batch).
     """
 
-    def __init__(self, model: VisionModel, concurrency: int = 2) -> None:
+    def __init__(self, model: VisionModel, concurrency: int = 2, max_batch_size: int | None = None) -> None:
         super().__init__(concurrency)
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
+        self.max_batch_size = max_batch_size
         self.info = ModelInfo(model.name, model.task, tuple(model.class_names))
         self._lock = threading.Lock()  # models are not required to be thread-safe
 
     @classmethod
     def from_repository(cls, repository: str, name: str, concurrency: int = 2) -> LocalPredictor:
-        """Build and load model ``name`` of a repository YAML.
+        """Build and load model ``name`` of a repository YAML, batching as its spec says.
 
         Raises:
             models.repository.RepositoryError: the file is invalid.
@@ -140,28 +150,28 @@ class LocalPredictor(ThreadedPredictor):
         model = build_model(specs[name])
         model.load()
         model.mark_ready()
-        return cls(model, concurrency)
+        return cls(model, concurrency, specs[name].max_batch_size)
 
-    def _predict(self, arrays: list[Any]) -> list[Prediction]:
-        with self._lock:
-            return self.model.predict_batch(arrays)
-
-    def predict(self, images: Sequence[LoadedImage]) -> list[Prediction | Exception]:
+    def _forward(self, images: Sequence[LoadedImage]) -> list[Prediction | Exception]:
         arrays = [img.array for img in images]
         try:
-            return list(self._predict(arrays))
+            with self._lock:
+                return list(self.model.predict_batch(arrays))
         except Exception as e:
             if len(arrays) == 1:
                 logger.warning("%s: model failed: %s", images[0].item.path, e)
                 return [e]
             logger.warning("a batch of %d failed (%s); retrying image by image", len(arrays), e)
         results: list[Prediction | Exception] = []
-        for array, img in zip(arrays, images, strict=True):
-            try:
-                results.append(self._predict([array])[0])
-            except Exception as e:
-                logger.warning("%s: model failed: %s", img.item.path, e)
-                results.append(e)
+        for img in images:
+            results.extend(self._forward([img]))
+        return results
+
+    def predict(self, images: Sequence[LoadedImage]) -> list[Prediction | Exception]:
+        step = self.max_batch_size or max(1, len(images))
+        results: list[Prediction | Exception] = []
+        for start in range(0, len(images), step):
+            results.extend(self._forward(images[start : start + step]))
         return results
 
 

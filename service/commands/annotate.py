@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+DEFAULT_BATCH_SIZE = 8
 HELP = "annotate folders, globs, path lists or a COCO image list; writes COCO results (resumable)"
 
 
@@ -21,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="model repository YAML (default: the demo repository)")
     parser.add_argument("--image-root", help="folder the COCO json's file_name values are relative to")
     parser.add_argument(
-        "--batch-size", type=int, help="images per batch (default: the model's max_batch_size)"
+        "--batch-size",
+        type=int,
+        help=f"images per journal write and per Ray actor call (default {DEFAULT_BATCH_SIZE}); "
+        "a forward pass takes at most the model's max_batch_size",
     )
     parser.add_argument("--overlays", metavar="DIR", help="also write images with the predictions drawn")
     parser.add_argument("--labels-dir", help="semantic label PNGs (default: <out stem>.labels/)")
@@ -92,12 +96,12 @@ def _server_predictor(args: argparse.Namespace) -> Any:
 
 
 def _predictor(args: argparse.Namespace) -> tuple[Any, int]:
-    """The predictor for the arguments and its default batch size."""
+    """The predictor for the arguments and the default annotation batch size."""
     from service.annotation.predictors import LocalPredictor
     from service.cli import CLIError
 
     if args.server:
-        return _server_predictor(args), 8
+        return _server_predictor(args), DEFAULT_BATCH_SIZE
     spec = _spec(args)
     if args.engine == "ray":
         from service.ray_annotate import RayPredictor, RayUnavailableError
@@ -110,7 +114,7 @@ def _predictor(args: argparse.Namespace) -> tuple[Any, int]:
             raise CLIError(str(e)) from None
         except (ConnectionError, RuntimeError, ValueError) as e:  # unreachable cluster, bad address
             raise CLIError(f"--engine ray: {e}") from None
-        return predictor, max(spec.max_batch_size, 8)
+        return predictor, DEFAULT_BATCH_SIZE
     from models.registry import build_model
 
     try:
@@ -121,7 +125,7 @@ def _predictor(args: argparse.Namespace) -> tuple[Any, int]:
     except Exception as e:  # weights missing or unreadable, bad config: name the model
         raise CLIError(f"model {spec.name!r} failed to load: {e}") from None
     model.mark_ready()
-    return LocalPredictor(model, concurrency=args.concurrency or 2), spec.max_batch_size
+    return LocalPredictor(model, args.concurrency or 2, spec.max_batch_size), DEFAULT_BATCH_SIZE
 
 
 def run(args: argparse.Namespace) -> int:

@@ -228,3 +228,11 @@ def test_a_model_failing_on_every_image_stops_the_run(tmp_path: Path) -> None:
     ):
         annotate(job, _predictor(fail_forward_on_red=True))
     assert not (tmp_path / "r.json").exists()
+
+
+def test_forward_passes_never_exceed_the_models_max_batch_size(tmp_path: Path) -> None:
+    _write_images(tmp_path / "in", 7)
+    model = build_fake(ModelSpec(name="m", task=Task.INSTANCE, config="-"))
+    job = AnnotateJob(inputs=(str(tmp_path / "in"),), out=str(tmp_path / "r.json"), batch_size=5)
+    annotate(job, LocalPredictor(model, max_batch_size=2))
+    assert sorted(model.batch_sizes) == [1, 2, 2, 2]  # batches of 5 and 2 -> passes of 2, 2, 1 and 2
