@@ -212,7 +212,8 @@ def parse_ground_truth(source: str | os.PathLike[str] | dict[str, Any]) -> Groun
     image_ids, image_index, heights, widths, names = _parse_images(_section(data, "images", name), name)
     cat_ids, cat_index, cat_names = _parse_categories(_section(data, "categories", name), name)
     anns = _section(data, "annotations", name)
-    img, cat, area, crowd, boxes, seen = [], [], [], [], [], set()
+    img, cat, area, crowd, boxes = [], [], [], [], []
+    seen: set[int] = set()
     for i, a in enumerate(anns):
         _check_annotation(a, f"{name}: annotations[{i}]", image_index, cat_index, seen)
         img.append(image_index[a["image_id"]])

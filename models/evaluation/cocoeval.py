@@ -166,6 +166,17 @@ def _pairs(dkey: np.ndarray, gkey: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return pd, pg, groups.astype(np.int64)
 
 
+@dataclass(frozen=True)
+class _PairSet:
+    """(detection, ground truth) pairs with their IoU, indexed for rank-by-rank matching."""
+
+    pd: np.ndarray  # detection position (sorted detection order)
+    pg: np.ndarray  # ground-truth position (sorted ground-truth order)
+    ious: np.ndarray
+    by_rank: np.ndarray  # pair indices ordered by detection rank (stable)
+    rank_starts: np.ndarray  # start of each rank in ``by_rank``
+
+
 def _match(
     params: EvalParams,
     num_cats: int,
@@ -176,39 +187,25 @@ def _match(
     dorder, dkey, rank = _group_detections(params, num_cats, dt)
     gkey_raw = gt["img"].astype(np.int64) * num_cats + gt["cat"]
     gorder = np.argsort(gkey_raw, kind="stable")
-    gkey = gkey_raw[gorder]
-    pd, pg, groups = _pairs(dkey, gkey)
-    ious = pair_iou(dorder[pd], gorder[pg], groups) if len(pd) else np.zeros(0)
-
-    thr = np.minimum(params.iou_thrs, 1 - 1e-10)[:, None]
-    crowd = gt["crowd"][gorder]
-    d_area = dt["area"][dorder]
-    g_area = gt["area"][gorder]
-    n_a, n_t, n_d = len(params.area_rngs), len(thr), len(dorder)
+    pd, pg, groups = _pairs(dkey, gkey_raw[gorder])
+    by_rank = np.argsort(rank[pd], kind="stable")
+    pairs = _PairSet(
+        pd,
+        pg,
+        pair_iou(dorder[pd], gorder[pg], groups) if len(pd) else np.zeros(0),
+        by_rank,
+        np.searchsorted(rank[pd][by_rank], np.arange(params.max_dets[-1] + 1)),
+    )
+    d_area, g_area = dt["area"][dorder], gt["area"][gorder]
+    n_a, n_t, n_d = len(params.area_rngs), len(params.iou_thrs), len(dorder)
     matched = np.zeros((n_a, n_t, n_d), bool)
     ignored = np.zeros((n_a, n_t, n_d), bool)
     npig = np.zeros((num_cats, n_a), np.int64)
-    # Pairs processed rank by rank: one detection per group per step, so no conflicts.
-    by_rank = np.argsort(rank[pd], kind="stable")
-    rank_starts = np.searchsorted(rank[pd][by_rank], np.arange(params.max_dets[-1] + 1))
     for a, (lo, hi) in enumerate(params.area_rngs):
         g_ig = gt["ignore"][gorder] | (g_area < lo) | (g_area > hi)
         npig[:, a] = np.bincount(gt["cat"][gorder][~g_ig], minlength=num_cats)
-        taken = np.zeros((n_t, len(gorder)), bool)
-        for r in range(params.max_dets[-1]):
-            sel = by_rank[rank_starts[r] : rank_starts[r + 1]]
-            if len(sel) == 0:
-                break
-            best = _best_gt(sel, pd, pg, ious, thr, taken, crowd, g_ig)
-            hit = best >= 0
-            t_idx, p_idx = np.nonzero(hit)
-            gi = pg[sel[best[t_idx, p_idx]]] if len(t_idx) else np.zeros(0, np.int64)
-            di = pd[sel[best[t_idx, p_idx]]] if len(t_idx) else np.zeros(0, np.int64)
-            taken[t_idx, gi] = True
-            matched[a, t_idx, di] = True
-            ignored[a, t_idx, di] = g_ig[gi]
-        out = (d_area < lo) | (d_area > hi)
-        ignored[a] |= ~matched[a] & out[None, :]
+        _greedy(params, pairs, gt["crowd"][gorder], g_ig, matched[a], ignored[a])
+        ignored[a] |= ~matched[a] & ((d_area < lo) | (d_area > hi))[None, :]
     cat = dt["cat"][dorder]
     # Accumulation order: category, then score (stable) over images in id order, then rank.
     acc = np.lexsort((rank, dt["img"][dorder], -dt["score"][dorder], cat))
@@ -220,6 +217,34 @@ def _match(
         ignored=ignored[:, :, acc],
         npig=npig,
     )
+
+
+def _greedy(
+    params: EvalParams,
+    pairs: _PairSet,
+    crowd: np.ndarray,
+    g_ig: np.ndarray,
+    matched: np.ndarray,
+    ignored: np.ndarray,
+) -> None:
+    """pycocotools' greedy matching for one area range, filling ``(T, N)`` ``matched`` / ``ignored``.
+
+    Pairs go rank by rank: each step holds one detection per (image, category), so the
+    detections of a step never compete for a ground truth and can be matched together.
+    """
+    thr = np.minimum(params.iou_thrs, 1 - 1e-10)[:, None]
+    taken = np.zeros((len(thr), len(crowd)), bool)
+    for r in range(params.max_dets[-1]):
+        sel = pairs.by_rank[pairs.rank_starts[r] : pairs.rank_starts[r + 1]]
+        if len(sel) == 0:
+            break
+        best = _best_gt(sel, pairs.pd, pairs.pg, pairs.ious, thr, taken, crowd, g_ig)
+        t_idx, p_idx = np.nonzero(best >= 0)
+        chosen = sel[best[t_idx, p_idx]]
+        gi, di = pairs.pg[chosen], pairs.pd[chosen]
+        taken[t_idx, gi] = True
+        matched[t_idx, di] = True
+        ignored[t_idx, di] = g_ig[gi]
 
 
 def _best_gt(
