@@ -9,6 +9,7 @@ Data comes either as folders of images and same-stem uint8 label PNGs
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -113,13 +114,20 @@ def _register(args: argparse.Namespace, classes: list[str]) -> tuple[str, str | 
     if train is None:
         raise CLIError("training data is required: --train-images with --train-labels or --train-json")
     val = _split(args, "val")
-    try:
-        register_semantic_split("cvserve_semantic_train", *train, classes)
-        if val is not None:
-            register_semantic_split("cvserve_semantic_val", *val, classes)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    return "cvserve_semantic_train", "cvserve_semantic_val" if val is not None else None
+    names: list[str | None] = []
+    for which, split in (("train", train), ("val", val)):
+        if split is None:
+            names.append(None)
+            continue
+        # Catalog names are process-global; one per distinct split keeps repeated runs apart.
+        key = hashlib.sha1(repr((*map(str, split), classes)).encode()).hexdigest()[:10]
+        names.append(f"cvserve_semantic_{which}_{key}")
+        try:
+            register_semantic_split(names[-1], *split, classes)
+        except ValueError as e:
+            raise CLIError(f"--{which}-images/--{which}-labels: {e}") from None
+    assert names[0] is not None
+    return names[0], names[1]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,84 @@
+"""``cvserve demo``: build the demo model repository, or show the figures of the one built."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+from typing import Any
+
+HELP = "build the demo model repository (synthetic data, trained models, test figures) or show its status"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="demo_command", metavar="ACTION", required=True)
+    build = sub.add_parser(
+        "build", help="train and evaluate the demo models (about 10 minutes on 2 CPU cores)"
+    )
+    build.add_argument("--out", type=Path, help="repository directory (default: the demo repository)")
+    build.add_argument("--force", action="store_true", help="rebuild even if the repository exists")
+    build.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
+    status = sub.add_parser("status", help="print the test-split figures of the built demo repository")
+    status.add_argument("--out", type=Path, help="repository directory (default: the demo repository)")
+
+
+def _directory(out: Path | None) -> Path:
+    from models.repository import default_repository_path
+
+    return out if out is not None else default_repository_path().parent
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _status(directory: Path) -> int:
+    from models.demo import read_report
+    from service.cli import CLIError
+
+    try:
+        report = read_report(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    inst, sem = report.get("instance", {}), report.get("semantic", {})
+    data = report.get("dataset", {})
+    env = report.get("environment", {})
+    print(f"repository   {directory}")
+    print(f"dataset      seed {data.get('seed')}, {data.get('images')} at {data.get('image_size')} px")
+    test = inst.get("test", {})
+    print(
+        f"instance     bbox AP {_fmt(test.get('bbox/AP'))}  segm AP {_fmt(test.get('segm/AP'))}  "
+        f"({inst.get('stored_precision')}, {_fmt(inst.get('checkpoint_mib'))} MiB)"
+    )
+    print(
+        f"semantic     mIoU {_fmt(sem.get('test', {}).get('sem_seg/mIoU'))}  "
+        f"({sem.get('stored_precision')}, {_fmt(sem.get('checkpoint_mib'))} MiB)"
+    )
+    print(f"transfer     {sem.get('transfer', 'n/a')}")
+    print(
+        f"built in     {_fmt(report.get('build_seconds'))} s on {env.get('device')} "
+        f"(load average {env.get('load_average_start')} -> {env.get('load_average_end')})"
+    )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.cli import CLIError
+
+    directory = _directory(args.out)
+    if args.demo_command == "status":
+        return _status(directory)
+    from models.demo import build_demo_repository
+
+    if (directory / "models.yaml").is_file() and not args.force:
+        print(f"{directory / 'models.yaml'} exists; use --force to rebuild")
+        return 0
+    try:
+        progress = functools.partial(print, flush=True)
+        path = build_demo_repository(
+            directory, seed=args.seed, progress=progress, force=args.force or directory.exists()
+        )
+    except FileExistsError as e:
+        raise CLIError(str(e)) from None
+    print(path)
+    return _status(directory)
