@@ -324,7 +324,8 @@ def train(
                 "lr": lr,
                 **_train_step(model, next(data), optimizer, scaler, options, use_amp),
             }
-            scheduler.step()
+            if iteration < options.max_iter:  # fvcore schedules are undefined past the end
+                scheduler.step()
             history.add(row)
             log.step(row)
             if val_dataset and (iteration % options.eval_period == 0 or iteration == options.max_iter):

@@ -42,8 +42,9 @@ def _multiplier(options: TrainOptions) -> ParamScheduler:
         return ConstantParamScheduler(1.0)
     if options.lr_schedule == "cosine":
         return CosineParamScheduler(1.0, 0.0)
-    steps = sorted(options.lr_steps) or [int(options.max_iter * 2 / 3), int(options.max_iter * 8 / 9)]
-    steps = [s for s in steps if 0 < s < options.max_iter]
+    steps = list(options.lr_steps) or [int(options.max_iter * 2 / 3), int(options.max_iter * 8 / 9)]
+    # fvcore needs strictly increasing milestones inside (0, max_iter); short runs collapse them.
+    steps = sorted({s for s in steps if 0 < s < options.max_iter})
     return MultiStepParamScheduler(
         values=[0.1**k for k in range(len(steps) + 1)], milestones=steps, num_updates=options.max_iter
     )
