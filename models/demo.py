@@ -239,11 +239,15 @@ def _finalize(
 def _write_repository_file(root: Path) -> None:
     common = {"device": "auto", "precision": "fp32", "max_batch_size": 4, "max_wait_ms": 5.0}
     entries = [
-        {"name": INSTANCE_NAME, "task": "instance", "config": "instance/config.yaml", **common},
-        {"name": SEMANTIC_NAME, "task": "semantic", "config": "semantic/config.yaml", **common},
+        {
+            "name": name,
+            "task": part,
+            "config": f"{part}/config.yaml",
+            "weights": f"{part}/model.pth",
+            **common,
+        }
+        for name, part in ((INSTANCE_NAME, "instance"), (SEMANTIC_NAME, "semantic"))
     ]
-    for e in entries:
-        e["weights"] = str(Path(e["config"]).with_name("model.pth"))
     text = "# Built by `cvserve demo build`; see report.json for test-split figures.\n"
     (root / "models.yaml").write_text(text + yaml.safe_dump({"models": entries}, sort_keys=False))
 

@@ -121,9 +121,10 @@ def _register(args: argparse.Namespace, classes: list[str]) -> tuple[str, str | 
             continue
         # Catalog names are process-global; one per distinct split keeps repeated runs apart.
         key = hashlib.sha1(repr((*map(str, split), classes)).encode()).hexdigest()[:10]
-        names.append(f"cvserve_semantic_{which}_{key}")
+        name = f"cvserve_semantic_{which}_{key}"
+        names.append(name)
         try:
-            register_semantic_split(names[-1], *split, classes)
+            register_semantic_split(name, *split, classes)
         except ValueError as e:
             raise CLIError(f"--{which}-images/--{which}-labels: {e}") from None
     assert names[0] is not None

@@ -1,0 +1,41 @@
+"""``cvserve demo status`` and ``build`` argument handling through the real command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.cli import main
+
+REPORT = {
+    "dataset": {"seed": 0, "image_size": 256, "images": {"train": 400, "val": 50, "test": 100}},
+    "instance": {"test": {"bbox/AP": 81.234, "segm/AP": 88.5}, "stored_precision": "fp16", "checkpoint_mib": 24.1},
+    "semantic": {"test": {"sem_seg/mIoU": 90.12}, "stored_precision": "fp16", "checkpoint_mib": 22.7,
+                 "transfer": "loaded 136/136 encoder tensors"},
+    "environment": {"device": "cpu", "load_average_start": [1.0], "load_average_end": [2.0]},
+    "build_seconds": 600.0,
+}  # fmt: skip
+
+
+def test_status_prints_report_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "report.json").write_text(json.dumps(REPORT))
+    assert main(["demo", "status", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "bbox AP 81.23" in out and "segm AP 88.50" in out
+    assert "mIoU 90.12" in out
+    assert "136/136" in out
+    assert "600.00 s" in out
+
+
+def test_status_without_repository_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "status", "--out", str(tmp_path)]) == 2
+    assert "report.json" in capsys.readouterr().err
+
+
+def test_build_keeps_existing_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "models.yaml").write_text("models: []\n")
+    assert main(["demo", "build", "--out", str(tmp_path)]) == 0
+    assert "--force" in capsys.readouterr().out
+    assert (tmp_path / "models.yaml").read_text() == "models: []\n"
