@@ -32,7 +32,9 @@ def _instances_from(results: list[dict], image: dict):  # type: ignore[no-untype
     inst.scores = torch.tensor([r["score"] for r in mine], dtype=torch.float32)
     inst.pred_classes = torch.tensor([CAT_INDEX[r["category_id"]] for r in mine], dtype=torch.int64)
     masks = [mask_util.decode(r["segmentation"]) for r in mine]
-    inst.pred_masks = torch.from_numpy(np.stack(masks).astype(bool) if masks else np.zeros((0, image["height"], image["width"]), bool))
+    inst.pred_masks = torch.from_numpy(
+        np.stack(masks).astype(bool) if masks else np.zeros((0, image["height"], image["width"]), bool)
+    )
     return inst
 
 
@@ -44,7 +46,10 @@ def test_coco_evaluator_with_detectron2_instances() -> None:
     CAT_INDEX.update({c["id"]: i for i, c in enumerate(sorted(gt["categories"], key=lambda c: c["id"]))})
     # detectron2 keeps boxes and scores in float32: the reference gets the same values.
     for r in results:
-        r["bbox"] = [float(v) for v in np.float32(r["bbox"][:2] + [r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]])]
+        r["bbox"] = [
+            float(v)
+            for v in np.float32([*r["bbox"][:2], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]])
+        ]
         r["bbox"][2:] = [r["bbox"][2] - r["bbox"][0], r["bbox"][3] - r["bbox"][1]]
         r["score"] = float(np.float32(r["score"]))
     loader = [[{"image_id": im["id"]}] for im in gt["images"]]
@@ -67,7 +72,9 @@ def test_coco_evaluator_with_predictions_and_class_names() -> None:
     gt = {
         "images": [{"id": 1, "height": 20, "width": 20}],
         "categories": [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 2, 10, 10], "area": 100, "iscrowd": 0}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 2, 10, 10], "area": 100, "iscrowd": 0}
+        ],
     }
     m = np.zeros((20, 20), np.uint8)
     m[2:12, 2:12] = 1

@@ -24,13 +24,17 @@ def _dataset(tmp_path: Path, seed: int, n: int = 4) -> tuple[list[np.ndarray], l
         h, w = int(rng.integers(20, 40)), int(rng.integers(20, 40))
         gt = rng.integers(0, 4, (h, w)).astype(np.uint8)  # class 4 never in the ground truth...
         gt[rng.random((h, w)) < 0.1] = 255  # ...and some pixels ignored
-        pred = np.where(rng.random((h, w)) < 0.6, np.minimum(gt, 4), rng.integers(0, 5, (h, w))).astype(np.int64)
+        pred = np.where(rng.random((h, w)) < 0.6, np.minimum(gt, 4), rng.integers(0, 5, (h, w))).astype(
+            np.int64
+        )
         pred[0, 0] = 4  # ...but predicted: detectron2 counts it in the mIoU denominator
         label_path = tmp_path / f"{i}.png"
         Image.fromarray(gt).save(label_path)
         preds.append(pred)
         labels.append(gt)
-        records.append({"file_name": f"img{i}.jpg", "sem_seg_file_name": str(label_path), "height": h, "width": w})
+        records.append(
+            {"file_name": f"img{i}.jpg", "sem_seg_file_name": str(label_path), "height": h, "width": w}
+        )
     return preds, labels, records
 
 
