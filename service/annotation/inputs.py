@@ -54,7 +54,7 @@ def _is_image(path: str) -> bool:
 
 
 def _walk(folder: str) -> list[str]:
-    found = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f) and not f.startswith("."))
