@@ -114,7 +114,7 @@ def run_engine(
         return annotate(job, predictor, progress=False), predictor.steady_rate()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -127,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-actors", type=int, default=2, help="Ray actors")
     parser.add_argument("--real", action="store_true", help="also time the tiny Mask R-CNN (random weights)")
     parser.add_argument("--fake-ms", type=float, default=0.0, help="simulated compute per image, fake model")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    return parser.parse_args(argv)
 
-    tmp = Path(tempfile.mkdtemp(prefix="annotate-bench-"))
+
+def prepare(tmp: Path, args: argparse.Namespace) -> list[ModelSpec]:
+    """Write the repository and one image folder per model (hard links to one image set)."""
     args.repo = str(tmp / "models.yaml")
     specs = write_repository(Path(args.repo), args.real, args.fake_ms)
     make_images(tmp / "images", max(args.images, args.real_images), args.size)
@@ -140,21 +140,34 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / spec.name).mkdir()
         for i in range(counts[spec.name]):
             os.link(tmp / "images" / f"{i:05d}.jpg", tmp / spec.name / f"{i:05d}.jpg")
+    return specs
 
+
+def start_backends(engines: list[str], specs: list[ModelSpec]) -> Any:
+    """Start the server (returned) and Ray, as the engines need."""
     server = None
+    if "ray" in engines:  # first: Ray's start-up times out on a machine busy with a server
+        from service.ray_annotate import import_ray
+
+        ray = import_ray()
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if "server" in engines:
         from service.config import ServerConfig
         from service.server import ServerThread
 
         server = ServerThread(ServerConfig(port=0, metrics_port=None, worker_threads=2), specs)
         server.start(wait_loaded=True)
-    if "ray" in engines:
-        from service.ray_annotate import import_ray
+    return server
 
-        ray = import_ray()
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    tmp = Path(tempfile.mkdtemp(prefix="annotate-bench-"))
+    specs = prepare(tmp, args)
+    server = start_backends(engines, specs)
     print(f"{'model':<15} {'engine':<7} {'images':>6} {'seconds':>8} {'images/s':>9} {'steady/s':>9}")
     try:
         for spec in specs:
@@ -167,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{spec.name:<15} {engine:<7} failed: {str(e).splitlines()[0][:120]}", flush=True)
                     continue
                 row = f"{spec.name:<15} {engine:<7} {s.done:>6} {s.elapsed_s:>8.2f} {s.images_per_s:>9.1f}"
-                row += f" {steady:>9.1f}"
-                print(row + (f"  ({s.failed} failed)" if s.failed else ""), flush=True)
+                print(f"{row} {steady:>9.1f}" + (f"  ({s.failed} failed)" if s.failed else ""), flush=True)
     finally:
         if server is not None:
             server.stop()
