@@ -236,3 +236,19 @@ def test_forward_passes_never_exceed_the_models_max_batch_size(tmp_path: Path) -
     job = AnnotateJob(inputs=(str(tmp_path / "in"),), out=str(tmp_path / "r.json"), batch_size=5)
     annotate(job, LocalPredictor(model, max_batch_size=2))
     assert sorted(model.batch_sizes) == [1, 2, 2, 2]  # batches of 5 and 2 -> passes of 2, 2, 1 and 2
+
+
+def test_progress_bar_goes_to_stderr_only_when_asked_or_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _write_images(tmp_path / "in", 5)
+    (tmp_path / "in" / "bad.png").write_bytes(b"nope")
+    job = AnnotateJob(inputs=(str(tmp_path / "in"),), out=str(tmp_path / "r.json"), batch_size=2)
+    annotate(job, _predictor(), progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "annotate: 100%" in captured.err and "6/6" in captured.err and "img/s" in captured.err
+    assert "failed=1" in captured.err
+    restarted = AnnotateJob(inputs=job.inputs, out=job.out, restart=True)
+    annotate(restarted, _predictor())  # default: only on a terminal, and captured stderr is not one
+    assert capsys.readouterr().err == ""
