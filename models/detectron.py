@@ -187,8 +187,10 @@ class DetectronModel(VisionModel):
         with contextlib.suppress(AttributeError, IndexError, KeyError, TypeError):
             resize = cfg.dataloader.test.mapper.augmentations[0]
             min_size, max_size = int(resize.short_edge_length), int(resize.max_size)
-        num_classes = getattr(getattr(model, "roi_heads", None), "num_classes", None)
-        return model, min_size, max_size, int(num_classes or getattr(model, "num_classes", 0))
+        num_classes: Any = getattr(getattr(model, "roi_heads", None), "num_classes", None) or getattr(
+            model, "num_classes", 0
+        )
+        return model, min_size, max_size, int(num_classes)
 
     def _apply_module_options(self, model: torch.nn.Module) -> None:
         for option, attrs in _MODULE_ATTRS.items():
@@ -249,13 +251,14 @@ class DetectronModel(VisionModel):
             raise RuntimeError(f"model {self.name!r} is not loaded")
         batch = [{"image": x.image, "height": x.height, "width": x.width} for x in inputs]
         amp = torch.autocast("cuda", dtype=self._amp_dtype) if self._amp_dtype else contextlib.nullcontext()
-        two_stage = isinstance(self._model, GeneralizedRCNN)
+        model = self._model
+        two_stage = isinstance(model, GeneralizedRCNN)
         with torch.inference_mode(), amp:
-            if two_stage:
+            if isinstance(model, GeneralizedRCNN):
                 # Mask pasting and encoding are left to postprocess, off the model thread.
-                results = self._model.inference(batch, do_postprocess=False)
+                results = model.inference(batch, do_postprocess=False)
             else:  # one-stage detectors (boxes only) rescale inside forward; that part is cheap
-                results = [r["instances"] for r in self._model(batch)]
+                results = [r["instances"] for r in model(batch)]
         # Outside inference mode: the copies are ordinary tensors postprocess may modify.
         return [_Raw(_to_cpu(r), two_stage) for r in results]
 

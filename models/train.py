@@ -18,9 +18,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +45,13 @@ from detectron2.utils.events import EventStorage
 from models.checkpoint import save_checkpoint
 from models.data.augment import build_augmentations
 from models.training.history import MetricsHistory, flatten_results
+from models.training.monitor import ProgressLog, Selection
 from models.training.options import TrainOptions, add_train_options, options_from_args, resolve_device
 from models.training.solver import build_lr_scheduler, build_optimizer, l1_penalty
 
 __all__ = ["TrainOptions", "TrainResult", "add_train_options", "options_from_args", "train"]
 
 logger = logging.getLogger(__name__)
-
-_DEFAULT_METRICS = ("segm/AP", "bbox/AP", "sem_seg/mIoU")
 
 
 @dataclass(frozen=True)
@@ -140,67 +138,6 @@ def evaluate(cfg: CfgNode, model: torch.nn.Module, dataset: str) -> dict[str, fl
     return flatten_results(dict(results or {}))
 
 
-@dataclass
-class _Selection:
-    """Best-checkpoint selection and early stopping."""
-
-    metric: str
-    patience: int
-    best: float | None = None
-    stale: int = 0
-
-    def update(self, metrics: dict[str, float]) -> bool:
-        """Record an evaluation; True if it is the best so far."""
-        if not self.metric:
-            self.metric = next((m for m in _DEFAULT_METRICS if m in metrics), "")
-        if self.metric not in metrics:
-            raise ValueError(
-                f"early-stop metric {self.metric!r} is not reported by the evaluator; "
-                f"available: {', '.join(sorted(metrics))}"
-            )
-        value = metrics[self.metric]
-        if self.best is None or value > self.best:
-            self.best, self.stale = value, 0
-            return True
-        self.stale += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.stale >= self.patience
-
-
-class _ProgressLog:
-    def __init__(self, max_iter: int, period: int, level: int) -> None:
-        self.max_iter, self.period, self.level = max_iter, period, level
-        self.start = self.window_start = time.perf_counter()
-        self.window: list[dict[str, Any]] = []
-
-    def step(self, row: dict[str, Any]) -> None:
-        self.window.append(row)
-        it = row["iteration"]
-        if it % self.period and it != self.max_iter:
-            return
-        now = time.perf_counter()
-        speed = len(self.window) / max(now - self.window_start, 1e-9)
-        eta = timedelta(seconds=int((self.max_iter - it) / max(speed, 1e-9)))
-        keys = [k for k in row if k.startswith("loss") or k == "l1_loss"]
-        parts = " ".join(f"{k} {sum(r[k] for r in self.window) / len(self.window):.3f}" for k in keys)
-        avg = sum(r["total_loss"] for r in self.window) / len(self.window)
-        logger.log(
-            self.level,
-            "iter %d/%d  total_loss %.3f (%s)  lr %.2e  %.2f it/s  ETA %s",
-            it,
-            self.max_iter,
-            avg,
-            parts,
-            row["lr"],
-            speed,
-            eta,
-        )
-        self.window, self.window_start = [], now
-
-
 def _train_step(
     model: torch.nn.Module,
     batch: list[dict[str, Any]],
@@ -272,97 +209,114 @@ def train(
         _dataset_classes(val_dataset)
     (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
     seed_all_rng(options.seed)
-    model = build_model(cfg)
-    if init_weights:
-        DetectionCheckpointer(model).load(init_weights)
-    _, class_names = _dataset_classes(train_dataset)
-    optimizer = build_optimizer(model, options)
-    scheduler = build_lr_scheduler(optimizer, options)
-    mapper = DatasetMapper(
+    return _Trainer(cfg, options, train_dataset, val_dataset, out, init_weights, progress).run()
+
+
+def _train_loader(cfg: CfgNode, options: TrainOptions) -> Iterator[list[dict[str, Any]]]:
+    augmentations = build_augmentations(
         cfg,
-        is_train=True,
-        augmentations=build_augmentations(
+        hflip=options.hflip,
+        vflip=options.vflip,
+        scale_jitter=options.scale_jitter,
+        crop=options.crop,
+        rotation=options.rotation,
+        color_jitter=options.color_jitter,
+        noise_std=options.noise_std,
+    )
+    # Crops and rotations make the annotated boxes loose: derive them again from the masks.
+    recompute_boxes = bool(cfg.MODEL.MASK_ON and (options.crop or options.rotation))
+    mapper = DatasetMapper(cfg, is_train=True, augmentations=augmentations, recompute_boxes=recompute_boxes)
+    return iter(build_detection_train_loader(cfg, mapper=mapper))  # an infinite sampler
+
+
+class _Trainer:
+    """State of one run; ``train`` is its public face."""
+
+    def __init__(
+        self,
+        cfg: CfgNode,
+        options: TrainOptions,
+        train_dataset: str,
+        val_dataset: str | None,
+        out: Path,
+        init_weights: str | None,
+        progress: bool,
+    ) -> None:
+        self.cfg, self.options, self.train_dataset, self.val_dataset = (
             cfg,
-            hflip=options.hflip,
-            vflip=options.vflip,
-            scale_jitter=options.scale_jitter,
-            crop=options.crop,
-            rotation=options.rotation,
-            color_jitter=options.color_jitter,
-            noise_std=options.noise_std,
-        ),
-        recompute_boxes=bool(cfg.MODEL.MASK_ON and (options.crop or options.rotation)),
-    )
-    data = iter(build_detection_train_loader(cfg, mapper=mapper))  # an infinite sampler
-    use_amp = cfg.MODEL.DEVICE.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history = MetricsHistory(out)
-    selection = _Selection(options.early_stop_metric, options.early_stop_patience)
-    best_path, last_path = out / "model_best.pth", out / "model_final.pth"
-    log = _ProgressLog(options.max_iter, options.log_period, logging.INFO if progress else logging.DEBUG)
+            options,
+            train_dataset,
+            val_dataset,
+        )
+        self.model = build_model(cfg)
+        if init_weights:
+            DetectionCheckpointer(self.model).load(init_weights)
+        self.class_names = _dataset_classes(train_dataset)[1]
+        self.optimizer = build_optimizer(self.model, options)
+        self.scheduler = build_lr_scheduler(self.optimizer, options)
+        self.data = _train_loader(cfg, options)
+        self.use_amp = cfg.MODEL.DEVICE.startswith("cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.history = MetricsHistory(out)
+        self.selection = Selection(options.early_stop_metric, options.early_stop_patience)
+        self.best_path, self.last_path = out / "model_best.pth", out / "model_final.pth"
+        self.log = ProgressLog(
+            options.max_iter, options.log_period, logging.INFO if progress else logging.DEBUG
+        )
 
-    def checkpoint(path: Path, iteration: int) -> None:
-        extra = {"class_names": class_names, "iteration": iteration, "config": cfg.dump()}
-        save_checkpoint(model, path, extra=extra)
-
-    logger.info(
-        "training %s on %s for %d iterations on %s",
-        cfg.MODEL.META_ARCHITECTURE,
-        train_dataset,
-        options.max_iter,
-        cfg.MODEL.DEVICE,
-    )
-    model.train()
-    iteration = 0
-    # detectron2 models log to the current EventStorage while training.
-    with EventStorage(0) as storage:
-        for iteration in range(1, options.max_iter + 1):
-            storage.iter = iteration
-            lr = optimizer.param_groups[0]["lr"]
-            row = {
-                "iteration": iteration,
-                "lr": lr,
-                **_train_step(model, next(data), optimizer, scaler, options, use_amp),
-            }
-            if iteration < options.max_iter:  # fvcore schedules are undefined past the end
-                scheduler.step()
-            history.add(row)
-            log.step(row)
-            if val_dataset and (iteration % options.eval_period == 0 or iteration == options.max_iter):
-                metrics = evaluate(cfg, model, val_dataset)
-                history.add({"iteration": iteration, **{f"val/{k}": v for k, v in metrics.items()}})
-                if selection.update(metrics):
-                    checkpoint(best_path, iteration)
-                logger.info(
-                    "iter %d: %s = %.2f (best %.2f)",
-                    iteration,
-                    selection.metric,
-                    metrics[selection.metric],
-                    selection.best,
-                )
-                checkpoint(last_path, iteration)
-                history.write(_summary(selection, iteration), selection.metric)
-                if selection.should_stop:
-                    logger.info(
-                        "early stop: no improvement of %s in %d evaluations",
-                        selection.metric,
-                        selection.stale,
-                    )
+    def run(self) -> TrainResult:
+        cfg, options = self.cfg, self.options
+        logger.info(
+            "training %s on %s for %d iterations on %s",
+            cfg.MODEL.META_ARCHITECTURE, self.train_dataset, options.max_iter, cfg.MODEL.DEVICE,
+        )  # fmt: skip
+        self.model.train()
+        iteration = 0
+        with EventStorage(0) as storage:  # detectron2 models log to it while training
+            for iteration in range(1, options.max_iter + 1):
+                storage.iter = iteration
+                self._step(iteration)
+                due = iteration % options.eval_period == 0 or iteration == options.max_iter
+                if self.val_dataset and due and self._evaluate(iteration):
                     break
-    checkpoint(last_path, iteration)
-    if not val_dataset:
-        best_path = last_path
-    history.write(_summary(selection, iteration), selection.metric)
-    return TrainResult(
-        best_path,
-        last_path,
-        selection.best,
-        history.csv_path,
-        history.json_path,
-        history.plot_path,
-        history.rows,
-    )
+        self._checkpoint(self.last_path, iteration)
+        self.history.write(self._summary(iteration), self.selection.metric)
+        best = self.best_path if self.val_dataset else self.last_path
+        h = self.history
+        return TrainResult(
+            best, self.last_path, self.selection.best, h.csv_path, h.json_path, h.plot_path, h.rows
+        )
 
+    def _step(self, iteration: int) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        losses = _train_step(
+            self.model, next(self.data), self.optimizer, self.scaler, self.options, self.use_amp
+        )
+        if iteration < self.options.max_iter:  # fvcore schedules are undefined past the end
+            self.scheduler.step()
+        row = {"iteration": iteration, "lr": lr, **losses}
+        self.history.add(row)
+        self.log.step(row)
 
-def _summary(selection: _Selection, iteration: int) -> dict[str, Any]:
-    return {"iterations": iteration, "metric": selection.metric, "best_metric": selection.best}
+    def _evaluate(self, iteration: int) -> bool:
+        """Evaluate, keep the best weights, write the metrics; True to stop early."""
+        assert self.val_dataset is not None
+        metrics = evaluate(self.cfg, self.model, self.val_dataset)
+        self.history.add({"iteration": iteration, **{f"val/{k}": v for k, v in metrics.items()}})
+        sel = self.selection
+        if sel.update(metrics):
+            self._checkpoint(self.best_path, iteration)
+        logger.info("iter %d: %s = %.2f (best %.2f)", iteration, sel.metric, metrics[sel.metric], sel.best)
+        self._checkpoint(self.last_path, iteration)
+        self.history.write(self._summary(iteration), sel.metric)
+        if sel.should_stop:
+            logger.info("early stop: no improvement of %s in %d evaluations", sel.metric, sel.stale)
+        return sel.should_stop
+
+    def _checkpoint(self, path: Path, iteration: int) -> None:
+        extra = {"class_names": self.class_names, "iteration": iteration, "config": self.cfg.dump()}
+        save_checkpoint(self.model, path, extra=extra)
+
+    def _summary(self, iteration: int) -> dict[str, Any]:
+        sel = self.selection
+        return {"iterations": iteration, "metric": sel.metric, "best_metric": sel.best}

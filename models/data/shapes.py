@@ -63,8 +63,8 @@ def draw_shape(
         angles = rot + np.array([0.0, 2 / 3, 4 / 3]) * math.pi + rng.uniform(-0.12, 0.12, 3)
         return _polygon(center, np.full(3, radius), angles, shape)
     if category == "star":
-        inner = rng.uniform(0.38, 0.5)
-        radii = np.tile([radius, radius * inner], 5)
+        ratio = float(rng.uniform(0.38, 0.5))
+        radii = np.tile([radius, radius * ratio], 5)
         return _polygon(center, radii, rot + np.arange(10) * math.pi / 5, shape)
     raise ValueError(f"unknown shape category {category!r}; expected one of {', '.join(CATEGORIES)}")
 

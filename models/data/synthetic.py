@@ -210,7 +210,8 @@ def _generate_split(
     paths = SplitPaths(root / split / "images", root / split / "instances.json", root / split / "semantic")
     paths.images.mkdir(parents=True, exist_ok=True)
     paths.semantic_labels.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for index in range(count):
         image, objects, labels = render_image(_image_rng(seed, split, index), size)
         name = f"{index:06d}.png"

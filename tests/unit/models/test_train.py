@@ -18,12 +18,12 @@ from models.data.datasets import register_coco_split, register_semantic_split
 from models.data.synthetic import CATEGORIES, SplitPaths, generate_dataset
 from models.train import (
     TrainOptions,
-    _Selection,
     add_train_options,
     options_from_args,
     train,
 )
 from models.training.history import MetricsHistory, flatten_results
+from models.training.monitor import Selection
 from models.training.solver import build_lr_scheduler, build_optimizer, l1_penalty
 
 # -- options -------------------------------------------------------------------------------------
@@ -33,7 +33,44 @@ def test_flags_round_trip_to_options() -> None:
     parser = argparse.ArgumentParser()
     add_train_options(parser)
     args = parser.parse_args(
-        ["--optimizer", "adamw", "--lr", "0.002", "--l1", "1e-6", "--dropout", "0.2", "--max-iter", "50", "--warmup-iters", "5", "--lr-schedule", "cosine", "--lr-steps", "20", "40", "--no-hflip", "--vflip", "--scale-jitter", "0.8", "1.2", "--crop", "0.9", "--rotation", "15", "--color-jitter", "0.3", "--noise-std", "6", "--early-stop-patience", "3", "--early-stop-metric", "bbox/AP", "--num-workers", "0"]
+        [
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "0.002",
+            "--l1",
+            "1e-6",
+            "--dropout",
+            "0.2",
+            "--max-iter",
+            "50",
+            "--warmup-iters",
+            "5",
+            "--lr-schedule",
+            "cosine",
+            "--lr-steps",
+            "20",
+            "40",
+            "--no-hflip",
+            "--vflip",
+            "--scale-jitter",
+            "0.8",
+            "1.2",
+            "--crop",
+            "0.9",
+            "--rotation",
+            "15",
+            "--color-jitter",
+            "0.3",
+            "--noise-std",
+            "6",
+            "--early-stop-patience",
+            "3",
+            "--early-stop-metric",
+            "bbox/AP",
+            "--num-workers",
+            "0",
+        ]
     )
     opts = options_from_args(args)
     assert opts == TrainOptions(
@@ -181,14 +218,14 @@ def test_history_writes_csv_json_plot(tmp_path: Path) -> None:
 
 
 def test_selection_keeps_best_and_stops_after_patience() -> None:
-    sel = _Selection(metric="", patience=2)
+    sel = Selection(metric="", patience=2)
     assert sel.update({"bbox/AP": 10.0, "segm/AP": 5.0}) and sel.metric == "segm/AP"
     assert sel.update({"segm/AP": 7.0}) and not sel.should_stop
     assert not sel.update({"segm/AP": 7.0}) and not sel.should_stop
     assert not sel.update({"segm/AP": 6.0}) and sel.should_stop
     assert sel.best == 7.0
     with pytest.raises(ValueError, match="'mIoU' is not reported by the evaluator; available: segm/AP"):
-        _Selection(metric="mIoU", patience=0).update({"segm/AP": 1.0})
+        Selection(metric="mIoU", patience=0).update({"segm/AP": 1.0})
 
 
 # -- real runs -----------------------------------------------------------------------------------
