@@ -9,7 +9,7 @@ Example ``models.yaml``::
         weights: instance/model_final.pth # .pth, model-zoo .pkl, or detectron2:// URL
         device: auto                      # auto | cpu | cuda | cuda:N
         precision: fp32                   # fp32 | fp16 | bf16 (fp16/bf16 autocast on CUDA)
-        max_batch_size: 4
+        max_batch_size: 4                 # or auto: measured at load time on the device
         max_wait_ms: 5
         max_queue: 64
 
@@ -29,10 +29,19 @@ import yaml
 
 from models.types import Task
 
-__all__ = ["ModelSpec", "RepositoryError", "default_repository_path", "load_repository", "parse_spec"]
+__all__ = [
+    "AUTO_BATCH_LIMIT",
+    "ModelSpec",
+    "RepositoryError",
+    "default_repository_path",
+    "load_repository",
+    "parse_spec",
+]
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 PRECISIONS = ("fp32", "fp16", "bf16")
+# ``max_batch_size: auto`` tries batch sizes up to this many images.
+AUTO_BATCH_LIMIT = 8
 _KNOWN_FIELDS = {
     "name",
     "task",
@@ -65,13 +74,16 @@ class ModelSpec:
         version: version string reported to clients.
         device: ``auto`` picks ``cuda`` when available, else ``cpu``.
         precision: compute precision on CUDA; the CPU always runs fp32.
-        max_batch_size: most images in one forward pass.
+        max_batch_size: most images in one forward pass (with ``batching: auto``, the
+            largest size the server tries at load time before it picks one).
         max_wait_ms: longest a request waits for a batch to fill.
         max_queue: most requests waiting; more are refused.
         options: model-specific settings (e.g. ``score_threshold``, ``min_size_test``).
         handler: optional ``"package.module:callable"`` building a custom
             :class:`~models.base.VisionModel` from this spec (like a TorchServe custom
             handler); empty to use the built-in builder for ``task``.
+        batching: ``fixed`` (use ``max_batch_size``) or ``auto`` (the file said
+            ``max_batch_size: auto``: the server measures which size is fastest per image).
     """
 
     name: str
@@ -86,6 +98,7 @@ class ModelSpec:
     max_queue: int = 64
     options: Mapping[str, Any] = field(default_factory=dict)
     handler: str = ""
+    batching: str = "fixed"
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -127,7 +140,8 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
         if isinstance(value, bool) or not ok_type or value < 0 or (value == 0 and not allow_zero):
             kind = "integer" if integer else "number"
             bound = ">= 0" if allow_zero else "> 0"
-            raise RepositoryError(f"{where}.{key}: must be a {kind} {bound}, got {value!r}")
+            auto = " or auto" if key == "max_batch_size" else ""
+            raise RepositoryError(f"{where}.{key}: must be a {kind} {bound}{auto}, got {value!r}")
         return value
 
     name = req_str("name")
@@ -153,6 +167,9 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
     handler = raw.get("handler", "") or ""
     if not isinstance(handler, str) or (handler and ":" not in handler):
         raise RepositoryError(f"{where}.handler: must look like 'package.module:callable', got {handler!r}")
+    batching = "auto" if raw.get("max_batch_size") == "auto" else "fixed"
+    if batching == "auto":
+        raw = {**raw, "max_batch_size": AUTO_BATCH_LIMIT}
     weights = raw.get("weights", "") or ""
     if not isinstance(weights, str):
         raise RepositoryError(f"{where}.weights: must be a string path or URL")
@@ -169,6 +186,7 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
         max_queue=pos_number("max_queue", 64, integer=True),
         options=dict(options),
         handler=handler,
+        batching=batching,
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import dataclasses
 import functools
 import logging
 import time
@@ -37,6 +38,7 @@ from models.base import VisionModel
 from models.registry import build_model
 from models.repository import ModelSpec
 from models.types import Prediction
+from service.batch_policy import candidate_sizes, choose_batch_size, forward_timer
 from service.batcher import Batcher, BatchReport, ItemTiming
 from service.config import ServerConfig
 from service.errors import (
@@ -145,6 +147,10 @@ class DataPlane:
         started = time.monotonic()
         try:
             entry.model = await loop.run_in_executor(entry.executor, self._build_and_load, spec)
+            if spec.batching == "auto":
+                entry.spec = await loop.run_in_executor(entry.executor, self._tune_batch_size, entry)
+            if self._metrics is not None:
+                self._metrics.set_max_batch_size(spec.name, entry.spec.max_batch_size, spec.batching)
             entry.batcher = self._make_batcher(entry)
             if self.config.warmup:
                 await self._warm_up(entry)
@@ -162,6 +168,17 @@ class DataPlane:
         model = self._builder(spec)
         model.load()
         return model
+
+    def _tune_batch_size(self, entry: _Entry) -> ModelSpec:
+        """The spec with the measured fastest ``max_batch_size`` (model thread, at load time)."""
+        assert entry.model is not None
+        spec = entry.spec
+        measure = forward_timer(entry.model, _synthetic_image(480, 640))
+        decision = choose_batch_size(measure, candidate_sizes(spec.max_batch_size))
+        logger.info(
+            "model %s on %s: batching auto chose %s", spec.name, entry.model.device, decision.describe()
+        )
+        return dataclasses.replace(spec, max_batch_size=decision.size)
 
     def _make_batcher(self, entry: _Entry) -> Batcher[Any, Any]:
         assert entry.model is not None and entry.executor is not None
@@ -181,9 +198,7 @@ class DataPlane:
 
     async def _warm_up(self, entry: _Entry) -> None:
         side = self.config.warmup_image_size
-        ramp = np.linspace(0, 255, side, dtype=np.uint8)
-        image = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1][None, :]), axis=-1)
-        outcome = await self._run_image(entry, np.ascontiguousarray(image), None)
+        outcome = await self._run_image(entry, _synthetic_image(side, side), None)
         if outcome.error is not None:
             raise RuntimeError(f"warm-up inference failed: {outcome.error}") from outcome.error
 
@@ -339,6 +354,11 @@ class DataPlane:
             self._pool, functools.partial(ctx.run, fn, *args)
         )
 
+    def observe_stage(self, name: str, stage: str, seconds: float) -> None:
+        """Record one image's time in a serving stage (see :data:`service.metrics.STAGES`)."""
+        if self._metrics is not None and self._entries[name].state == ModelState.READY:
+            self._metrics.observe_stage(name, stage, seconds)
+
     async def infer(
         self,
         name: str,
@@ -385,16 +405,31 @@ class DataPlane:
         try:
             if model is None or batcher is None:
                 raise ModelNotReadyError(f"model {entry.spec.name!r} is not loaded")
-            inputs = await self.run_cpu(model.preprocess, image)
-            preprocessed = time.monotonic()
-            stats.compute_input.add(preprocessed - start)
+            inputs, seconds = await self.run_cpu(_timed, model.preprocess, image)
+            stats.compute_input.add(seconds)
+            self.observe_stage(entry.spec.name, "preprocess", seconds)
             raw = await batcher.submit(inputs, deadline=deadline, timing=timing)
-            forwarded = time.monotonic()
             size = (int(image.shape[0]), int(image.shape[1]))
-            prediction = await self.run_cpu(model.postprocess, raw, size)
-            stats.compute_output.add(time.monotonic() - forwarded)
+            prediction, seconds = await self.run_cpu(_timed, model.postprocess, raw, size)
+            stats.compute_output.add(seconds)
+            self.observe_stage(entry.spec.name, "postprocess", seconds)
         except Exception as e:
             stats.failure.add(time.monotonic() - start)
             return Outcome(None, e, timing)
         stats.success.add(time.monotonic() - start)
         return Outcome(prediction, None, timing)
+
+
+def _timed(fn: Callable[..., _R], *args: Any) -> tuple[_R, float]:
+    """``fn(*args)`` and its duration: measured in the worker, so pool queueing is not counted."""
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def _synthetic_image(height: int, width: int) -> np.ndarray:
+    """A smooth RGB test pattern (colour ramps) for warm-up and batch-size measurement."""
+    rows = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
+    cols = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+    image = np.stack(np.broadcast_arrays(cols, rows, cols[:, ::-1]), axis=-1)
+    return np.ascontiguousarray(image)

@@ -12,12 +12,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["Metrics"]
+__all__ = ["STAGES", "Metrics"]
 
 logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128)
+# Where an image's time goes on its way through the server, in order.
+STAGES = ("decode", "preprocess", "queue", "inference", "postprocess", "encode")
 
 
 class Metrics:
@@ -69,6 +71,19 @@ class Metrics:
         self.model_ready = Gauge(
             "cvserve_model_ready", "1 when the model serves, else 0", ["model"], registry=r
         )
+        self.stage_latency = Histogram(
+            "cvserve_stage_seconds",
+            "Per-image time in each stage (decode, preprocess, queue, inference, postprocess, encode)",
+            ["model", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.max_batch_size = Gauge(
+            "cvserve_max_batch_size",
+            "Largest batch the model's batcher forms; policy=auto when measured at warm-up",
+            ["model", "policy"],
+            registry=r,
+        )
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """Count one finished RPC."""
@@ -83,7 +98,18 @@ class Metrics:
         self.inference_latency.labels(model).observe(compute_s)
         for q in queue_s:
             self.queue_latency.labels(model).observe(q)
+            self.stage_latency.labels(model, "queue").observe(q)
+            # The forward's cost shared by the images of the batch: stages then add up per image.
+            self.stage_latency.labels(model, "inference").observe(compute_s / size)
         self.inferences.labels(model, "error" if failed else "ok").inc(size)
+
+    def observe_stage(self, model: str, stage: str, seconds: float) -> None:
+        """Record the time one image spent in ``stage`` (one of :data:`STAGES`)."""
+        self.stage_latency.labels(model, stage).observe(seconds)
+
+    def set_max_batch_size(self, model: str, size: int, policy: str) -> None:
+        """Publish the batch size ``model`` runs with and how it was chosen (``auto`` / ``fixed``)."""
+        self.max_batch_size.labels(model, policy).set(size)
 
     def track_queue_depth(self, model: str, depth: Callable[[], float]) -> None:
         """Read the queue depth of ``model`` from ``depth()`` at every scrape."""

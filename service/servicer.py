@@ -97,9 +97,13 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     async def _predict(
         self, status: ModelStatus, version: str, image: types_pb.Image, deadline: float | None
     ) -> Any:
-        array = await self._dp.run_cpu(
-            lambda: codec.decode_request_image(image, max_pixels=self._config.max_image_pixels)
-        )
+        def decode() -> Any:
+            begun = time.perf_counter()
+            array = codec.decode_request_image(image, max_pixels=self._config.max_image_pixels)
+            self._dp.observe_stage(status.name, "decode", time.perf_counter() - begun)
+            return array
+
+        array = await self._dp.run_cpu(decode)
         (outcome,) = await self._dp.infer_timed(
             status.name, [array], version=version or None, deadline=deadline
         )
@@ -112,15 +116,20 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         status = self._model_for(request.model, request.model_version, Task.INSTANCE, "Detect")
         options = codec.parse_detect_options(request.options, status.class_names)
         outcome = await self._predict(status, request.model_version, request.image, deadline)
-        response = await self._dp.run_cpu(
-            lambda: codec.detect_response(
+
+        def encode() -> pb.DetectResponse:
+            begun = time.perf_counter()
+            response = codec.detect_response(
                 outcome.prediction,
                 model=status.name,
                 version=status.version,
                 class_names=status.class_names,
                 options=options,
             )
-        )
+            self._dp.observe_stage(status.name, "encode", time.perf_counter() - begun)
+            return response
+
+        response = await self._dp.run_cpu(encode)
         response.timing.CopyFrom(_timing(outcome.timing, started))
         return response  # type: ignore[no-any-return]
 

@@ -1,0 +1,193 @@
+"""The server against detectron2's ``DefaultPredictor``, same model, weights, images and thresholds.
+
+Prints, for each concurrency: images/s and p50 / p95 / p99 latency of ``cvserve serve``
+(a subprocess, called over gRPC with JPEG images, masks returned as RLE) next to
+``DefaultPredictor`` looped in this process over the same decoded images, and their
+ratio; the per-stage breakdown from the server's ``cvserve_stage_seconds`` metric; a
+batch-size sweep (a fresh server per ``max_batch_size``, ``auto`` included); the
+server's peak RSS. Run from the repository root::
+
+    .venv/bin/python benchmarks/serve_vs_predictor.py --model tiny
+    .venv/bin/python benchmarks/serve_vs_predictor.py --model r50 --images 12 --requests 24
+
+The predictor is timed before and after the server runs and its mean is the reference,
+so slow drifts in machine load hit both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common
+
+from service.metrics import STAGES
+
+
+def time_predictor(model: _common.BenchModel, images: list[Any], requests: int) -> list[float]:
+    """Seconds per call of ``DefaultPredictor`` over ``requests`` images (after one warm-up call)."""
+    from detectron2.engine import DefaultPredictor
+
+    predictor = DefaultPredictor(model.cfg())
+    bgr = [img[:, :, ::-1].copy() for img in images]
+    predictor(bgr[0])
+    latencies = []
+    for i in range(requests):
+        start = time.perf_counter()
+        predictor(bgr[i % len(bgr)])
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def load(
+    address: str, model: str, payloads: list[bytes], concurrency: int, requests: int
+) -> tuple[float, list[float]]:
+    """Send ``requests`` Detect calls from ``concurrency`` threads; wall seconds and latencies."""
+    from service.client import Client
+
+    latencies: list[float] = []
+    counter = iter(range(requests))
+    lock = threading.Lock()
+
+    def worker(client: Client) -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            client.detect_response(payloads[i % len(payloads)], model=model)
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed)
+
+    clients = [Client(address, timeout=600) for _ in range(concurrency)]
+    for c in clients:  # connect before the clock starts
+        c.list_models()
+    threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    for c in clients:
+        c.close()
+    return wall, latencies
+
+
+def delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def stage_means(before: dict[str, float], after: dict[str, float], model: str) -> dict[str, float]:
+    """Mean seconds per image in each stage between two scrapes."""
+    out = {}
+    for stage in STAGES:
+        labels = f'{{model="{model}",stage="{stage}"}}'
+        count = delta(before, after, f"cvserve_stage_seconds_count{labels}")
+        total = delta(before, after, f"cvserve_stage_seconds_sum{labels}")
+        out[stage] = total / count if count else float("nan")
+    return out
+
+
+def row(label: str, wall: float, latencies: list[float], reference: float | None) -> str:
+    rate = len(latencies) / wall
+    ms = [v * 1000 for v in latencies]
+    ratio = f"{rate / reference:6.2f}x" if reference else "      -"
+    p50, p95, p99 = (_common.percentile(ms, q) for q in (50, 95, 99))
+    return f"{label:28s} {rate:8.2f} {p50:9.1f} {p95:9.1f} {p99:9.1f} {ratio}"
+
+
+def run_concurrency(
+    args: argparse.Namespace, model: _common.BenchModel, payloads: list[bytes], work: Path
+) -> tuple[list[tuple[int, float, list[float], dict[str, float]]], dict[str, int]]:
+    """Per concurrency: (concurrency, wall seconds, latencies, stage means); and the server's memory."""
+    results = []
+    spec = model.spec(args.max_batch_size, args.max_wait_ms)
+    with _common.serve([spec], work, workers=args.workers) as server:
+        load(server.address, model.name, payloads, 2, 4)  # warm the server's pools
+        for c in args.concurrency:
+            before = server.scrape()
+            wall, latencies = load(server.address, model.name, payloads, c, max(args.requests, 2 * c))
+            results.append((c, wall, latencies, stage_means(before, server.scrape(), model.name)))
+        memory = server.memory_kib()
+    return results, memory
+
+
+def run_sweep(
+    args: argparse.Namespace, model: _common.BenchModel, payloads: list[bytes], work: Path, reference: float
+) -> None:
+    c = max(args.concurrency)
+    print(f"\nbatch-size sweep at concurrency {c} (max_wait_ms {args.sweep_wait_ms})")
+    print(
+        f"{'max_batch_size':28s} {'images/s':>8s} {'p50 ms':>9s} {'p95 ms':>9s} {'p99 ms':>9s}  ratio  mean batch"
+    )
+    for size in args.sweep:
+        value: int | str = size if size == "auto" else int(size)
+        with _common.serve([model.spec(value, args.sweep_wait_ms)], work, workers=args.workers) as server:
+            load(server.address, model.name, payloads, 2, 4)
+            before = server.scrape()
+            wall, latencies = load(server.address, model.name, payloads, c, max(args.requests, 2 * c))
+            after = server.scrape()
+        batches = delta(before, after, f'cvserve_batch_size_count{{model="{model.name}"}}')
+        mean_batch = delta(before, after, f'cvserve_batch_size_sum{{model="{model.name}"}}') / max(batches, 1)
+        chosen = after.get(f'cvserve_max_batch_size{{model="{model.name}",policy="auto"}}')
+        label = f"auto (chose {chosen:.0f})" if size == "auto" and chosen else size
+        print(f"{row(label, wall, latencies, reference)}  {mean_batch:6.2f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "r50"], default="tiny")
+    parser.add_argument("--images", type=int, default=16, help="distinct images (default: 16)")
+    parser.add_argument("--size", default="480x640", help="image HxW (default: 480x640)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per measurement (default: 48)")
+    parser.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
+    parser.add_argument("--workers", type=int, default=4, help="server --workers (default: 4)")
+    parser.add_argument("--max-batch-size", default="1", help="server max_batch_size: N or auto (default: 1)")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0)
+    parser.add_argument("--sweep", type=lambda s: s.split(",") if s else [], default=["1", "2", "4", "auto"])
+    parser.add_argument("--sweep-wait-ms", type=float, default=10.0)
+    args = parser.parse_args()
+    args.max_batch_size = args.max_batch_size if args.max_batch_size == "auto" else int(args.max_batch_size)
+    logging.basicConfig(level=logging.WARNING)
+    height, width = (int(v) for v in args.size.split("x"))
+
+    with tempfile.TemporaryDirectory(prefix="cvserve-bench-") as tmp:
+        work = Path(tmp)
+        model = _common.prepare_model(args.model, work)
+        images = _common.make_images(args.images, height, width)
+        payloads = [_common.encode_jpeg(img) for img in images]
+        print(f"machine: {_common.machine()}")
+        print(
+            f"model {args.model}, weights {model.weights_note}, images {height}x{width} JPEG, {model.options}"
+        )
+        before = time_predictor(model, images, args.requests)
+        results, memory = run_concurrency(args, model, payloads, work)
+        after = time_predictor(model, images, args.requests)
+        reference = statistics.mean([len(before) / sum(before), len(after) / sum(after)])
+        print(f"\n{'':28s} {'images/s':>8s} {'p50 ms':>9s} {'p95 ms':>9s} {'p99 ms':>9s}  ratio")
+        print(row("DefaultPredictor (before)", sum(before), before, None))
+        print(row("DefaultPredictor (after)", sum(after), after, None))
+        for c, wall, latencies, stages in results:
+            print(row(f"server, concurrency {c}", wall, latencies, reference))
+            print("    per image, ms: " + "  ".join(f"{k} {v * 1000:.1f}" for k, v in stages.items()))
+        print(f"ratio: server images/s over the mean of the two DefaultPredictor runs ({reference:.2f}/s)")
+        print(f"server RSS {memory['VmRSS'] / 1024:.0f} MiB, peak (VmHWM) {memory['VmHWM'] / 1024:.0f} MiB")
+        if args.sweep:
+            run_sweep(args, model, payloads, work, reference)
+        print(f"load average at the end: {_common.machine().rsplit('load average ', 1)[1]}")
+
+
+if __name__ == "__main__":
+    main()
