@@ -14,6 +14,9 @@ from models.evaluation.evaluators import COCOInstanceEvaluator, SemanticEvaluato
 from models.types import Instance, Mask, Prediction
 from tests.fixtures.coco.synth import SynthConfig, make_dataset
 
+# pycocotools' decode (used here to build detectron2 masks) trips a numpy 2 deprecation.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 
 def _inference(model, loader, evaluator):  # type: ignore[no-untyped-def]
     from detectron2.evaluation import inference_on_dataset
