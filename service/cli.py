@@ -66,4 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module: under ``python -m`` this file is ``__main__``, and the
+    # CLIError that commands raise (``service.cli.CLIError``) would not be the one caught above.
+    from service.cli import main as _main
+
+    sys.exit(_main())

@@ -120,6 +120,13 @@ def _channel_args(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def _ssl_credentials(
+    root_certificates: bytes, client_certificate: tuple[bytes, bytes] | None
+) -> grpc.ChannelCredentials:
+    chain, key = client_certificate if client_certificate is not None else (None, None)
+    return grpc.ssl_channel_credentials(root_certificates, private_key=key, certificate_chain=chain)
+
+
 class Client:
     """Synchronous client; one instance may be shared by threads.
 
@@ -127,6 +134,8 @@ class Client:
         address: ``host:port`` of the server.
         timeout: deadline of each call in seconds; None for none.
         root_certificates: PEM roots to verify a TLS server; None for plaintext.
+        client_certificate: ``(certificate_chain, private_key)`` PEM bytes presented to a
+            server that requires mutual TLS (needs ``root_certificates``).
         token: bearer token sent as ``authorization`` metadata.
         max_message_bytes: largest message sent or received.
     """
@@ -137,12 +146,13 @@ class Client:
         *,
         timeout: float | None = None,
         root_certificates: bytes | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
         token: str | None = None,
         max_message_bytes: int = 64 << 20,
     ) -> None:
         args = _channel_args(max_message_bytes)
         if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            creds = _ssl_credentials(root_certificates, client_certificate)
             self._channel = grpc.secure_channel(address, creds, options=args)
         else:
             self._channel = grpc.insecure_channel(address, options=args)
@@ -278,12 +288,13 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         root_certificates: bytes | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
         token: str | None = None,
         max_message_bytes: int = 64 << 20,
     ) -> None:
         args = _channel_args(max_message_bytes)
         if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            creds = _ssl_credentials(root_certificates, client_certificate)
             self._channel = grpc.aio.secure_channel(address, creds, options=args)
         else:
             self._channel = grpc.aio.insecure_channel(address, options=args)

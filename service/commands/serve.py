@@ -23,6 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, default=9090, help="Prometheus /metrics HTTP port (default: %(default)s)"
     )
+    parser.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        help="interface of the metrics endpoint, which has no authentication (default: %(default)s)",
+    )
     parser.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
     parser.add_argument(
         "--max-message-mb", type=float, default=64, help="largest gRPC message, MiB (default: 64)"
@@ -145,6 +150,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
             host=args.host,
             port=args.port,
             metrics_port=None if args.no_metrics else args.metrics_port,
+            metrics_host=args.metrics_host,
             max_message_bytes=int(args.max_message_mb * (1 << 20)),
             max_image_pixels=args.max_image_pixels,
             worker_threads=args.workers,
