@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,6 +25,7 @@ __all__ = [
     "MASK_FORMATS",
     "DetectOptions",
     "apply_options",
+    "decode_masks",
     "decode_request_image",
     "detect_response",
     "image_to_proto",
@@ -125,16 +127,59 @@ def apply_options(instances: Sequence[Instance], opts: DetectOptions) -> list[In
     return kept[: opts.max_detections] if opts.max_detections else kept
 
 
-def _mask_polygons(mask: Mask) -> types_pb.Polygons:
-    binary = mask_util.decode({"size": list(mask.size), "counts": mask.counts}).astype(np.uint8)
-    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+def decode_masks(masks: Sequence[Mask]) -> np.ndarray:
+    """Decode same-sized RLE masks in one call: an ``(H, W, N)`` uint8 array (Fortran order).
+
+    Raises:
+        ValueError: the masks differ in size, or there are none.
+    """
+    if not masks or any(m.size != masks[0].size for m in masks):
+        raise ValueError("decode_masks needs one or more masks of one size")
+    return mask_util.decode([{"size": list(m.size), "counts": m.counts} for m in masks])
+
+
+def _polygons(binary: np.ndarray, bbox: Sequence[float]) -> types_pb.Polygons:
+    """Outer contours of one ``(H, W)`` mask, traced only inside its bounding box ``[x, y, w, h]``."""
+    x0, y0 = int(bbox[0]), int(bbox[1])
+    x1, y1 = x0 + int(np.ceil(bbox[2])), y0 + int(np.ceil(bbox[3]))
+    # A copy of the box alone: tracing a 60 x 40 object in a 1080p mask scans 2,400 pixels, not 2 M.
+    crop = np.ascontiguousarray(binary[y0:y1, x0:x1])
+    if crop.size == 0:  # an empty mask
+        return types_pb.Polygons()
+    contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))
     polygons = [
         types_pb.Polygon(points=c.reshape(-1).astype(np.float32).tolist()) for c in contours if len(c) >= 3
     ]
     return types_pb.Polygons(polygons=polygons)
 
 
-def _detection(inst: Instance, class_names: Sequence[str], mask_format: str) -> types_pb.Detection:
+def _mask_png(binary: np.ndarray) -> bytes:
+    """A 1-bit PNG of one ``(H, W)`` 0/1 mask (bit-packing by hand measured slower than PIL's)."""
+    return encode_png(binary.astype(bool))
+
+
+def _rendered_masks(instances: Sequence[Instance], mask_format: str) -> list[Any]:
+    """Each instance's polygons or PNG bytes (None without a mask); all masks decoded at once."""
+    out: list[Any] = [None] * len(instances)
+    if mask_format not in ("polygon", "png"):
+        return out
+    with_mask = [i for i, inst in enumerate(instances) if inst.mask is not None]
+    sizes = {instances[i].mask.size for i in with_mask}  # type: ignore[union-attr]
+    # One decode for all masks of an image; per mask only when sizes differ (never from a model).
+    groups = [with_mask] if len(sizes) == 1 else [[i] for i in with_mask]
+    for group in groups:
+        masks = [instances[i].mask for i in group]
+        stack = decode_masks(masks)  # type: ignore[arg-type]
+        boxes = mask_util.toBbox([{"size": list(m.size), "counts": m.counts} for m in masks])  # type: ignore[union-attr]
+        for k, i in enumerate(group):
+            binary = stack[:, :, k]
+            out[i] = _polygons(binary, boxes[k]) if mask_format == "polygon" else _mask_png(binary)
+    return out
+
+
+def _detection(
+    inst: Instance, class_names: Sequence[str], mask_format: str, rendered: Any
+) -> types_pb.Detection:
     x0, y0, x1, y1 = inst.box
     det = types_pb.Detection(
         box=types_pb.Box(x0=x0, y0=y0, x1=x1, y1=y1),
@@ -149,10 +194,9 @@ def _detection(inst: Instance, class_names: Sequence[str], mask_format: str) -> 
             types_pb.RleMask(height=inst.mask.size[0], width=inst.mask.size[1], counts=inst.mask.counts)
         )
     elif mask_format == "polygon":
-        det.polygons.CopyFrom(_mask_polygons(inst.mask))
+        det.polygons.CopyFrom(rendered)
     else:
-        binary = mask_util.decode({"size": list(inst.mask.size), "counts": inst.mask.counts})
-        det.png = encode_png(binary.astype(bool))
+        det.png = rendered
     return det
 
 
@@ -167,14 +211,16 @@ def detect_response(
 ) -> pb.DetectResponse:
     """Build a ``DetectResponse`` from an instance prediction, applying ``options``."""
     height, width = prediction.image_size
+    kept = apply_options(prediction.instances, options)
+    rendered = _rendered_masks(kept, options.mask_format)
     return pb.DetectResponse(
         model=model,
         model_version=version,
         image_height=height,
         image_width=width,
         detections=[
-            _detection(inst, class_names, options.mask_format)
-            for inst in apply_options(prediction.instances, options)
+            _detection(inst, class_names, options.mask_format, r)
+            for inst, r in zip(kept, rendered, strict=True)
         ],
         timing=timing,
     )
