@@ -138,7 +138,12 @@ def write_semantic_report(
     written = [out_dir / "report.json", out_dir / "summary.md"]
     _write_json(written[0], report)
     m = report["metrics"]
-    lines = [*_header(report), "", "## Semantic segmentation (percent, detectron2 SemSegEvaluator conventions)", ""]
+    lines = [
+        *_header(report),
+        "",
+        "## Semantic segmentation (percent, detectron2 SemSegEvaluator conventions)",
+        "",
+    ]
     lines += _table(
         ["mIoU", "fwIoU", "mACC", "pACC"], [[_fmt(m[k], 100) for k in ("mIoU", "fwIoU", "mACC", "pACC")]]
     )

@@ -31,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gt", metavar="JSON", help="COCO ground-truth annotations")
     parser.add_argument("--results", metavar="JSON", help="COCO results file to evaluate")
     parser.add_argument(
-        "--iou-type", action="append", choices=IOU_TYPES, help="repeatable (default: every type the results have)"
+        "--iou-type",
+        action="append",
+        choices=IOU_TYPES,
+        help="repeatable (default: every type the results have)",
     )
     parser.add_argument("--out", metavar="DIR", help="report folder (default: ./eval-YYYYmmdd-HHMMSS)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -39,13 +42,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model", help="name of the model to run over --images")
     model.add_argument("--server", metavar="ADDR", help="use the model on this cvserve server (host:port)")
     model.add_argument("--models", metavar="YAML", help="load the model in-process from this repository file")
-    model.add_argument("--images", metavar="DIR", help="image folder (COCO file_name values are relative to it)")
-    model.add_argument("--task", choices=("instance", "semantic"), help="expected task (default: the model's)")
-    model.add_argument("--labels", metavar="DIR", help="semantic ground truth: label PNGs named like the images")
-    model.add_argument("--ignore-label", type=int, default=255, help="label value ignored in semantic metrics")
-    model.add_argument("--batch-size", type=int, help="images per batch (default: the model's max_batch_size)")
-    model.add_argument("--concurrency", type=int, default=4, help="requests in flight with --server (default 4)")
-    model.add_argument("--timeout", type=float, default=60.0, help="per-request timeout with --server, seconds")
+    model.add_argument(
+        "--images", metavar="DIR", help="image folder (COCO file_name values are relative to it)"
+    )
+    model.add_argument(
+        "--task", choices=("instance", "semantic"), help="expected task (default: the model's)"
+    )
+    model.add_argument(
+        "--labels", metavar="DIR", help="semantic ground truth: label PNGs named like the images"
+    )
+    model.add_argument(
+        "--ignore-label", type=int, default=255, help="label value ignored in semantic metrics"
+    )
+    model.add_argument(
+        "--batch-size", type=int, help="images per batch (default: the model's max_batch_size)"
+    )
+    model.add_argument(
+        "--concurrency", type=int, default=4, help="requests in flight with --server (default 4)"
+    )
+    model.add_argument(
+        "--timeout", type=float, default=60.0, help="per-request timeout with --server, seconds"
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -106,7 +123,9 @@ class _Runner:
         except RepositoryError as e:
             raise CLIError(str(e)) from None
         if self.args.model not in specs:
-            raise CLIError(f"{self.args.models}: no model named {self.args.model!r} (available: {', '.join(sorted(specs))})")
+            raise CLIError(
+                f"{self.args.models}: no model named {self.args.model!r} (available: {', '.join(sorted(specs))})"
+            )
         spec = specs[self.args.model]
         try:
             model = build_model(spec)
@@ -139,7 +158,9 @@ class _Runner:
             self._client.close()
 
 
-def _evaluate_file(args: argparse.Namespace, out: Path, results: Any, extra: dict[str, Any]) -> dict[str, Any]:
+def _evaluate_file(
+    args: argparse.Namespace, out: Path, results: Any, extra: dict[str, Any]
+) -> dict[str, Any]:
     from models.evaluation.coco import evaluate_loaded
     from models.evaluation.coco_io import parse_ground_truth, parse_results
     from models.evaluation.report import write_coco_report
@@ -178,9 +199,18 @@ def _run_model(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             if not args.labels:
                 raise CLIError("a semantic model needs --labels DIR (label PNGs named like the images)")
             conf, n = semantic_confusion(
-                args.images, args.labels, runner, len(runner.class_names), args.ignore_label, runner.batch_size
+                args.images,
+                args.labels,
+                runner,
+                len(runner.class_names),
+                args.ignore_label,
+                runner.batch_size,
             )
-            metrics = {**semantic_metrics(conf, runner.class_names), "confusion_matrix": conf.tolist(), "num_images": n}
+            metrics = {
+                **semantic_metrics(conf, runner.class_names),
+                "confusion_matrix": conf.tolist(),
+                "num_images": n,
+            }
             report = {"task": "semantic", **where, "labels": str(Path(args.labels).resolve()), "num_images": n,
                       "ignore_label": args.ignore_label, "class_names": list(runner.class_names),
                       "units": "percent, as detectron2's SemSegEvaluator reports them; null where undefined",

@@ -41,7 +41,11 @@ def test_report_in_default_folder(tmp_path: Path) -> None:
         assert f"| {cat['id']} | {cat['name']} |" in summary
     # 18 categories: the mean curve plus two pages of per-category grids, per IoU type.
     for iou_type in ("bbox", "segm"):
-        for name in (f"pr_{iou_type}.png", f"pr_{iou_type}_categories_1.png", f"pr_{iou_type}_categories_2.png"):
+        for name in (
+            f"pr_{iou_type}.png",
+            f"pr_{iou_type}_categories_1.png",
+            f"pr_{iou_type}_categories_2.png",
+        ):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

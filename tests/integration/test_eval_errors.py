@@ -72,7 +72,10 @@ EXTRA = {"segm-missing": ["--iou-type", "segm"], "segm-bad-rle-size": ["--iou-ty
          "segm-bad-polygon": ["--iou-type", "segm"], "keypoints-wrong-length": ["--iou-type", "keypoints"]}  # fmt: skip
 
 
-KEYPOINT_GT = {**GT, "annotations": [{**GT["annotations"][0], "keypoints": [5, 5, 2] * 17, "num_keypoints": 17}]}
+KEYPOINT_GT = {
+    **GT,
+    "annotations": [{**GT["annotations"][0], "keypoints": [5, 5, 2] * 17, "num_keypoints": 17}],
+}
 
 
 @pytest.mark.parametrize("case", sorted(RESULT_CASES))

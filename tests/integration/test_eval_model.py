@@ -75,7 +75,9 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         Image.fromarray(labels).save(root / "labels" / f"{i:02d}.png")
     gt = {"images": images, "categories": CATEGORIES, "annotations": anns}
     (root / "gt.json").write_text(json.dumps(gt))
-    (root / "models.yaml").write_text(yaml.safe_dump({"models": [{"config": "fake", "handler": FAKE, **m} for m in MODELS]}))
+    (root / "models.yaml").write_text(
+        yaml.safe_dump({"models": [{"config": "fake", "handler": FAKE, **m} for m in MODELS]})
+    )
     return root
 
 
@@ -85,7 +87,9 @@ def address(dataset: Path) -> Iterator[str]:
     from service.config import ServerConfig
 
     config = ServerConfig(port=0, metrics_port=None, worker_threads=2, warmup=False)
-    with server_module.ServerThread(config, load_repository(dataset / "models.yaml")).start(wait_loaded=True) as srv:
+    with server_module.ServerThread(config, load_repository(dataset / "models.yaml")).start(
+        wait_loaded=True
+    ) as srv:
         yield srv.address
 
 
@@ -136,7 +140,9 @@ def test_semantic_model_matches_library(dataset: Path, tmp_path: Path, mode: tup
     assert (out / "confusion_matrix.png").stat().st_size > 0
 
 
-def test_category_name_mismatch_is_a_clear_error(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_category_name_mismatch_is_a_clear_error(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     gt = json.loads((dataset / "gt.json").read_text())
     gt["categories"][0]["name"] = "grass"
     (tmp_path / "gt.json").write_text(json.dumps(gt))
@@ -144,15 +150,25 @@ def test_category_name_mismatch_is_a_clear_error(dataset: Path, tmp_path: Path, 
             "--images", str(dataset / "images"), "--out", str(tmp_path / "out")]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'gt.json'}: categories: the model's class(es) 'green' have no category of that name" in err
+    assert (
+        f"{tmp_path / 'gt.json'}: categories: the model's class(es) 'green' have no category of that name"
+        in err
+    )
 
 
-def test_wrong_task_and_missing_images(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_task_and_missing_images(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = ["eval", "--models", str(dataset / "models.yaml"), "--out", str(tmp_path / "out")]
     assert main([*base, "--model", "det", "--task", "semantic", "--images", str(dataset / "images")]) == 2
     assert "model 'det' is a instance model, not semantic" in capsys.readouterr().err
     gt = json.loads((dataset / "gt.json").read_text())
     gt["images"][0]["file_name"] = "missing.png"
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    assert main([*base, "--model", "det", "--gt", str(tmp_path / "gt.json"), "--images", str(dataset / "images")]) == 2
+    assert (
+        main(
+            [*base, "--model", "det", "--gt", str(tmp_path / "gt.json"), "--images", str(dataset / "images")]
+        )
+        == 2
+    )
     assert f"{dataset / 'images' / 'missing.png'}: image file of image 100" in capsys.readouterr().err

@@ -50,7 +50,9 @@ def test_bbox_and_segm_agree_with_pycocotools(name: str) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_keypoints_agree_with_pycocotools(seed: int) -> None:
-    gt, results = make_dataset(SynthConfig(seed=20 + seed, keypoints=True, segm=False, num_images=30, size=(100, 300)))
+    gt, results = make_dataset(
+        SynthConfig(seed=20 + seed, keypoints=True, segm=False, num_images=30, size=(100, 300))
+    )
     truth = parse_ground_truth(gt)
     metrics, arrays = evaluate_loaded(truth, parse_results(results, truth))
     assert list(metrics) == ["keypoints"]
