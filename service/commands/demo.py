@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--out", type=Path, help="repository directory (default: the demo repository)")
     build.add_argument("--force", action="store_true", help="rebuild even if the repository exists")
     build.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
+    build.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's); 1 is fastest on a busy shared CPU"
+    )
     status = sub.add_parser("status", help="print the test-split figures of the built demo repository")
     status.add_argument("--out", type=Path, help="repository directory (default: the demo repository)")
 
@@ -69,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
     if args.demo_command == "status":
         return _status(directory)
     from models.demo import build_demo_repository
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     if (directory / "models.yaml").is_file() and not args.force:
         print(f"{directory / 'models.yaml'} exists; use --force to rebuild")
