@@ -19,6 +19,9 @@ from pycocotools import mask as mask_util
 
 from models.types import Prediction
 from service.annotation.journal import atomic_write_bytes
+from service.config import DEFAULT_MAX_IMAGE_PIXELS
+from service.errors import ImageTooLargeError, InvalidImageError
+from service.imaging import decode_image, draw_overlay
 
 __all__ = [
     "ImageReadError",
@@ -74,8 +77,11 @@ class RenderOptions:
 PredictFn = Callable[[Sequence[LoadedImage]], list["Prediction | Exception"]]
 
 
-def read_image(path: str) -> tuple[bytes, np.ndarray]:
-    """Read and decode an image file into RGB uint8.
+def read_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[bytes, np.ndarray]:
+    """Read and decode an image file into upright RGB uint8.
+
+    Decoding is the server's own (:func:`service.imaging.decode_image`), so every engine
+    feeds a model the same pixels and gets the same predictions.
 
     Raises:
         ImageReadError: with the reason the file cannot be used.
@@ -87,10 +93,10 @@ def read_image(path: str) -> tuple[bytes, np.ndarray]:
         raise ImageReadError(f"cannot read: {e.strerror or e}") from None
     if not data:
         raise ImageReadError("empty file")
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None or bgr.size == 0:
-        raise ImageReadError("not a decodable image (corrupt or unsupported format)")
-    return data, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    try:
+        return data, decode_image(data, max_pixels=max_pixels)
+    except (InvalidImageError, ImageTooLargeError) as e:
+        raise ImageReadError(e.message) from None
 
 
 def output_path(base: str, rel: str, suffix: str) -> str:
@@ -155,9 +161,12 @@ def _image_record(image: LoadedImage, pred: Prediction, render: RenderOptions) -
     else:
         record["instances"] = _instance_entries(pred)
     if render.overlays_dir:
-        from service.annotation.render import draw_overlay
-
-        ok, buf = cv2.imencode(".jpg", draw_overlay(image.array, pred, render.class_names))
+        names = [
+            render.class_names[i.category_id] if i.category_id < len(render.class_names) else ""
+            for i in pred.instances
+        ]
+        drawn = draw_overlay(image.array, pred, names)
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
         if ok:
             atomic_write_bytes(output_path(render.overlays_dir, image.item.rel, ".jpg"), buf.tobytes())
     return record
