@@ -150,7 +150,7 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
             f"{where}.name: may contain only letters, digits, '-', '_' and '.', got {name!r}"
         )
     try:
-        task = Task(raw.get("task"))
+        task = Task(str(raw.get("task")))
     except ValueError:
         raise RepositoryError(
             f"{where}.task: must be one of {', '.join(t.value for t in Task)}, got {raw.get('task')!r}"
