@@ -138,6 +138,18 @@ def evaluate(cfg: CfgNode, model: torch.nn.Module, dataset: str) -> dict[str, fl
     return flatten_results(dict(results or {}))
 
 
+def _clip_gradients(model: torch.nn.Module, options: TrainOptions) -> None:
+    # detectron2's CLIP_TYPE "norm" clips each parameter's gradient on its own; clipping the
+    # whole model's norm to the same value throttles training from scratch, where the
+    # global norm is large. "full_model" is the global variant, for those who want it.
+    if options.grad_clip_type == "full_model":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            torch.nn.utils.clip_grad_norm_(p, options.grad_clip)
+
+
 def _train_step(
     model: torch.nn.Module,
     batch: list[dict[str, Any]],
@@ -162,7 +174,7 @@ def _train_step(
     scaler.scale(total).backward()
     if options.grad_clip:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        _clip_gradients(model, options)
     scaler.step(optimizer)
     scaler.update()
     values["total_loss"] = float(total.detach())

@@ -35,6 +35,8 @@ class TrainOptions:
         lr_schedule: ``step`` (x0.1 at each of ``lr_steps``), ``cosine`` or ``constant``.
         lr_steps: iterations of the step decays; empty = 2/3 and 8/9 of ``max_iter``.
         grad_clip: gradient norm clip, 0 = off.
+        grad_clip_type: ``norm`` clips each parameter's gradient (detectron2's
+            ``CLIP_TYPE: norm``); ``full_model`` clips the norm of all gradients together.
         hflip: random horizontal flips.
         vflip: random vertical flips.
         scale_jitter: ``(min, max)`` short-edge range, factors (<= 8) or pixels; None = config.
@@ -64,6 +66,7 @@ class TrainOptions:
     lr_schedule: str = "step"
     lr_steps: tuple[int, ...] = ()
     grad_clip: float = 5.0
+    grad_clip_type: str = "norm"
     hflip: bool = True
     vflip: bool = False
     scale_jitter: tuple[float, float] | None = None
@@ -97,6 +100,7 @@ class TrainOptions:
             (0 <= self.warmup_iters <= self.max_iter, "warmup_iters", "in [0, max_iter]"),
             (all(0 < s < self.max_iter for s in self.lr_steps), "lr_steps", "inside (0, max_iter)"),
             (self.grad_clip >= 0, "grad_clip", ">= 0"),
+            (self.grad_clip_type in ("norm", "full_model"), "grad_clip_type", "norm or full_model"),
             (self.crop is None or 0 < self.crop <= 1, "crop", "in (0, 1]"),
             (0 <= self.rotation <= 180, "rotation", "in [0, 180]"),
             (0 <= self.color_jitter < 1, "color_jitter", "in [0, 1)"),
@@ -135,6 +139,12 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         "--lr-steps", type=int, nargs="*", default=list(d.lr_steps), help="iterations of x0.1 decays"
     )
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip (0 = off)")
+    g.add_argument(
+        "--grad-clip-type",
+        choices=["norm", "full_model"],
+        default=d.grad_clip_type,
+        help="clip each parameter's gradient norm (detectron2's 'norm') or the whole model's",
+    )
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip)
     g.add_argument("--vflip", action=argparse.BooleanOptionalAction, default=d.vflip)
     g.add_argument(
