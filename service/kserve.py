@@ -37,6 +37,7 @@ from service.kserve_codec import read_inputs, write_output
 from service.kserve_io import ImageBatch, build_outputs, split_images
 from service.kserve_meta import model_config, model_index, model_metadata, model_statistics, output_names
 from service.kserve_params import RequestOptions, parse_request_parameters, parse_requested_outputs
+from service.streaming import concurrent_responses
 
 __all__ = ["SERVICE_NAME", "KServeServicer", "NotSupportedError", "add_kserve_servicer"]
 
@@ -182,31 +183,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (up to ``max_stream_inflight``); responses in completion order."""
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self._config.max_stream_inflight)
 
-        async def handle(request: pb.ModelInferRequest) -> None:
-            try:
-                await done.put(await self._stream_item(request, context))
-            finally:
-                slots.release()
+        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            return await self._stream_item(request, context)
 
-        async def read() -> None:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    async for request in request_iterator:
-                        await slots.acquire()
-                        group.create_task(handle(request))
-            finally:
-                await done.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (response := await done.get()) is not None:
-                yield response
-            await reader  # surfaces a failure reading the request stream
-        finally:
-            reader.cancel()
+        async for response in concurrent_responses(
+            request_iterator, handle, self._config.max_stream_inflight
+        ):
+            yield response
 
     async def _stream_item(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext

@@ -8,7 +8,6 @@ codes), decodes the image in the shared CPU pool, hands the array to the
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from service.config import ServerConfig
 from service.dataplane import DataPlane, ModelState, ModelStatus
 from service.errors import InvalidOptionError, WrongTaskError, status_of
 from service.imaging import ENCODINGS
+from service.streaming import concurrent_responses
 
 __all__ = ["SERVICE_NAME", "VisionServicer", "model_info"]
 
@@ -170,31 +170,14 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
     ) -> AsyncIterator[pb.StreamResponse]:
         """Items run concurrently (up to ``max_stream_inflight``); responses in completion order."""
         deadline = _deadline(context)
-        done: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self._config.max_stream_inflight)
 
-        async def handle(request: pb.StreamRequest) -> None:
-            try:
-                await done.put(await self._stream_item(request, deadline))
-            finally:
-                slots.release()
+        async def handle(request: pb.StreamRequest) -> pb.StreamResponse:
+            return await self._stream_item(request, deadline)
 
-        async def read() -> None:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    async for request in request_iterator:
-                        await slots.acquire()
-                        group.create_task(handle(request))
-            finally:
-                await done.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (response := await done.get()) is not None:
-                yield response
-            await reader  # surfaces a failure reading the request stream
-        finally:
-            reader.cancel()
+        async for response in concurrent_responses(
+            request_iterator, handle, self._config.max_stream_inflight
+        ):
+            yield response
 
     async def _stream_item(self, request: pb.StreamRequest, deadline: float | None) -> pb.StreamResponse:
         cid = request.correlation_id
