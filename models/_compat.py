@@ -24,6 +24,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +118,20 @@ def _restore_pillow_linear() -> None:
         Image.LINEAR = Image.BILINEAR  # type: ignore[attr-defined]
 
 
+def _quiet_known_warnings() -> None:
+    # Deprecation notices that detectron2 v0.6 triggers in torch and setuptools on every
+    # start; they say nothing a user of cvserve can act on.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release", category=UserWarning)
+
+
 def apply() -> None:
     """Apply the compatibility measures once; safe to call any number of times."""
     global _applied
     if _applied:
         return
+    _quiet_known_warnings()
     if not any(isinstance(f, _NativeOpsFallback) for f in sys.meta_path):
         sys.meta_path.append(_NativeOpsFallback())
     _restore_numpy_aliases()
