@@ -37,7 +37,7 @@ from models.base import VisionModel
 from models.checkpoint import META_KEY
 from models.registry import register_builder
 from models.repository import ModelSpec
-from models.training.options import resolve_device
+from models.training.options import auto_device, resolve_device
 from models.types import Instance, Mask, Prediction, Task
 
 __all__ = ["DetectronModel", "build_detectron_model", "load_config"]
@@ -129,9 +129,7 @@ class DetectronModel(VisionModel):
         self.spec = spec
         self.name = spec.name
         self.class_names = ()
-        self.device = "cuda" if spec.device == "auto" and torch.cuda.is_available() else spec.device
-        if self.device == "auto":
-            self.device = "cpu"
+        self.device = auto_device(spec.device)
         self._options = _parse_options(spec)
         self._model: torch.nn.Module | None = None
         self._resize: T.ResizeShortestEdge | None = None

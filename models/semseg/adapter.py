@@ -33,18 +33,12 @@ from models.base import VisionModel
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.semseg.config import add_semseg_config
+from models.training.options import auto_device
 from models.types import Prediction, SemanticMap, Task
 
-__all__ = ["SemanticSegmentationModel", "load_semseg_config", "resolve_device"]
+__all__ = ["SemanticSegmentationModel", "load_semseg_config"]
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other values unchanged."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def load_semseg_config(config: str) -> CfgNode:
@@ -85,7 +79,7 @@ class SemanticSegmentationModel(VisionModel):
         super().__init__()
         self.spec = spec
         self.name = spec.name
-        self.device = resolve_device(spec.device)
+        self.device = auto_device(spec.device)
         self.class_names: tuple[str, ...] = tuple(spec.options.get("class_names", ()))
         self.cfg: CfgNode | None = None
         self.model: torch.nn.Module | None = None

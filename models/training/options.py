@@ -10,6 +10,7 @@ __all__ = [
     "SCHEDULES",
     "TrainOptions",
     "add_train_options",
+    "auto_device",
     "options_from_args",
     "resolve_device",
 ]
@@ -187,6 +188,15 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(**values)
 
 
+def auto_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA device is present, else ``cpu``; others unchanged, unchecked."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a CUDA device is present, else ``cpu``; others pass through checked.
 
@@ -196,7 +206,7 @@ def resolve_device(device: str) -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return auto_device(device)
     if device == "cpu":
         return device
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
