@@ -20,7 +20,7 @@ from pycocotools import mask as mask_util
 
 from models.evaluation.coco import evaluate_loaded
 from models.evaluation.coco_io import parse_ground_truth, parse_results
-from models.evaluation.inference import map_categories
+from models.evaluation.inference import map_categories, prediction_entries
 from models.evaluation.semantic import read_label_png, semantic_metrics, update_confusion
 from models.types import Prediction
 
@@ -57,18 +57,6 @@ def _entries_from_instances(instances: Any, image_id: int, cat_map: Sequence[int
     return out
 
 
-def _entries_from_prediction(pred: Prediction, image_id: int, cat_map: Sequence[int]) -> list[dict[str, Any]]:
-    out = []
-    for inst in pred.instances:
-        x0, y0, x1, y1 = (float(v) for v in inst.box)
-        e: dict[str, Any] = {"image_id": image_id, "category_id": cat_map[inst.category_id],
-                             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(inst.score)}  # fmt: skip
-        if inst.mask is not None:
-            e["segmentation"] = inst.mask.to_coco()
-        out.append(e)
-    return out
-
-
 class COCOInstanceEvaluator(DatasetEvaluator):
     """COCO bbox / segm / keypoints AP of an instance model over a COCO-format dataset.
 
@@ -98,22 +86,15 @@ class COCOInstanceEvaluator(DatasetEvaluator):
         for inp, out in zip(inputs, outputs, strict=True):
             image_id = int(inp["image_id"])
             if isinstance(out, Prediction):
-                self._results += _entries_from_prediction(out, image_id, self._cat_map)
+                self._results += prediction_entries(out, image_id, self._cat_map)
             else:
                 self._results += _entries_from_instances(out["instances"], image_id, self._cat_map)
 
     def evaluate(self) -> OrderedDict[str, dict[str, float]]:
-        types = self._iou_types
-        if types is None:
-            first = self._results[0] if self._results else {}
-            types = (
-                ("keypoints",)
-                if "keypoints" in first
-                else ("bbox", "segm")
-                if "segmentation" in first
-                else ("bbox",)
-            )
-        metrics, _ = evaluate_loaded(self._gt, parse_results(self._results, self._gt, types), types)
+        # Without iou_types, parse_results picks them from the first entry: bbox, plus segm
+        # when masks were predicted; keypoints alone when keypoints were.
+        dets = parse_results(self._results, self._gt, self._iou_types)
+        metrics, _ = evaluate_loaded(self._gt, dets)
         out: OrderedDict[str, dict[str, float]] = OrderedDict()
         for iou_type, res in metrics.items():
             figures = {k: _percent(v) for k, v in res["stats"].items()}

@@ -30,6 +30,7 @@ __all__ = [
     "instance_results",
     "load_rgb",
     "map_categories",
+    "prediction_entries",
     "semantic_confusion",
 ]
 
@@ -99,13 +100,8 @@ def _image_paths(gt: GroundTruth, images_dir: Path) -> list[Path]:
     return paths
 
 
-def _to_entries(
-    pred: Prediction, image_id: int, cat_map: list[int], expect: tuple[int, int], path: Path
-) -> list[dict[str, Any]]:
-    if tuple(pred.image_size) != expect:
-        raise EvaluationInputError(
-            f"{path}: image is {pred.image_size[0]}x{pred.image_size[1]} but the ground truth says {expect[0]}x{expect[1]}"
-        )
+def prediction_entries(pred: Prediction, image_id: int, cat_map: Sequence[int]) -> list[dict[str, Any]]:
+    """COCO results entries of one image's instance predictions (class ``i`` becomes ``cat_map[i]``)."""
     out = []
     for inst in pred.instances:
         x0, y0, x1, y1 = (float(v) for v in inst.box)
@@ -119,6 +115,16 @@ def _to_entries(
             entry["segmentation"] = inst.mask.to_coco()
         out.append(entry)
     return out
+
+
+def _to_entries(
+    pred: Prediction, image_id: int, cat_map: list[int], expect: tuple[int, int], path: Path
+) -> list[dict[str, Any]]:
+    if tuple(pred.image_size) != expect:
+        raise EvaluationInputError(
+            f"{path}: image is {pred.image_size[0]}x{pred.image_size[1]} but the ground truth says {expect[0]}x{expect[1]}"
+        )
+    return prediction_entries(pred, image_id, cat_map)
 
 
 def instance_results(
