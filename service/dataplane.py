@@ -15,21 +15,19 @@ everything else happens here, as in KServe's ``DataPlane``:
   only (never a path a client sent);
 * per-model :class:`ModelStats` follow the Open Inference Protocol's statistics.
 
+Each model's own lifecycle, thread, batcher and statistics live in its
+:class:`~service.served_model.ServedModel`; this module adds what spans models.
+
 Deadlines are absolute ``time.monotonic()`` values.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import copy
-import dataclasses
-import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -38,8 +36,6 @@ from models.base import VisionModel
 from models.registry import build_model
 from models.repository import ModelSpec
 from models.types import Prediction
-from service.batch_policy import candidate_sizes, choose_batch_size, forward_timer
-from service.batcher import Batcher, BatchReport, ItemTiming
 from service.config import ServerConfig
 from service.errors import (
     ModelLoadError,
@@ -50,24 +46,13 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.model_state import Duration, ModelState, ModelStats, ModelStatus, Outcome
+from service.served_model import ServedModel, run_in_pool
 
 __all__ = ["DataPlane", "Duration", "ModelState", "ModelStats", "ModelStatus", "Outcome"]
 
 logger = logging.getLogger(__name__)
 _R = TypeVar("_R")
 Listener = Callable[[], Awaitable[None]]
-
-
-@dataclass(eq=False)
-class _Entry:
-    spec: ModelSpec
-    state: str = ModelState.LOADING
-    error: str = ""
-    model: VisionModel | None = None
-    batcher: Batcher[Any, Any] | None = None
-    executor: ThreadPoolExecutor | None = None
-    stats: ModelStats = field(default_factory=ModelStats)
-    loading: asyncio.Task[None] | None = None
 
 
 class DataPlane:
@@ -92,17 +77,23 @@ class DataPlane:
         cpu_pool: Executor | None = None,
     ) -> None:
         self.config = config or ServerConfig()
-        self._entries: dict[str, _Entry] = {}
-        for spec in specs:
-            if spec.name in self._entries:
-                raise ValueError(f"duplicate model name {spec.name!r}")
-            self._entries[spec.name] = _Entry(spec)
         self._metrics = metrics
-        self._builder = builder
         self._own_pool = cpu_pool is None
         self._pool = cpu_pool or ThreadPoolExecutor(
             self.config.worker_threads, thread_name_prefix="cvserve-cpu"
         )
+        self._entries: dict[str, ServedModel] = {}
+        for spec in specs:
+            if spec.name in self._entries:
+                raise ValueError(f"duplicate model name {spec.name!r}")
+            self._entries[spec.name] = ServedModel(
+                spec,
+                config=self.config,
+                metrics=metrics,
+                builder=builder,
+                pool=self._pool,
+                notify=self._notify,
+            )
         self._listeners: list[Listener] = []
         self._draining = False
         self._in_flight = 0
@@ -119,7 +110,7 @@ class DataPlane:
         """Start loading every model in the background and return at once."""
         for entry in self._entries.values():
             if entry.loading is None and entry.state == ModelState.LOADING:
-                entry.loading = asyncio.get_running_loop().create_task(self._load(entry))
+                entry.start_loading()
             if self._metrics is not None:
                 self._metrics.set_ready(entry.spec.name, False)
 
@@ -133,96 +124,6 @@ class DataPlane:
         for listener in self._listeners:
             await listener()
 
-    async def _set_state(self, entry: _Entry, state: str, error: str = "") -> None:
-        entry.state, entry.error = state, error
-        if self._metrics is not None:
-            self._metrics.set_ready(entry.spec.name, state == ModelState.READY)
-        await self._notify()
-
-    async def _load(self, entry: _Entry) -> None:
-        spec = entry.spec
-        await self._set_state(entry, ModelState.LOADING)
-        entry.executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{spec.name}")
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        try:
-            entry.model = await loop.run_in_executor(entry.executor, self._build_and_load, spec)
-            if spec.batching == "auto":
-                entry.spec = await loop.run_in_executor(entry.executor, self._tune_batch_size, entry)
-            if self._metrics is not None:
-                self._metrics.set_max_batch_size(spec.name, entry.spec.max_batch_size, spec.batching)
-            entry.batcher = self._make_batcher(entry)
-            if self.config.warmup:
-                await self._warm_up(entry)
-        except Exception as e:
-            logger.exception("model %s failed to load", spec.name)
-            await self._teardown(entry)
-            await self._set_state(entry, ModelState.FAILED, f"{type(e).__name__}: {e}")
-            return
-        entry.stats = ModelStats()  # warm-up is not traffic
-        entry.model.mark_ready()
-        logger.info("model %s v%s ready in %.2f s", spec.name, spec.version, time.monotonic() - started)
-        await self._set_state(entry, ModelState.READY)
-
-    def _build_and_load(self, spec: ModelSpec) -> VisionModel:
-        model = self._builder(spec)
-        model.load()
-        return model
-
-    def _tune_batch_size(self, entry: _Entry) -> ModelSpec:
-        """The spec with the measured fastest ``max_batch_size`` (model thread, at load time)."""
-        assert entry.model is not None
-        spec = entry.spec
-        measure = forward_timer(entry.model, _synthetic_image(480, 640))
-        decision = choose_batch_size(measure, candidate_sizes(spec.max_batch_size))
-        logger.info(
-            "model %s on %s: batching auto chose %s", spec.name, entry.model.device, decision.describe()
-        )
-        return dataclasses.replace(spec, max_batch_size=decision.size)
-
-    def _make_batcher(self, entry: _Entry) -> Batcher[Any, Any]:
-        assert entry.model is not None and entry.executor is not None
-        name = entry.spec.name
-        batcher: Batcher[Any, Any] = Batcher(
-            entry.model.forward,
-            max_batch_size=entry.spec.max_batch_size,
-            max_wait_ms=entry.spec.max_wait_ms,
-            max_queue=entry.spec.max_queue,
-            executor=entry.executor,
-            name=name,
-            on_batch=functools.partial(self._on_batch, entry),
-        )
-        if self._metrics is not None:
-            self._metrics.track_queue_depth(name, lambda: batcher.depth)
-        return batcher
-
-    async def _warm_up(self, entry: _Entry) -> None:
-        side = self.config.warmup_image_size
-        outcome = await self._run_image(entry, _synthetic_image(side, side), None)
-        if outcome.error is not None:
-            raise RuntimeError(f"warm-up inference failed: {outcome.error}") from outcome.error
-
-    def _on_batch(self, entry: _Entry, report: BatchReport) -> None:
-        stats = entry.stats
-        stats.queue.add(sum(report.queue_s), len(report.queue_s))
-        stats.compute_infer.add(report.compute_s)
-        stats.execution_count += 1
-        stats.inference_count += report.size
-        stats.last_inference_ms = int(time.time() * 1000)
-        if self._metrics is not None and entry.state == ModelState.READY:  # warm-up is not traffic
-            self._metrics.observe_batch(
-                entry.spec.name, report.size, report.queue_s, report.compute_s, report.failed
-            )
-
-    async def _teardown(self, entry: _Entry) -> None:
-        if entry.batcher is not None:
-            await entry.batcher.close()
-        if entry.executor is not None:
-            entry.executor.shutdown(wait=False)
-        if entry.model is not None:
-            entry.model.mark_ready(False)
-        entry.model, entry.batcher, entry.executor = None, None, None
-
     async def load(self, name: str) -> ModelStatus:
         """Load (or finish loading) a model of the repository by name.
 
@@ -232,14 +133,14 @@ class DataPlane:
         """
         entry = self._entry(name)
         if entry.state == ModelState.READY:
-            return self._status(entry)
-        if entry.loading is None or entry.loading.done():
-            entry.state = ModelState.LOADING
-            entry.loading = asyncio.get_running_loop().create_task(self._load(entry))
-        await asyncio.shield(entry.loading)
+            return entry.status()
+        loading = entry.loading
+        if loading is None or loading.done():
+            loading = entry.start_loading()
+        await asyncio.shield(loading)
         if entry.state != ModelState.READY:
             raise ModelLoadError(f"model {name!r} failed to load: {entry.error}")
-        return self._status(entry)
+        return entry.status()
 
     async def unload(self, name: str) -> ModelStatus:
         """Stop serving a model: refuse new requests, finish queued ones, free it.
@@ -250,9 +151,9 @@ class DataPlane:
         entry = self._entry(name)
         if entry.loading is not None and not entry.loading.done():
             await asyncio.shield(entry.loading)
-        await self._set_state(entry, ModelState.UNLOADED)
-        await self._teardown(entry)
-        return self._status(entry)
+        await entry.set_state(ModelState.UNLOADED)
+        await entry.teardown()
+        return entry.status()
 
     @property
     def draining(self) -> bool:
@@ -282,32 +183,22 @@ class DataPlane:
             if entry.loading is not None and not entry.loading.done():
                 # A load still running in its thread finishes there; nobody awaits it any more.
                 entry.loading.cancel()
-            await self._teardown(entry)
+            await entry.teardown()
         if self._own_pool:
             self._pool.shutdown(wait=False)
 
     # ---- lookup --------------------------------------------------------------------------------
 
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str) -> ServedModel:
         try:
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "none"
             raise ModelNotFoundError(f"unknown model {name!r}; served models: {known}") from None
 
-    def _status(self, entry: _Entry) -> ModelStatus:
-        model = entry.model
-        return ModelStatus(
-            spec=entry.spec,
-            state=entry.state,
-            error=entry.error,
-            class_names=tuple(model.class_names) if model is not None else (),
-            device=str(model.device) if model is not None else "",
-        )
-
     def models(self) -> list[ModelStatus]:
         """Every model of the repository, in repository order."""
-        return [self._status(e) for e in self._entries.values()]
+        return [e.status() for e in self._entries.values()]
 
     def get(self, name: str, version: str | None = None) -> ModelStatus:
         """One model's status.
@@ -320,7 +211,7 @@ class DataPlane:
             raise VersionNotFoundError(
                 f"model {name!r} has no version {version!r}; served version: {entry.spec.version!r}"
             )
-        return self._status(entry)
+        return entry.status()
 
     def is_ready(self, name: str) -> bool:
         """True when ``name`` exists and serves (False for unknown names too)."""
@@ -349,15 +240,11 @@ class DataPlane:
 
     async def run_cpu(self, fn: Callable[..., _R], *args: Any) -> _R:
         """Run ``fn(*args)`` in the shared CPU pool, carrying the caller's context (request id)."""
-        ctx = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, functools.partial(ctx.run, fn, *args)
-        )
+        return await run_in_pool(self._pool, fn, *args)
 
     def observe_stage(self, name: str, stage: str, seconds: float) -> None:
         """Record one image's time in a serving stage (see :data:`service.metrics.STAGES`)."""
-        if self._metrics is not None and self._entries[name].state == ModelState.READY:
-            self._metrics.observe_stage(name, stage, seconds)
+        self._entries[name].observe_stage(stage, seconds)
 
     async def infer(
         self,
@@ -392,44 +279,8 @@ class DataPlane:
         self._in_flight += 1
         self._idle.clear()
         try:
-            return list(await asyncio.gather(*(self._run_image(entry, img, deadline) for img in images)))
+            return list(await asyncio.gather(*(entry.run_image(img, deadline) for img in images)))
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-
-    async def _run_image(self, entry: _Entry, image: np.ndarray, deadline: float | None) -> Outcome:
-        model, batcher, stats = entry.model, entry.batcher, entry.stats
-        timing = ItemTiming()
-        start = time.monotonic()
-        try:
-            if model is None or batcher is None:
-                raise ModelNotReadyError(f"model {entry.spec.name!r} is not loaded")
-            inputs, seconds = await self.run_cpu(_timed, model.preprocess, image)
-            stats.compute_input.add(seconds)
-            self.observe_stage(entry.spec.name, "preprocess", seconds)
-            raw = await batcher.submit(inputs, deadline=deadline, timing=timing)
-            size = (int(image.shape[0]), int(image.shape[1]))
-            prediction, seconds = await self.run_cpu(_timed, model.postprocess, raw, size)
-            stats.compute_output.add(seconds)
-            self.observe_stage(entry.spec.name, "postprocess", seconds)
-        except Exception as e:
-            stats.failure.add(time.monotonic() - start)
-            return Outcome(None, e, timing)
-        stats.success.add(time.monotonic() - start)
-        return Outcome(prediction, None, timing)
-
-
-def _timed(fn: Callable[..., _R], *args: Any) -> tuple[_R, float]:
-    """``fn(*args)`` and its duration: measured in the worker, so pool queueing is not counted."""
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - start
-
-
-def _synthetic_image(height: int, width: int) -> np.ndarray:
-    """A smooth RGB test pattern (colour ramps) for warm-up and batch-size measurement."""
-    rows = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
-    cols = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
-    image = np.stack(np.broadcast_arrays(cols, rows, cols[:, ::-1]), axis=-1)
-    return np.ascontiguousarray(image)

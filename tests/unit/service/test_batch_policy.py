@@ -10,7 +10,7 @@ import pytest
 
 from models.repository import AUTO_BATCH_LIMIT, ModelSpec, RepositoryError, load_repository
 from models.types import Task
-from service import batch_policy, dataplane
+from service import batch_policy, served_model
 from service.config import ServerConfig
 from service.dataplane import DataPlane
 from service.metrics import Metrics
@@ -95,7 +95,7 @@ def test_repository_accepts_auto_and_explicit_numbers(tmp_path: Path) -> None:
 def test_dataplane_runs_the_chosen_size_and_reports_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """The data plane measures at load (here: injected costs), serves with the choice, exposes it."""
     measure, calls = cost({1: 20.0, 2: 11.0, 4: 10.9, 8: 5.0})
-    monkeypatch.setattr(dataplane, "forward_timer", lambda model, image: measure)
+    monkeypatch.setattr(served_model, "forward_timer", lambda model, image: measure)
     specs = [
         ModelSpec(name="auto", task=Task.INSTANCE, config="-", max_batch_size=8, batching="auto"),
         ModelSpec(name="fixed", task=Task.INSTANCE, config="-", max_batch_size=3),
