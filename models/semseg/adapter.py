@@ -30,6 +30,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model as build_d2_model
 
 from models.base import VisionModel
+from models.checkpoint import META_KEY
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.semseg.config import add_semseg_config
@@ -122,7 +123,7 @@ class SemanticSegmentationModel(VisionModel):
         return dict(DetectionCheckpointer(model).load(weights) or {})
 
     def _class_names(self, cfg: CfgNode, extra: dict[str, Any]) -> tuple[str, ...]:
-        names = (extra.get("__cvserve__") or {}).get("class_names")
+        names = (extra.get(META_KEY) or {}).get("class_names")
         if not names and cfg.DATASETS.TEST:
             names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes")
         if not names:
