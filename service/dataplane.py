@@ -218,6 +218,12 @@ class DataPlane:
         entry = self._entries.get(name)
         return entry is not None and entry.state == ModelState.READY and not self._draining
 
+    def server_ready(self) -> bool:
+        """True once no model is loading, at least one serves, and the server is not draining."""
+        entries = self._entries.values()
+        settled = all(e.state != ModelState.LOADING for e in entries)
+        return settled and not self._draining and any(e.state == ModelState.READY for e in entries)
+
     def require_ready(self, name: str, version: str | None = None) -> ModelStatus:
         """Like :meth:`get`, but also raise ``ModelNotReadyError`` / ``ServerDrainingError``."""
         status = self.get(name, version)

@@ -30,7 +30,7 @@ from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service.codec import apply_options
 from service.config import ServerConfig
-from service.dataplane import DataPlane, ModelState, ModelStatus
+from service.dataplane import DataPlane, ModelStatus
 from service.errors import InvalidOptionError, ServiceError, status_of
 from service.imaging import decode_image
 from service.kserve_codec import read_inputs, write_output
@@ -91,10 +91,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: object) -> pb.ServerReadyResponse:
         """Ready once no model is loading, at least one serves, and the server is not draining."""
-        statuses = self._dp.models()
-        settled = all(s.state != ModelState.LOADING for s in statuses)
-        ready = settled and not self._dp.draining and any(self._dp.is_ready(s.name) for s in statuses)
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self._dp.server_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: object) -> pb.ModelReadyResponse:
         """False for unknown models and versions too, so probes need no error handling."""

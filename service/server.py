@@ -79,11 +79,9 @@ class Server:
 
     async def _update_health(self) -> None:
         dp = self.dataplane
-        statuses = dp.models()
-        for status in statuses:
+        for status in dp.models():
             await self.health.set(status.name, _SERVING if dp.is_ready(status.name) else _NOT_SERVING)
-        settled = all(s.state != "loading" for s in statuses)
-        overall = settled and not dp.draining and any(dp.is_ready(s.name) for s in statuses)
+        overall = dp.server_ready()
         for service in ("", *self.service_names):
             await self.health.set(service, _SERVING if overall else _NOT_SERVING)
 
