@@ -7,69 +7,19 @@ traceback from inside pycocotools or numpy.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.evaluation.checks import BOX_HELP, box_ok, finite, is_int, load_json
 from models.evaluation.errors import EvaluationInputError, describe
 
 __all__ = ["Detections", "GroundTruth", "load_json", "parse_ground_truth", "parse_results"]
 
-_NUM = (int, float)  # ``type(x) in _NUM`` deliberately rejects bool
 IOU_TYPES = ("bbox", "segm", "keypoints")
 _TYPE_FIELD = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}
-
-
-def load_json(source: str | os.PathLike[str] | dict[str, Any] | list[Any], what: str) -> tuple[Any, str]:
-    """Parse ``source`` if it is a path; return ``(data, name for messages)``.
-
-    Raises:
-        EvaluationInputError: the file is missing, empty or not JSON.
-    """
-    if isinstance(source, (dict, list)):
-        return source, f"<{what}>"
-    path = Path(source)
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise EvaluationInputError(f"{path}: {what} file not found") from None
-    except OSError as e:
-        raise EvaluationInputError(f"{path}: cannot read {what} file: {e.strerror}") from None
-    if not text.strip():
-        raise EvaluationInputError(f"{path}: {what} file is empty")
-    try:
-        return json.loads(text), str(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        detail = (
-            f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
-        )
-        raise EvaluationInputError(f"{path}: {what} file is not valid JSON: {detail}") from None
-
-
-def _is_int(v: Any) -> bool:
-    return type(v) is int
-
-
-def _finite(v: Any) -> bool:
-    return type(v) in _NUM and math.isfinite(v)
-
-
-def _box_ok(b: Any) -> bool:
-    return (
-        type(b) is list
-        and len(b) == 4
-        and all(type(v) in _NUM and math.isfinite(v) for v in b)
-        and b[2] >= 0
-        and b[3] >= 0
-    )
-
-
-_BOX_HELP = "expected [x, y, width, height]: 4 finite numbers, width and height >= 0"
 
 
 @dataclass
@@ -121,12 +71,12 @@ def _parse_images(
         where = f"{source}: images[{i}]"
         if type(im) is not dict:
             raise EvaluationInputError(f"{where}: expected an object, got {describe(im)}")
-        if not _is_int(im.get("id")):
+        if not is_int(im.get("id")):
             raise EvaluationInputError(
                 f"{where}: field 'id': expected an integer, got {describe(im.get('id'))}"
             )
         for key in ("height", "width"):
-            if key in im and not (_is_int(im[key]) and im[key] > 0):
+            if key in im and not (is_int(im[key]) and im[key] > 0):
                 raise EvaluationInputError(
                     f"{where}: field '{key}': expected a positive integer, got {describe(im[key])}"
                 )
@@ -154,7 +104,7 @@ def _parse_categories(cats: list[Any], source: str) -> tuple[np.ndarray, dict[in
         where = f"{source}: categories[{i}]"
         if type(c) is not dict:
             raise EvaluationInputError(f"{where}: expected an object, got {describe(c)}")
-        if not _is_int(c.get("id")):
+        if not is_int(c.get("id")):
             raise EvaluationInputError(
                 f"{where}: field 'id': expected an integer, got {describe(c.get('id'))}"
             )
@@ -175,22 +125,22 @@ def _check_annotation(
     """Validate one ground-truth annotation; ``seen`` collects the ids so far."""
     if type(a) is not dict:
         raise EvaluationInputError(f"{where}: expected an object, got {describe(a)}")
-    if not _is_int(a.get("id")) or a["id"] in seen:  # type check first: lists are unhashable
-        what = "duplicate id" if _is_int(a.get("id")) else "expected an integer, got"
+    if not is_int(a.get("id")) or a["id"] in seen:  # type check first: lists are unhashable
+        what = "duplicate id" if is_int(a.get("id")) else "expected an integer, got"
         raise EvaluationInputError(f"{where}: field 'id': {what} {describe(a.get('id'))}")
     seen.add(a["id"])
     where = f"{where} (id {a['id']})"
-    if not _is_int(a.get("image_id")) or a["image_id"] not in image_index:
+    if not is_int(a.get("image_id")) or a["image_id"] not in image_index:
         raise EvaluationInputError(
             f"{where}: field 'image_id': {describe(a.get('image_id'))} is not an id in 'images'"
         )
-    if not _is_int(a.get("category_id")) or a["category_id"] not in cat_index:
+    if not is_int(a.get("category_id")) or a["category_id"] not in cat_index:
         raise EvaluationInputError(
             f"{where}: field 'category_id': {describe(a.get('category_id'))} is not an id in 'categories'"
         )
-    if not _box_ok(a.get("bbox")):
-        raise EvaluationInputError(f"{where}: field 'bbox': {_BOX_HELP}, got {describe(a.get('bbox'))}")
-    if not (_finite(a.get("area")) and a["area"] >= 0):
+    if not box_ok(a.get("bbox")):
+        raise EvaluationInputError(f"{where}: field 'bbox': {BOX_HELP}, got {describe(a.get('bbox'))}")
+    if not (finite(a.get("area")) and a["area"] >= 0):
         raise EvaluationInputError(
             f"{where}: field 'area': expected a finite number >= 0, got {describe(a.get('area'))}"
         )
@@ -262,15 +212,15 @@ def _check_result(r: Any, where: str, gt: GroundTruth, types: tuple[str, ...]) -
     """Validate one results entry for the IoU types to evaluate."""
     if type(r) is not dict:
         raise EvaluationInputError(f"{where}: expected an object, got {describe(r)}")
-    if not _is_int(r.get("image_id")) or r["image_id"] not in gt.image_index:
+    if not is_int(r.get("image_id")) or r["image_id"] not in gt.image_index:
         raise EvaluationInputError(
             f"{where}: field 'image_id': {describe(r.get('image_id'))} is not an image id of {gt.source}"
         )
-    if not _is_int(r.get("category_id")) or r["category_id"] not in gt.cat_index:
+    if not is_int(r.get("category_id")) or r["category_id"] not in gt.cat_index:
         raise EvaluationInputError(
             f"{where}: field 'category_id': {describe(r.get('category_id'))} is not a category id of {gt.source}"
         )
-    if not _finite(r.get("score")):
+    if not finite(r.get("score")):
         raise EvaluationInputError(
             f"{where}: field 'score': expected a finite number, got {describe(r.get('score'))}"
         )
@@ -279,8 +229,8 @@ def _check_result(r: Any, where: str, gt: GroundTruth, types: tuple[str, ...]) -
             raise EvaluationInputError(
                 f"{where}: field '{_TYPE_FIELD[t]}' is missing (needed for {t} evaluation)"
             )
-    if "bbox" in types and not _box_ok(r["bbox"]):
-        raise EvaluationInputError(f"{where}: field 'bbox': {_BOX_HELP}, got {describe(r['bbox'])}")
+    if "bbox" in types and not box_ok(r["bbox"]):
+        raise EvaluationInputError(f"{where}: field 'bbox': {BOX_HELP}, got {describe(r['bbox'])}")
 
 
 def parse_results(

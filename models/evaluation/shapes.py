@@ -8,12 +8,12 @@ its mask area, as detectron2's COCOEvaluator does by dropping the box before loa
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_util
 
+from models.evaluation.checks import finite
 from models.evaluation.coco_io import Detections, GroundTruth
 from models.evaluation.errors import EvaluationInputError, describe
 
@@ -134,11 +134,7 @@ def _areas(rles: list[dict[str, Any]]) -> np.ndarray:
 
 def _kpt_array(values: Any, where: str) -> np.ndarray:
     n = 3 * len(KEYPOINT_SIGMAS)
-    if not (
-        type(values) is list
-        and len(values) == n
-        and all(type(v) in (int, float) and math.isfinite(v) for v in values)
-    ):
+    if not (type(values) is list and len(values) == n and all(finite(v) for v in values)):
         raise EvaluationInputError(
             f"{where}: field 'keypoints': expected {n} finite numbers (x, y, v) * {n // 3}, got {describe(values)}"
         )
@@ -173,11 +169,7 @@ def dt_keypoints(dets: Detections) -> tuple[np.ndarray, np.ndarray]:
             k = _kpt_array(r.get("keypoints"), f"{dets.source}: entry {i}")
             box = r.get("bbox")
             if box:
-                if not (
-                    type(box) is list
-                    and len(box) == 4
-                    and all(type(v) in (int, float) and math.isfinite(v) for v in box)
-                ):
+                if not (type(box) is list and len(box) == 4 and all(finite(v) for v in box)):
                     raise EvaluationInputError(
                         f"{dets.source}: entry {i}: field 'bbox': expected 4 finite numbers, got {describe(box)}"
                     )
