@@ -15,102 +15,22 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
-import numpy as np
 
 from models.types import Prediction, Task
 from service import codec
-from service._proto.cvserve.v1 import types_pb2 as types_pb
 from service._proto.cvserve.v1 import vision_service_pb2 as pb
 from service._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
+from service.client_messages import (
+    ClientError,
+    Image,
+    detect_request,
+    model_to_dict,
+    segment_request,
+    stream_request,
+    stream_result,
+)
 
 __all__ = ["AsyncClient", "Client", "ClientError", "model_to_dict"]
-
-Image = bytes | np.ndarray
-_TASKS = {types_pb.TASK_INSTANCE: Task.INSTANCE, types_pb.TASK_SEMANTIC: Task.SEMANTIC}
-_STATES = {
-    pb.MODEL_STATE_LOADING: "loading",
-    pb.MODEL_STATE_READY: "ready",
-    pb.MODEL_STATE_FAILED: "failed",
-    pb.MODEL_STATE_UNLOADED: "unloaded",
-}
-
-
-class ClientError(Exception):
-    """A failed call.
-
-    Attributes:
-        code: the ``grpc.StatusCode``.
-        message: the server's message.
-        request_id: the server's request id for this call, when it sent one.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-
-    @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> ClientError:
-        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-        details = error.details() if hasattr(error, "details") else str(error)
-        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-        request_id = dict(trailing or ()).get("x-request-id")
-        return cls(code, details or "", request_id)
-
-
-def model_to_dict(info: pb.ModelInfo) -> dict[str, Any]:
-    """A ``ModelInfo`` proto as plain Python values."""
-    task = _TASKS.get(info.task)
-    return {
-        "name": info.name,
-        "version": info.version,
-        "task": task.value if task else "unspecified",
-        "class_names": list(info.class_names),
-        "ready": info.ready,
-        "state": _STATES.get(info.state, "unspecified"),
-        "error": info.error,
-        "device": info.device,
-        "precision": info.precision,
-        "input_limits": {
-            "max_image_pixels": info.input_limits.max_image_pixels,
-            "max_message_bytes": info.input_limits.max_message_bytes,
-            "encodings": list(info.input_limits.encodings),
-        },
-        "batching": {
-            "max_batch_size": info.batching.max_batch_size,
-            "max_wait_ms": info.batching.max_wait_ms,
-            "max_queue": info.batching.max_queue,
-        },
-    }
-
-
-def detect_request(
-    image: Image,
-    *,
-    model: str,
-    version: str = "",
-    score_threshold: float | None = None,
-    max_detections: int | None = None,
-    classes: Sequence[str] | None = None,
-    mask_format: str = "rle",
-) -> pb.DetectRequest:
-    """Build a ``DetectRequest``; ``classes`` are class names. Raises ``ValueError`` on bad input."""
-    options = pb.DetectOptions(
-        class_names=list(classes or ()), mask_format=codec.mask_format_to_proto(mask_format)
-    )
-    if score_threshold is not None:
-        options.score_threshold = score_threshold
-    if max_detections is not None:
-        options.max_detections = max_detections
-    return pb.DetectRequest(
-        model=model, model_version=version, image=codec.image_to_proto(image), options=options
-    )
-
-
-def segment_request(image: Image, *, model: str, version: str = "") -> pb.SegmentRequest:
-    """Build a ``SegmentRequest``."""
-    return pb.SegmentRequest(model=model, model_version=version, image=codec.image_to_proto(image))
 
 
 def _channel_args(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -127,18 +47,10 @@ def _ssl_credentials(
     return grpc.ssl_channel_credentials(root_certificates, private_key=key, certificate_chain=chain)
 
 
-class Client:
-    """Synchronous client; one instance may be shared by threads.
+class _ClientBase:
+    """Channel, stub, deadline and credentials shared by :class:`Client` and :class:`AsyncClient`."""
 
-    Args:
-        address: ``host:port`` of the server.
-        timeout: deadline of each call in seconds; None for none.
-        root_certificates: PEM roots to verify a TLS server; None for plaintext.
-        client_certificate: ``(certificate_chain, private_key)`` PEM bytes presented to a
-            server that requires mutual TLS (needs ``root_certificates``).
-        token: bearer token sent as ``authorization`` metadata.
-        max_message_bytes: largest message sent or received.
-    """
+    _api: Any = grpc  # the module whose channels this client opens: ``grpc`` or ``grpc.aio``
 
     def __init__(
         self,
@@ -153,14 +65,28 @@ class Client:
         args = _channel_args(max_message_bytes)
         if root_certificates is not None:
             creds = _ssl_credentials(root_certificates, client_certificate)
-            self._channel = grpc.secure_channel(address, creds, options=args)
+            self._channel = self._api.secure_channel(address, creds, options=args)
         else:
-            self._channel = grpc.insecure_channel(address, options=args)
+            self._channel = self._api.insecure_channel(address, options=args)
         self._stub = pb_grpc.VisionServiceStub(self._channel)
         self._timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._tasks: dict[str, Task] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _tasks for the thread-safe sync client
+
+
+class Client(_ClientBase):
+    """Synchronous client; one instance may be shared by threads.
+
+    Args:
+        address: ``host:port`` of the server.
+        timeout: deadline of each call in seconds; None for none.
+        root_certificates: PEM roots to verify a TLS server; None for plaintext.
+        client_certificate: ``(certificate_chain, private_key)`` PEM bytes presented to a
+            server that requires mutual TLS (needs ``root_certificates``).
+        token: bearer token sent as ``authorization`` metadata.
+        max_message_bytes: largest message sent or received.
+    """
 
     def _call(self, method: Any, request: Any) -> Any:
         try:
@@ -233,21 +159,15 @@ class Client:
             does not stop the others.
         """
         task = self._task(model)
-
-        def requests() -> Iterator[pb.StreamRequest]:
-            for i, image in enumerate(images):
-                if task is Task.INSTANCE:
-                    yield pb.StreamRequest(
-                        correlation_id=str(i), detect=detect_request(image, model=model, **detect_options)
-                    )
-                else:
-                    yield pb.StreamRequest(correlation_id=str(i), segment=segment_request(image, model=model))
-
+        requests = (
+            stream_request(i, image, task=task, model=model, detect_options=detect_options)
+            for i, image in enumerate(images)
+        )
         try:
             for response in self._stub.PredictStream(
-                requests(), timeout=self._timeout, metadata=self._metadata
+                requests, timeout=self._timeout, metadata=self._metadata
             ):
-                yield int(response.correlation_id), _stream_result(response)
+                yield int(response.correlation_id), stream_result(response)
         except grpc.RpcError as e:
             raise ClientError.from_rpc_error(e) from None
 
@@ -269,39 +189,10 @@ class Client:
         self.close()
 
 
-def _stream_result(response: pb.StreamResponse) -> Prediction | ClientError:
-    kind = response.WhichOneof("result")
-    if kind == "detect":
-        return codec.prediction_from_detect(response.detect)
-    if kind == "segment":
-        return codec.prediction_from_segment(response.segment)
-    code = next((c for c in grpc.StatusCode if c.value[0] == response.error.code), grpc.StatusCode.UNKNOWN)
-    return ClientError(code, response.error.message)
-
-
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """The same API as :class:`Client`, as coroutines on a ``grpc.aio`` channel."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        timeout: float | None = None,
-        root_certificates: bytes | None = None,
-        client_certificate: tuple[bytes, bytes] | None = None,
-        token: str | None = None,
-        max_message_bytes: int = 64 << 20,
-    ) -> None:
-        args = _channel_args(max_message_bytes)
-        if root_certificates is not None:
-            creds = _ssl_credentials(root_certificates, client_certificate)
-            self._channel = grpc.aio.secure_channel(address, creds, options=args)
-        else:
-            self._channel = grpc.aio.insecure_channel(address, options=args)
-        self._stub = pb_grpc.VisionServiceStub(self._channel)
-        self._timeout = timeout
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._tasks: dict[str, Task] = {}
+    _api = grpc.aio
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
@@ -319,11 +210,14 @@ class AsyncClient:
         response = await self._call(self._stub.Segment, segment_request(image, model=model))
         return codec.prediction_from_segment(response)
 
-    async def predict(self, image: Image, *, model: str) -> Prediction:
-        """See :meth:`Client.predict`."""
+    async def _task(self, model: str) -> Task:
         if model not in self._tasks:
             self._tasks[model] = Task((await self.get_model(model))["task"])
-        if self._tasks[model] is Task.INSTANCE:
+        return self._tasks[model]
+
+    async def predict(self, image: Image, *, model: str) -> Prediction:
+        """See :meth:`Client.predict`."""
+        if await self._task(model) is Task.INSTANCE:
             return await self.detect(image, model=model)
         return await self.segment(image, model=model)
 
@@ -331,19 +225,15 @@ class AsyncClient:
         self, images: Iterable[Image], *, model: str, **detect_options: Any
     ) -> AsyncIterator[tuple[int, Prediction | ClientError]]:
         """See :meth:`Client.predict_stream`."""
-        if model not in self._tasks:
-            self._tasks[model] = Task((await self.get_model(model))["task"])
-        instance = self._tasks[model] is Task.INSTANCE
+        task = await self._task(model)
         requests = [
-            pb.StreamRequest(correlation_id=str(i), detect=detect_request(img, model=model, **detect_options))
-            if instance
-            else pb.StreamRequest(correlation_id=str(i), segment=segment_request(img, model=model))
+            stream_request(i, img, task=task, model=model, detect_options=detect_options)
             for i, img in enumerate(images)
         ]
         call = self._stub.PredictStream(iter(requests), timeout=self._timeout, metadata=self._metadata)
         try:
             async for response in call:
-                yield int(response.correlation_id), _stream_result(response)
+                yield int(response.correlation_id), stream_result(response)
         except grpc.RpcError as e:
             raise ClientError.from_rpc_error(e) from None
 
