@@ -47,7 +47,7 @@ from models.data.augment import build_augmentations
 from models.training.history import MetricsHistory, flatten_results
 from models.training.monitor import ProgressLog, Selection
 from models.training.options import TrainOptions, add_train_options, options_from_args, resolve_device
-from models.training.solver import build_lr_scheduler, build_optimizer, l1_penalty
+from models.training.solver import build_lr_scheduler, build_optimizer, train_step
 
 __all__ = ["TrainOptions", "TrainResult", "add_train_options", "options_from_args", "train"]
 
@@ -136,49 +136,6 @@ def evaluate(cfg: CfgNode, model: torch.nn.Module, dataset: str) -> dict[str, fl
         results = inference_on_dataset(model, loader, evaluator)
     logger.debug("evaluation output:\n%s", captured.getvalue())
     return flatten_results(dict(results or {}))
-
-
-def _clip_gradients(model: torch.nn.Module, options: TrainOptions) -> None:
-    # detectron2's CLIP_TYPE "norm" clips each parameter's gradient on its own; clipping the
-    # whole model's norm to the same value throttles training from scratch, where the
-    # global norm is large. "full_model" is the global variant, for those who want it.
-    if options.grad_clip_type == "full_model":
-        torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-        return
-    for p in model.parameters():
-        if p.grad is not None:
-            torch.nn.utils.clip_grad_norm_(p, options.grad_clip)
-
-
-def _train_step(
-    model: torch.nn.Module,
-    batch: list[dict[str, Any]],
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    options: TrainOptions,
-    use_amp: bool,
-) -> dict[str, float]:
-    with torch.autocast("cuda", enabled=use_amp):
-        loss_dict = model(batch)
-    total = sum(loss_dict.values())
-    values = {k: float(v.detach()) for k, v in loss_dict.items()}
-    if options.l1:
-        penalty = options.l1 * l1_penalty(model)
-        total = total + penalty
-        values["l1_loss"] = float(penalty.detach())
-    if not torch.isfinite(total):
-        raise FloatingPointError(
-            f"training diverged: loss is {float(total)} ({values}); lower --lr or raise --warmup-iters"
-        )
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()
-    if options.grad_clip:
-        scaler.unscale_(optimizer)
-        _clip_gradients(model, options)
-    scaler.step(optimizer)
-    scaler.update()
-    values["total_loss"] = float(total.detach())
-    return values
 
 
 def train(
@@ -301,7 +258,7 @@ class _Trainer:
 
     def _step(self, iteration: int) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
-        losses = _train_step(
+        losses = train_step(
             self.model, next(self.data), self.optimizer, self.scaler, self.options, self.use_amp
         )
         if iteration < self.options.max_iter:  # fvcore schedules are undefined past the end

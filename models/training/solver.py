@@ -1,6 +1,8 @@
-"""Optimizers, learning-rate schedules and the L1 penalty for :mod:`models.train`."""
+"""Optimizers, learning-rate schedules, the L1 penalty and the training step for :mod:`models.train`."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import models  # noqa: F401  (detectron2 compatibility layer first)
 
@@ -18,7 +20,7 @@ from fvcore.common.param_scheduler import (
 
 from models.training.options import TrainOptions
 
-__all__ = ["build_lr_scheduler", "build_optimizer", "l1_penalty"]
+__all__ = ["build_lr_scheduler", "build_optimizer", "l1_penalty", "train_step"]
 
 
 def build_optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
@@ -66,3 +68,51 @@ def l1_penalty(model: torch.nn.Module) -> torch.Tensor:
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum()
+
+
+def _clip_gradients(model: torch.nn.Module, options: TrainOptions) -> None:
+    # detectron2's CLIP_TYPE "norm" clips each parameter's gradient on its own; clipping the
+    # whole model's norm to the same value throttles training from scratch, where the
+    # global norm is large. "full_model" is the global variant, for those who want it.
+    if options.grad_clip_type == "full_model":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            torch.nn.utils.clip_grad_norm_(p, options.grad_clip)
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: list[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    options: TrainOptions,
+    use_amp: bool,
+) -> dict[str, float]:
+    """One optimisation step on ``batch``; returns the loss values (``total_loss`` included).
+
+    Raises:
+        FloatingPointError: the loss is NaN or infinite.
+    """
+    with torch.autocast("cuda", enabled=use_amp):
+        loss_dict = model(batch)
+    total = sum(loss_dict.values())
+    values = {k: float(v.detach()) for k, v in loss_dict.items()}
+    if options.l1:
+        penalty = options.l1 * l1_penalty(model)
+        total = total + penalty
+        values["l1_loss"] = float(penalty.detach())
+    if not torch.isfinite(total):
+        raise FloatingPointError(
+            f"training diverged: loss is {float(total)} ({values}); lower --lr or raise --warmup-iters"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if options.grad_clip:
+        scaler.unscale_(optimizer)
+        _clip_gradients(model, options)
+    scaler.step(optimizer)
+    scaler.update()
+    values["total_loss"] = float(total.detach())
+    return values
