@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from models.types import Prediction, Task
-from service import codec
+from service import client_codec
 from service._proto.cvserve.v1 import vision_service_pb2 as pb
 from service._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
 from service.client_messages import (
@@ -126,11 +126,11 @@ class Client(_ClientBase):
             classes=classes,
             mask_format=mask_format,
         )
-        return codec.prediction_from_detect(response)
+        return client_codec.prediction_from_detect(response)
 
     def segment(self, image: Image, *, model: str) -> Prediction:
         """Segment one image with a semantic model; the label map is in ``prediction.semantic``."""
-        return codec.prediction_from_segment(self.segment_response(image, model=model))
+        return client_codec.prediction_from_segment(self.segment_response(image, model=model))
 
     def _task(self, model: str) -> Task:
         with self._lock:
@@ -203,12 +203,12 @@ class AsyncClient(_ClientBase):
     async def detect(self, image: Image, *, model: str, **options: Any) -> Prediction:
         """See :meth:`Client.detect`."""
         response = await self._call(self._stub.Detect, detect_request(image, model=model, **options))
-        return codec.prediction_from_detect(response)
+        return client_codec.prediction_from_detect(response)
 
     async def segment(self, image: Image, *, model: str) -> Prediction:
         """See :meth:`Client.segment`."""
         response = await self._call(self._stub.Segment, segment_request(image, model=model))
-        return codec.prediction_from_segment(response)
+        return client_codec.prediction_from_segment(response)
 
     async def _task(self, model: str) -> Task:
         if model not in self._tasks:

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from models.types import Prediction, Task
-from service import codec
+from service import client_codec
 from service._proto.cvserve.v1 import types_pb2 as types_pb
 from service._proto.cvserve.v1 import vision_service_pb2 as pb
 
@@ -99,20 +99,20 @@ def detect_request(
 ) -> pb.DetectRequest:
     """Build a ``DetectRequest``; ``classes`` are class names. Raises ``ValueError`` on bad input."""
     options = pb.DetectOptions(
-        class_names=list(classes or ()), mask_format=codec.mask_format_to_proto(mask_format)
+        class_names=list(classes or ()), mask_format=client_codec.mask_format_to_proto(mask_format)
     )
     if score_threshold is not None:
         options.score_threshold = score_threshold
     if max_detections is not None:
         options.max_detections = max_detections
     return pb.DetectRequest(
-        model=model, model_version=version, image=codec.image_to_proto(image), options=options
+        model=model, model_version=version, image=client_codec.image_to_proto(image), options=options
     )
 
 
 def segment_request(image: Image, *, model: str, version: str = "") -> pb.SegmentRequest:
     """Build a ``SegmentRequest``."""
-    return pb.SegmentRequest(model=model, model_version=version, image=codec.image_to_proto(image))
+    return pb.SegmentRequest(model=model, model_version=version, image=client_codec.image_to_proto(image))
 
 
 def stream_request(
@@ -131,8 +131,8 @@ def stream_result(response: pb.StreamResponse) -> Prediction | ClientError:
     """A ``PredictStream`` response as a prediction, or the item's error as a ``ClientError``."""
     kind = response.WhichOneof("result")
     if kind == "detect":
-        return codec.prediction_from_detect(response.detect)
+        return client_codec.prediction_from_detect(response.detect)
     if kind == "segment":
-        return codec.prediction_from_segment(response.segment)
+        return client_codec.prediction_from_segment(response.segment)
     code = next((c for c in grpc.StatusCode if c.value[0] == response.error.code), grpc.StatusCode.UNKNOWN)
     return ClientError(code, response.error.message)
