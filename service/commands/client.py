@@ -90,8 +90,9 @@ def _summary(response: Any) -> dict[str, Any]:
     }
 
 
-def _predict(client: Any, args: argparse.Namespace, data: bytes) -> tuple[Any, dict[str, Any], Any]:
-    from service import codec
+def _predict(client: Any, args: argparse.Namespace, data: bytes) -> tuple[dict[str, Any], Any, Any]:
+    """The printed JSON, the prediction and its per-detection class names (None when segmenting)."""
+    from service import client_codec
 
     task = "instance" if args.action == "detect" else "semantic"
     model = args.model or _pick_model(client, task)
@@ -107,18 +108,14 @@ def _predict(client: Any, args: argparse.Namespace, data: bytes) -> tuple[Any, d
         )
         names = [d.class_name for d in response.detections]
         return (
-            response,
             _summary(response) | _detect_json(response),
-            (codec.prediction_from_detect(response), names),
+            client_codec.prediction_from_detect(response),
+            names,
         )
     response = client.segment_response(data, model=model)
     if args.label_map:
         Path(args.label_map).write_bytes(response.label_map_png)
-    return (
-        response,
-        _summary(response) | _segment_json(response),
-        (codec.prediction_from_segment(response), None),
-    )
+    return _summary(response) | _segment_json(response), client_codec.prediction_from_segment(response), None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 data = Path(args.image).read_bytes()
             except OSError as e:
                 raise CLIError(f"{args.image}: cannot read image: {e.strerror}") from None
-            _, out, (prediction, names) = _predict(client, args, data)
+            out, prediction, names = _predict(client, args, data)
         except ClientError as e:
             print(f"cvserve client: {e.code.name}: {e.message}", file=sys.stderr)
             return 1
