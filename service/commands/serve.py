@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from service.config import ServerConfig
+from service.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_MESSAGE_BYTES, LOG_FORMATS, ServerConfig
 
 HELP = "serve a model repository over gRPC (health, reflection, Prometheus metrics)"
 
@@ -16,38 +14,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models", help="model repository YAML (default: the demo repository, built if missing)"
     )
-    parser.add_argument("--host", default="[::]", help="interface to bind (default: %(default)s)")
+    # Defaults come from ServerConfig, so the flags and the library never disagree.
+    parser.add_argument("--host", default=ServerConfig.host, help="interface to bind (default: %(default)s)")
     parser.add_argument(
-        "--port", type=int, default=8001, help="gRPC port, 0 for any free one (default: %(default)s)"
+        "--port",
+        type=int,
+        default=ServerConfig.port,
+        help="gRPC port, 0 for any free one (default: %(default)s)",
     )
     parser.add_argument(
-        "--metrics-port", type=int, default=9090, help="Prometheus /metrics HTTP port (default: %(default)s)"
+        "--metrics-port",
+        type=int,
+        default=ServerConfig.metrics_port,
+        help="Prometheus /metrics HTTP port (default: %(default)s)",
     )
     parser.add_argument(
         "--metrics-host",
-        default="0.0.0.0",
+        default=ServerConfig.metrics_host,
         help="interface of the metrics endpoint, which has no authentication (default: %(default)s)",
     )
     parser.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
     parser.add_argument(
-        "--max-message-mb", type=float, default=64, help="largest gRPC message, MiB (default: 64)"
+        "--max-message-mb",
+        type=float,
+        default=DEFAULT_MAX_MESSAGE_BYTES >> 20,
+        help="largest gRPC message, MiB (default: %(default)s)",
     )
     parser.add_argument(
         "--max-image-pixels",
         type=int,
-        default=40_000_000,
-        help="largest image, height x width (default: 40000000)",
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="largest image, height x width (default: %(default)s)",
     )
     parser.add_argument(
-        "--workers", type=int, default=4, help="decode / pre- / post-processing threads (default: 4)"
+        "--workers",
+        type=int,
+        default=ServerConfig.worker_threads,
+        help="decode / pre- / post-processing threads (default: %(default)s)",
     )
     parser.add_argument(
         "--grace-period",
         type=float,
-        default=10.0,
-        help="seconds in-flight requests get on shutdown (default: 10)",
+        default=ServerConfig.grace_period_s,
+        help="seconds in-flight requests get on shutdown (default: %(default)g)",
     )
-    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines format")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default=ServerConfig.log_format, help="log lines format"
+    )
     parser.add_argument(
         "--no-warmup", action="store_true", help="mark models ready without a warm-up inference"
     )
@@ -132,7 +145,6 @@ def _token(args: argparse.Namespace) -> str | None:
 def _config(args: argparse.Namespace) -> ServerConfig:
     from service.auth import CredentialFileError, check_readable
     from service.cli import CLIError
-    from service.config import ServerConfig
 
     token = _token(args)
     for flag, path in (
