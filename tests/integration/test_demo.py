@@ -74,7 +74,7 @@ def test_existing_repository_is_kept_unless_forced(repo: Path) -> None:
 
 
 def test_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import models.demo as demo
+    import models.demo_stages as demo
 
     def boom(build: object) -> None:
         raise KeyboardInterrupt

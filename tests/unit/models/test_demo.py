@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from models import demo
+from models import demo, demo_stages
 from models.repository import load_repository
 from models.types import Task
 
@@ -41,7 +41,7 @@ def test_repository_file_loads_with_relative_paths(tmp_path: Path) -> None:
     ],
 )
 def test_fp16_kept_only_within_tolerance(fp32: dict, fp16: dict, same: bool) -> None:
-    assert demo._same_metrics(fp32, fp16, ("bbox/AP", "segm/AP")) is same
+    assert demo_stages._same_metrics(fp32, fp16, ("bbox/AP", "segm/AP")) is same
 
 
 def test_ensure_returns_existing_without_building(tmp_path: Path) -> None:
