@@ -18,6 +18,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelNotReadyError",
+    "NotSupportedError",
     "QueueFullError",
     "ServerDrainingError",
     "ServiceError",
@@ -115,6 +116,12 @@ class UnauthenticatedError(ServiceError):
     """The call carries no valid credentials."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class NotSupportedError(ServiceError):
+    """The call needs a feature cvserve does not implement (e.g. a Triton extension)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -31,7 +31,7 @@ from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service.codec import apply_options
 from service.config import ServerConfig
 from service.dataplane import DataPlane, ModelStatus
-from service.errors import InvalidOptionError, ServiceError, status_of
+from service.errors import InvalidOptionError, NotSupportedError, ServiceError, status_of
 from service.imaging import decode_image
 from service.kserve_codec import read_inputs, write_output
 from service.kserve_io import ImageBatch, build_outputs, split_images
@@ -44,12 +44,6 @@ __all__ = ["SERVICE_NAME", "KServeServicer", "NotSupportedError", "add_kserve_se
 logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
-
-
-class NotSupportedError(ServiceError):
-    """A Triton extension cvserve does not implement."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 def _server_version() -> str:
