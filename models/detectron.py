@@ -22,7 +22,6 @@ import models  # noqa: F401  (detectron2 compatibility layer first)
 # isort: split
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
@@ -31,14 +30,15 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Instances
 
 from models.base import VisionModel
 from models.checkpoint import META_KEY
+from models.detectron_outputs import instances_to_cpu, instances_to_prediction
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.training.options import auto_device, resolve_device
-from models.types import Instance, Mask, Prediction, Task
+from models.types import Prediction, Task
 
 __all__ = ["DetectronModel", "build_detectron_model", "load_config"]
 
@@ -258,7 +258,7 @@ class DetectronModel(VisionModel):
             else:  # one-stage detectors (boxes only) rescale inside forward; that part is cheap
                 results = [r["instances"] for r in model(batch)]
         # Outside inference mode: the copies are ordinary tensors postprocess may modify.
-        return [_Raw(_to_cpu(r), two_stage) for r in results]
+        return [_Raw(instances_to_cpu(r), two_stage) for r in results]
 
     def postprocess(self, raw: _Raw, image_size: tuple[int, int]) -> Prediction:
         """Rescale to ``image_size``, paste and RLE-encode masks, sort by score."""
@@ -268,38 +268,7 @@ class DetectronModel(VisionModel):
             # Rescales and clips boxes, drops empty ones, and pastes all N masks in one
             # vectorised call, exactly as DefaultPredictor does.
             result = detector_postprocess(result, height, width)
-        return _prediction(result, height, width)
-
-
-def _prediction(raw: Instances, height: int, width: int) -> Prediction:
-    """Instances in image coordinates -> :class:`Prediction`, sorted by descending score."""
-    order = torch.argsort(raw.scores, descending=True, stable=True)
-    boxes = raw.pred_boxes.tensor[order].tolist()
-    scores = raw.scores[order].tolist()
-    classes = raw.pred_classes[order].tolist()
-    masks: list[Mask | None] = [None] * len(order)
-    if raw.has("pred_masks") and len(order):
-        array = raw.pred_masks[order].numpy().astype(np.uint8)
-        rles = mask_util.encode(np.asfortranarray(array.transpose(1, 2, 0)))
-        masks = [Mask((height, width), r["counts"]) for r in rles]
-    instances = tuple(
-        Instance(tuple(float(v) for v in b), int(c), float(s), m)  # type: ignore[arg-type]
-        for b, c, s, m in zip(boxes, classes, scores, masks, strict=True)
-    )
-    return Prediction(image_size=(height, width), instances=instances)
-
-
-def _to_cpu(instances: Instances) -> Instances:
-    """A CPU copy in fp32 (autocast may have produced half-precision scores and masks)."""
-    out = Instances(instances.image_size)
-    for name, value in instances.get_fields().items():
-        if isinstance(value, torch.Tensor):
-            value = value.to("cpu", copy=True)
-            value = value.float() if value.is_floating_point() else value
-        elif isinstance(value, Boxes):
-            value = Boxes(value.tensor.to("cpu", copy=True).float())
-        out.set(name, value)
-    return out
+        return instances_to_prediction(result, height, width)
 
 
 @register_builder(Task.INSTANCE)
