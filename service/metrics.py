@@ -96,11 +96,13 @@ class Metrics:
         """Record one executed batch."""
         self.batch_size.labels(model).observe(size)
         self.inference_latency.labels(model).observe(compute_s)
+        queue, queue_stage = self.queue_latency.labels(model), self.stage_latency.labels(model, "queue")
+        inference_stage = self.stage_latency.labels(model, "inference")
         for q in queue_s:
-            self.queue_latency.labels(model).observe(q)
-            self.stage_latency.labels(model, "queue").observe(q)
+            queue.observe(q)
+            queue_stage.observe(q)
             # The forward's cost shared by the images of the batch: stages then add up per image.
-            self.stage_latency.labels(model, "inference").observe(compute_s / size)
+            inference_stage.observe(compute_s / size)
         self.inferences.labels(model, "error" if failed else "ok").inc(size)
 
     def observe_stage(self, model: str, stage: str, seconds: float) -> None:
