@@ -21,6 +21,7 @@ from service.errors import ImageTooLargeError, InvalidImageError
 __all__ = [
     "ENCODINGS",
     "array_from_raw",
+    "check_pixels",
     "decode_image",
     "decode_png_array",
     "draw_overlay",
@@ -43,7 +44,8 @@ def set_decoder_pixel_limit(max_pixels: int) -> None:
     Image.MAX_IMAGE_PIXELS = int(max_pixels)
 
 
-def _check_pixels(height: int, width: int, max_pixels: int) -> None:
+def check_pixels(height: int, width: int, max_pixels: int) -> None:
+    """Raise ``ImageTooLargeError`` when ``height * width`` exceeds ``max_pixels``."""
     if height * width > max_pixels:
         raise ImageTooLargeError(
             f"image is {width}x{height} = {height * width} pixels, more than the limit of {max_pixels}"
@@ -89,7 +91,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
                 raise InvalidImageError(
                     f"unsupported image format {img.format}; accepted: {', '.join(ENCODINGS)}"
                 )
-            _check_pixels(img.height, img.width, max_pixels)
+            check_pixels(img.height, img.width, max_pixels)
             rgb = _to_rgb(ImageOps.exif_transpose(img), img.format)
     except (InvalidImageError, ImageTooLargeError):
         raise
@@ -117,7 +119,7 @@ def array_from_raw(data: bytes, height: int, width: int, channels: int, *, max_p
         raise InvalidImageError(f"raw image must have height and width > 0, got {height}x{width}")
     if channels != 3:
         raise InvalidImageError(f"raw image must have 3 channels (RGB), got {channels}")
-    _check_pixels(height, width, max_pixels)
+    check_pixels(height, width, max_pixels)
     expected = height * width * channels
     if len(data) != expected:
         raise InvalidImageError(

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.types import Prediction, Task
-from service.errors import ImageTooLargeError, InvalidImageError
+from service.errors import InvalidImageError
+from service.imaging import check_pixels
 
 __all__ = [
     "INPUT_NAME",
@@ -132,11 +133,7 @@ def split_images(inputs: dict[str, np.ndarray], *, max_pixels: int, max_images: 
             f"UINT8 input {INPUT_NAME!r} must have shape [H, W, 3] or [B, H, W, 3] with no zero "
             f"dimension, got {shape}"
         )
-    height, width = shape[-3], shape[-2]
-    if height * width > max_pixels:
-        raise ImageTooLargeError(
-            f"image is {width}x{height} = {height * width} pixels, more than the limit of {max_pixels}"
-        )
+    check_pixels(shape[-3], shape[-2], max_pixels)
     if array.ndim == 3:
         return ImageBatch([array], batched=False)
     return ImageBatch(list(array), batched=True)
