@@ -169,15 +169,12 @@ def _run_instance(args: argparse.Namespace) -> int:
 
 def _write_fp16(source: Path, target: Path) -> None:
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from models.checkpoint import read_checkpoint_meta, save_checkpoint
+    from models.checkpoint import META_KEY, save_checkpoint
+    from models.detectron import load_config
 
-    trained = get_cfg()
-    trained.set_new_allowed(True)
-    trained.merge_from_file(str(source.parent / "config.yaml"))
-    model = build_model(trained)
-    DetectionCheckpointer(model).load(str(source))
-    meta = read_checkpoint_meta(source)
+    model = build_model(load_config(str(source.parent / "config.yaml")))
+    # load returns what the checkpoint holds besides the weights: no second read for the metadata.
+    meta = DetectionCheckpointer(model).load(str(source)).get(META_KEY, {})
     save_checkpoint(model, target, fp16=True, extra={k: v for k, v in meta.items() if k != "dtype"})
