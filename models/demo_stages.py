@@ -170,7 +170,7 @@ def _finalize(
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from models.checkpoint import read_checkpoint_meta, save_checkpoint
+    from models.checkpoint import META_KEY, save_checkpoint
 
     target = build.root / part
     cfg = _load_config(train_dir / "config.yaml", part)
@@ -178,8 +178,8 @@ def _finalize(
     cfg.MODEL.DEVICE = "cpu"
     (target / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(str(best))
-    meta = {"class_names": read_checkpoint_meta(best).get("class_names", [])}
+    extra = DetectionCheckpointer(model).load(str(best))  # the checkpoint minus its weights
+    meta = {"class_names": extra.get(META_KEY, {}).get("class_names", [])}
     fp32_path = save_checkpoint(model, target / "model_fp32.pth", extra=meta)
     fp16_path = save_checkpoint(model, target / "model_fp16.pth", fp16=True, extra=meta)
     _stage(build, f"evaluating {part} on the test split (fp32 and fp16 weights)")
