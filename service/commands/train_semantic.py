@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
 
 HELP = "train the semantic segmentation model (encoder-decoder), from scratch or with a transferred encoder"
 
@@ -107,28 +106,27 @@ def _split(args: argparse.Namespace, which: str) -> tuple[Path, Path] | None:
 
 
 def _register(args: argparse.Namespace, classes: list[str]) -> tuple[str, str | None]:
-    from models.data.datasets import register_semantic_split
     from service.cli import CLIError
 
     train = _split(args, "train")
     if train is None:
         raise CLIError("training data is required: --train-images with --train-labels or --train-json")
     val = _split(args, "val")
-    names: list[str | None] = []
-    for which, split in (("train", train), ("val", val)):
-        if split is None:
-            names.append(None)
-            continue
-        # Catalog names are process-global; one per distinct split keeps repeated runs apart.
-        key = hashlib.sha1(repr((*map(str, split), classes)).encode()).hexdigest()[:10]
-        name = f"cvserve_semantic_{which}_{key}"
-        names.append(name)
-        try:
-            register_semantic_split(name, *split, classes)
-        except ValueError as e:
-            raise CLIError(f"--{which}-images/--{which}-labels: {e}") from None
-    assert names[0] is not None
-    return names[0], names[1]
+    return _register_split("train", train, classes), _register_split("val", val, classes) if val else None
+
+
+def _register_split(which: str, split: tuple[Path, Path], classes: list[str]) -> str:
+    from models.data.datasets import register_semantic_split
+    from service.cli import CLIError
+
+    # Catalog names are process-global; one per distinct split keeps repeated runs apart.
+    key = hashlib.sha1(repr((*map(str, split), classes)).encode()).hexdigest()[:10]
+    name = f"cvserve_semantic_{which}_{key}"
+    try:
+        register_semantic_split(name, *split, classes)
+    except ValueError as e:
+        raise CLIError(f"--{which}-images/--{which}-labels: {e}") from None
+    return name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,19 +143,18 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     classes = _class_names(args)
     train_name, val_name = _register(args, classes)
-    kwargs: dict[str, Any] = {
-        "train_dataset": train_name,
-        "val_dataset": val_name,
-        "num_classes": len(classes),
-        "options": options,
-        "output_dir": args.out,
-        "encoder_from": args.encoder_from,
-        "backbone_from": args.config,
-        "freeze": args.freeze,
-        "input_size": args.input_size,
-    }
     try:
-        result = train_semantic(**kwargs)
+        result = train_semantic(
+            train_dataset=train_name,
+            val_dataset=val_name,
+            num_classes=len(classes),
+            options=options,
+            output_dir=args.out,
+            encoder_from=args.encoder_from,
+            backbone_from=args.config,
+            freeze=args.freeze,
+            input_size=args.input_size,
+        )
     except (FileNotFoundError, ValueError) as e:  # their messages name the file or option
         raise CLIError(str(e)) from None
     if result.transfer is not None:
