@@ -14,7 +14,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import models  # noqa: F401  (detectron2 compatibility layer first)
@@ -23,7 +22,6 @@ import models  # noqa: F401  (detectron2 compatibility layer first)
 
 import numpy as np
 import torch
-from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import MetadataCatalog
@@ -34,6 +32,7 @@ from detectron2.structures import Instances
 
 from models.base import VisionModel
 from models.checkpoint import META_KEY
+from models.configs import config_file
 from models.detectron_outputs import instances_to_cpu, instances_to_prediction
 from models.registry import register_builder
 from models.repository import ModelSpec
@@ -80,12 +79,9 @@ def load_config(config: str) -> CfgNode | Any:
     Raises:
         ValueError: the file does not exist and is not a model-zoo name.
     """
-    path = Path(config)
-    if not path.is_file():
-        try:
-            path = Path(model_zoo.get_config_file(config))
-        except RuntimeError:
-            raise ValueError(f"config {config!r}: neither a file nor a detectron2 model-zoo config") from None
+    path = config_file(config)
+    if path is None:
+        raise ValueError(f"config {config!r}: neither a file nor a detectron2 model-zoo config")
     if path.suffix == ".py":
         return LazyConfig.load(str(path))
     cfg = get_cfg()

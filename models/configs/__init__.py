@@ -11,10 +11,21 @@ import models  # noqa: F401  (detectron2 compatibility layer first)
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
 
-__all__ = ["TINY_INSTANCE_YAML", "tiny_instance_config", "write_tiny_instance_yaml"]
+__all__ = ["TINY_INSTANCE_YAML", "config_file", "tiny_instance_config", "write_tiny_instance_yaml"]
 
 BASE_INSTANCE_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 TINY_INSTANCE_YAML = Path(__file__).with_name("tiny_mask_rcnn.yaml")
+
+
+def config_file(config: str) -> Path | None:
+    """``config`` itself when it is a file, else the detectron2 model-zoo config of that name; None if neither."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    try:
+        return Path(model_zoo.get_config_file(config))
+    except RuntimeError:
+        return None
 
 
 def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:

@@ -31,6 +31,7 @@ from detectron2.modeling import build_model as build_d2_model
 
 from models.base import VisionModel
 from models.checkpoint import META_KEY
+from models.configs import config_file
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.semseg.config import add_semseg_config
@@ -50,16 +51,9 @@ def load_semseg_config(config: str) -> CfgNode:
         ValueError: the YAML has keys detectron2 and this package do not know.
     """
     cfg = add_semseg_config(get_cfg())
-    path = Path(config)
-    if not path.is_file():
-        from detectron2 import model_zoo
-
-        try:
-            path = Path(model_zoo.get_config_file(config))
-        except RuntimeError:
-            raise FileNotFoundError(
-                f"config {config!r}: neither a YAML file nor a model-zoo config name"
-            ) from None
+    path = config_file(config)
+    if path is None:
+        raise FileNotFoundError(f"config {config!r}: neither a YAML file nor a model-zoo config name")
     try:
         cfg.merge_from_file(str(path))
     except KeyError as e:

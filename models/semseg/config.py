@@ -8,13 +8,14 @@ The segmenter reuses detectron2's config tree: the encoder is whatever
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
 
 # isort: split
 
 from detectron2.config import CfgNode, get_cfg
+
+from models.configs import config_file, tiny_instance_config
 
 __all__ = ["FREEZE_CHOICES", "META_ARCH_NAME", "add_semseg_config", "semseg_config"]
 
@@ -59,23 +60,16 @@ def _detection_config(source: str) -> CfgNode:
     """A detection config from a YAML file or a model-zoo config name."""
     cfg = get_cfg()
     add_semseg_config(cfg)  # lets a saved segmenter config serve as a backbone source too
-    path = Path(source)
-    if not path.is_file():
-        from detectron2 import model_zoo
-
-        try:
-            path = Path(model_zoo.get_config_file(source))
-        except RuntimeError:
-            raise FileNotFoundError(
-                f"backbone config {source!r}: neither a YAML file nor a model-zoo config name"
-            ) from None
+    path = config_file(source)
+    if path is None:
+        raise FileNotFoundError(
+            f"backbone config {source!r}: neither a YAML file nor a model-zoo config name"
+        )
     cfg.merge_from_file(str(path))
     return cfg
 
 
 def _default_backbone() -> CfgNode:
-    from models.configs import tiny_instance_config
-
     return tiny_instance_config(1)
 
 
