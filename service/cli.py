@@ -12,6 +12,10 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.repository import ModelSpec
 
 # name -> module; the order is the order of ``cvserve --help``.
 COMMANDS = {
@@ -28,6 +32,23 @@ COMMANDS = {
 
 class CLIError(Exception):
     """A user-facing command-line error: printed as ``cvserve: error: <message>``, exit code 2."""
+
+
+def model_spec(repository: str, name: str) -> ModelSpec:
+    """The spec of model ``name`` in a model repository YAML.
+
+    Raises:
+        CLIError: the file is invalid or has no model ``name``.
+    """
+    from models.repository import RepositoryError, load_repository
+
+    try:
+        specs = {s.name: s for s in load_repository(repository)}
+    except RepositoryError as e:
+        raise CLIError(str(e)) from None
+    if name not in specs:
+        raise CLIError(f"{repository}: no model named {name!r} (available: {', '.join(sorted(specs))})")
+    return specs[name]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,17 +54,10 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _spec(args: argparse.Namespace) -> Any:
-    from models.repository import RepositoryError, default_repository_path, load_repository
-    from service.cli import CLIError
+    from models.repository import default_repository_path
+    from service.cli import model_spec
 
-    repository = args.models or str(default_repository_path())
-    try:
-        specs = {s.name: s for s in load_repository(repository)}
-    except RepositoryError as e:
-        raise CLIError(str(e)) from None
-    if args.model not in specs:
-        raise CLIError(f"{repository}: no model named {args.model!r} (available: {', '.join(sorted(specs))})")
-    return specs[args.model]
+    return model_spec(args.models or str(default_repository_path()), args.model)
 
 
 def _server_predictor(args: argparse.Namespace) -> Any:

@@ -115,18 +115,9 @@ class _Runner:
     def _load(self) -> None:
         from models.evaluation.inference import in_process_predictor
         from models.registry import build_model
-        from models.repository import RepositoryError, load_repository
-        from service.cli import CLIError
+        from service.cli import CLIError, model_spec
 
-        try:
-            specs = {s.name: s for s in load_repository(self.args.models)}
-        except RepositoryError as e:
-            raise CLIError(str(e)) from None
-        if self.args.model not in specs:
-            raise CLIError(
-                f"{self.args.models}: no model named {self.args.model!r} (available: {', '.join(sorted(specs))})"
-            )
-        spec = specs[self.args.model]
+        spec = model_spec(self.args.models, self.args.model)
         try:
             model = build_model(spec)
             model.load()
