@@ -27,13 +27,12 @@ from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNN, build_model
-from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
 
 from models.base import VisionModel
 from models.checkpoint import META_KEY
 from models.configs import config_file
-from models.detectron_outputs import instances_to_cpu, instances_to_prediction
+from models.detectron_outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.training.options import auto_device, resolve_device
@@ -259,12 +258,11 @@ class DetectronModel(VisionModel):
     def postprocess(self, raw: _Raw, image_size: tuple[int, int]) -> Prediction:
         """Rescale to ``image_size``, paste and RLE-encode masks, sort by score."""
         height, width = image_size
-        result = raw.instances
         if raw.at_network_size:
-            # Rescales and clips boxes, drops empty ones, and pastes all N masks in one
-            # vectorised call, exactly as DefaultPredictor does.
-            result = detector_postprocess(result, height, width)
-        return instances_to_prediction(result, height, width)
+            # What DefaultPredictor's detector_postprocess does (rescale and clip boxes, drop
+            # empty ones, paste masks at 0.5), with each mask pasted and encoded in its box.
+            return rescale_and_encode(raw.instances, height, width)
+        return instances_to_prediction(raw.instances, height, width)
 
 
 @register_builder(Task.INSTANCE)
