@@ -116,7 +116,7 @@ def _low_freq_noise(shape: tuple[int, int], rng: np.random.Generator, amplitude:
 def _clutter(img: np.ndarray, rng: np.random.Generator) -> None:
     """Distractors that are not objects: thin lines, arcs and small blobs."""
     h, w = img.shape[:2]
-    for _ in range(rng.integers(0, 7)):
+    for _ in range(rng.integers(0, 5)):
         colour = tuple(float(c) for c in random_colour(rng))
         p0 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         kind = rng.integers(0, 3)

@@ -39,7 +39,7 @@ __all__ = ["CATEGORIES", "IGNORE_LABEL", "SplitPaths", "generate_dataset", "rend
 IGNORE_LABEL = 255
 DEFAULT_SPLITS: Mapping[str, int] = {"train": 500, "val": 50, "test": 100}
 _CROWD_ID = 254  # id-map value of crowd pixels; instance ids are 1..253
-_MIN_VISIBLE = 0.55  # an occluded object keeps at least this fraction of its area
+_MIN_VISIBLE = 0.7  # an occluded object keeps at least this fraction of its area
 _MIN_CONTRAST = 90.0  # L1 distance (sum over RGB) between an object and what lies under it
 
 ProgressFn = Callable[[str, int, int], None]
@@ -85,7 +85,7 @@ def _place_object(
     scale = min(h, w) / 256
     category = int(rng.integers(0, len(CATEGORIES)))
     for _ in range(15):
-        radius = float(rng.uniform(13, 46)) * scale
+        radius = float(rng.uniform(16, 46)) * scale
         center = (
             float(rng.uniform(0.6 * radius, w - 0.6 * radius)),
             float(rng.uniform(0.6 * radius, h - 0.6 * radius)),
@@ -137,7 +137,7 @@ def render_image(
     crowd_category = _place_crowd(img, ids, rng) if rng.random() < 0.12 else None
     placed: list[tuple[int, int]] = []  # (id, category)
     full_areas: dict[int, int] = {}
-    for _ in range(rng.integers(1, 7)):
+    for _ in range(rng.integers(2, 8)):
         result = _place_object(img, ids, full_areas, rng)
         if result is None:
             continue
