@@ -34,8 +34,7 @@ def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:
     ResNet-18 with BatchNorm (trainable from the stem: there are no pretrained
     weights to freeze), a 64-channel FPN, smaller heads and sampling, anchors one
     octave smaller than COCO's (objects of 15-100 px at 256 px), bitmask ground truth
-    (RLE annotations and masks with holes), and the schedule that trains it in about
-    600 iterations of 4 images.
+    (RLE annotations and masks with holes), and a schedule of 600 iterations of 4 images.
 
     Args:
         num_classes: number of object categories.
@@ -63,10 +62,17 @@ def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:
     cfg.MODEL.FPN.OUT_CHANNELS = 64
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
     cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 128
+    # A few objects per 256 px image: 1000 / 500 proposals lose nothing and save NMS time.
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 1000
+    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 500
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 256
     cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 64
+    # One box regressor and one mask predictor shared by every class: each learns from all
+    # positives instead of a fifth of them, which matters when training from scratch.
+    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
+    cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
     max_size = round(input_size * 1333 / 800)
     cfg.INPUT.MIN_SIZE_TRAIN = (input_size,)
     cfg.INPUT.MAX_SIZE_TRAIN = max_size

@@ -39,3 +39,34 @@ def test_build_keeps_existing_repository(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["demo", "build", "--out", str(tmp_path)]) == 0
     assert "--force" in capsys.readouterr().out
     assert (tmp_path / "models.yaml").read_text() == "models: []\n"
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_build_rejects_bad_iteration_counts(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "build", "--instance-iters", value])
+    assert exc.value.code == 2
+    assert "--instance-iters" in capsys.readouterr().err
+
+
+def test_build_iteration_flags_set_the_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.demo
+    from models.demo import DEMO_SCALE
+
+    seen = {}
+
+    def fake_build(out: Path, **kwargs: object) -> Path:
+        seen.update(kwargs)
+        (Path(out) / "report.json").parent.mkdir(parents=True, exist_ok=True)
+        (Path(out) / "report.json").write_text(json.dumps(REPORT))
+        return Path(out) / "models.yaml"
+
+    monkeypatch.setattr(models.demo, "build_demo_repository", fake_build)
+    out = tmp_path / "repo"
+    assert (
+        main(["demo", "build", "--out", str(out), "--instance-iters", "1500", "--semantic-iters", "40"]) == 0
+    )
+    scale = seen["scale"]
+    assert (scale.instance_iters, scale.instance_eval_period) == (1500, 750)
+    assert (scale.semantic_iters, scale.semantic_eval_period) == (40, 20)
+    assert scale.train_images == DEMO_SCALE.train_images
