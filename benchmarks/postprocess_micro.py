@@ -6,6 +6,8 @@ For N detections on an HxW image (28x28 mask logits, boxes of realistic sizes), 
   (``paste_masks_in_image``: each mask sampled inside its box only, what ``DetectronModel``
   and ``DefaultPredictor`` run) and all instances in one full-image call (the GPU path);
 * RLE encoding: ``mask.encode`` per instance against one call on the ``(H, W, N)`` stack;
+* paste + RLE as served: N full-image masks then one RLE call, against each mask pasted
+  and encoded inside its box (``models.detectron_outputs``, what ``DetectronModel`` runs);
 * polygons and PNG masks as ``service/codec.py`` builds them: per instance (decode the
   RLE, trace / encode the full image) against the codec's batched decode with contours
   traced inside each mask's box and bit-packed PNGs.
@@ -34,6 +36,7 @@ import torch
 from detectron2.layers.mask_ops import _do_paste_mask, paste_masks_in_image
 from pycocotools import mask as mask_util
 
+from models.detectron_outputs import paste_rles
 from models.types import Instance, Mask, Prediction
 from service import codec
 from service.imaging import encode_png
@@ -67,6 +70,12 @@ def naive_paste(masks: torch.Tensor, boxes: torch.Tensor, h: int, w: int) -> tor
         for i in range(len(masks))
     ]
     return torch.cat(out) >= 0.5
+
+
+def full_paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor, h: int, w: int) -> list[bytes]:
+    """detectron2's paste into N full-image masks, then one RLE call on the stack."""
+    binary = paste_masks_in_image(masks, boxes, (h, w)).numpy().view(np.uint8)
+    return [r["counts"] for r in mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))]
 
 
 def naive_polygons(pred: Prediction) -> list[list[np.ndarray]]:
@@ -103,6 +112,7 @@ def main() -> None:
     masks, boxes = inputs(args.instances, h, w)
     binary = paste_masks_in_image(masks, boxes, (h, w)).numpy()
     assert np.array_equal(binary, naive_paste(masks, boxes, h, w).numpy()), "paste paths disagree"
+    assert full_paste_and_encode(masks, boxes, h, w) == paste_rles(masks, boxes, h, w), "RLE paths disagree"
     stack = np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8))
     rles = mask_util.encode(stack)
     pred = Prediction(
@@ -124,6 +134,11 @@ def main() -> None:
             "RLE encode",
             lambda: [mask_util.encode(np.asfortranarray(m.astype(np.uint8))) for m in binary],
             lambda: mask_util.encode(stack),
+        ),
+        (
+            "paste + RLE (served path)",
+            lambda: full_paste_and_encode(masks, boxes, h, w),
+            lambda: paste_rles(masks, boxes, h, w),
         ),
         ("polygon response", lambda: naive_polygons(pred), lambda: respond(pred, "polygon")),
         ("PNG mask response", lambda: naive_png(pred), lambda: respond(pred, "png")),

@@ -15,7 +15,7 @@ from detectron2.structures import Boxes, Instances
 
 from models.types import Instance, Mask, Prediction
 
-__all__ = ["box_rle", "instances_to_cpu", "instances_to_prediction", "rescale_and_encode"]
+__all__ = ["box_rle", "instances_to_cpu", "instances_to_prediction", "paste_rles", "rescale_and_encode"]
 
 
 def box_rle(crop: np.ndarray, top: int, left: int, height: int, width: int) -> bytes:
@@ -43,7 +43,7 @@ def box_rle(crop: np.ndarray, top: int, left: int, height: int, width: int) -> b
     return mask_util.frPyObjects({"size": [height, width], "counts": counts}, height, width)["counts"]
 
 
-def _paste_rles(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[bytes]:
+def paste_rles(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[bytes]:
     """Paste each ``(M, M)`` mask probability map into its box and RLE-encode it, box by box.
 
     The same bilinear paste and 0.5 threshold as detectron2's ``paste_masks_in_image`` on
@@ -73,7 +73,7 @@ def rescale_and_encode(raw: Instances, height: int, width: int) -> Prediction:
     result = detector_postprocess(boxes_only, height, width)
     order = torch.argsort(result.scores, descending=True, stable=True)
     result = result[order]
-    rles = _paste_rles(probs[result._index, 0], result.pred_boxes.tensor, height, width)
+    rles = paste_rles(probs[result._index, 0], result.pred_boxes.tensor, height, width)
     masks: list[Mask | None] = [Mask((height, width), r) for r in rles]
     return _prediction(result.pred_boxes.tensor, result.scores, result.pred_classes, masks, height, width)
 
