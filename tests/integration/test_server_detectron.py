@@ -69,4 +69,6 @@ def test_tiny_mask_rcnn_serves_detections_in_image_coordinates(server: ServerThr
     # Batched with another image or alone, the same image gives the same detections (up to
     # float rounding: a padded batch sums in another order).
     assert [i.category_id for i in expected.instances] == [d.class_id for d in first.detections]
-    assert [d.score for d in first.detections] == pytest.approx([i.score for i in expected.instances], abs=1e-3)
+    assert [d.score for d in first.detections] == pytest.approx(
+        [i.score for i in expected.instances], abs=1e-3
+    )
