@@ -30,9 +30,10 @@ class DemoScale:
     val_images: int = 50
     test_images: int = 100
     image_size: int = 256
-    # About 18 minutes on 2 CPU cores (1065 s measured); more iterations buy accuracy.
-    instance_iters: int = 450
-    instance_eval_period: int = 225
+    # About 11 minutes on 2 CPU cores (500 + 500 iterations measured 659 s); more
+    # iterations buy accuracy (see benchmarks/README.md).
+    instance_iters: int = 600
+    instance_eval_period: int = 300
     semantic_iters: int = 300
     semantic_eval_period: int = 150
     num_workers: int = 1

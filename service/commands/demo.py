@@ -13,7 +13,7 @@ HELP = "build the demo model repository (synthetic data, trained models, test fi
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="demo_command", metavar="ACTION", required=True)
     build = sub.add_parser(
-        "build", help="train and evaluate the demo models (about 18 minutes on 2 CPU cores)"
+        "build", help="train and evaluate the demo models (about 11 minutes on 2 CPU cores)"
     )
     build.add_argument("--out", type=Path, help="repository directory (default: the demo repository)")
     build.add_argument("--force", action="store_true", help="rebuild even if the repository exists")
