@@ -33,6 +33,7 @@ from models.base import VisionModel
 from models.checkpoint import META_KEY
 from models.configs import config_file
 from models.detectron_outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
+from models.fusion import fuse_conv_batch_norm
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.training.options import auto_device, resolve_device
@@ -49,6 +50,7 @@ _OPTION_TYPES = {
     "max_size_test": int,
     "max_detections": int,
     "class_names": list,
+    "fuse_batch_norm": bool,
 }
 # Inference settings live on these module attributes in detectron2's box predictors
 # (FastRCNNOutputLayers) and one-stage detectors (RetinaNet) alike.
@@ -97,7 +99,10 @@ def _parse_options(spec: ModelSpec) -> dict[str, Any]:
             raise ValueError(
                 f"model {spec.name!r}: unknown option {key!r}; known: {', '.join(_OPTION_TYPES)}"
             )
-        if kind is list:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"model {spec.name!r}: option {key} must be true or false, got {value!r}")
+        elif kind is list:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"model {spec.name!r}: option class_names must be a list of strings")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -111,7 +116,8 @@ class DetectronModel(VisionModel):
     Args:
         spec: the repository entry. ``spec.options`` may set ``score_threshold``,
             ``nms_threshold``, ``min_size_test``, ``max_size_test``,
-            ``max_detections`` and ``class_names``.
+            ``max_detections``, ``class_names`` and ``fuse_batch_norm`` (default true:
+            fold eval-mode batch norms into their convolutions, see :mod:`models.fusion`).
 
     Raises:
         ValueError: an unknown or invalid option.
@@ -151,6 +157,9 @@ class DetectronModel(VisionModel):
         meta = self._load_weights(model)
         self.class_names = self._settle_class_names(meta, dataset_names, num_classes)
         model.eval()
+        if self._options.get("fuse_batch_norm", True):
+            fused = fuse_conv_batch_norm(model)
+            logger.debug("%s: folded %d batch norms into their convolutions", self.name, fused)
         self._model = model
         self._resize = T.ResizeShortestEdge(
             [int(self._options.get("min_size_test", min_size))] * 2,

@@ -32,6 +32,7 @@ from detectron2.modeling import build_model as build_d2_model
 from models.base import VisionModel
 from models.checkpoint import META_KEY
 from models.configs import config_file
+from models.fusion import fuse_conv_batch_norm
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.semseg.config import add_semseg_config
@@ -100,6 +101,13 @@ class SemanticSegmentationModel(VisionModel):
         model = build_d2_model(cfg)
         model.eval()
         extra = self._load_weights(model)
+        fuse = opts.get("fuse_batch_norm", True)
+        if not isinstance(fuse, bool):
+            raise ValueError(
+                f"model {self.name!r}: option fuse_batch_norm must be true or false, got {fuse!r}"
+            )
+        if fuse:
+            fuse_conv_batch_norm(model)  # the same outputs for less work per layer (models.fusion)
         if not self.class_names:
             self.class_names = self._class_names(cfg, extra)
         self.cfg, self.model = cfg, model
