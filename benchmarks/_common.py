@@ -4,8 +4,12 @@ Both sides of every comparison load the same weights file and the same config (s
 input size, thresholds and detection cap), so only the serving path differs.
 
 Models:
-    ``tiny``: the demo's tiny Mask R-CNN (``models/configs/tiny_mask_rcnn.yaml``, 256 px
-        short side); the demo repository's trained weights when built, else random.
+    ``demo``: the demo repository's trained instance model (its ``config.yaml`` and
+        ``model.pth``; build it with ``cvserve demo build``), at its own score threshold.
+        Fed synthetic shapes images (:func:`make_images` with ``shapes=True``), the
+        kind it was trained on, so it finds what it would find in use.
+    ``tiny``: the demo's config (``models/configs/tiny_mask_rcnn.yaml``, 256 px short
+        side) with random weights.
     ``r50``: model-zoo R50-FPN Mask R-CNN, random weights, ``MIN_SIZE_TEST`` 480.
     ``fake``: the weight-free fake detector (the serving path alone).
 
@@ -75,16 +79,26 @@ class BenchModel:
         return entry
 
 
-def _demo_weights() -> Path | None:
-    from models.repository import default_repository_path
+def demo_instance_entry() -> tuple[Path, Path]:
+    """``(config, weights)`` of the built demo repository's instance model.
 
-    folder = default_repository_path().parent
-    found = sorted(folder.glob("**/model_final*.pth")) if folder.is_dir() else []
-    return found[0] if found else None
+    Raises:
+        FileNotFoundError: the demo repository is not built.
+    """
+    from models.demo import INSTANCE_NAME
+    from models.repository import default_repository_path, load_repository
+
+    path = default_repository_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"no demo repository at {path}: build it with `cvserve demo build`")
+    for spec in load_repository(path):
+        if spec.name == INSTANCE_NAME and spec.weights:
+            return Path(spec.config), Path(spec.weights)
+    raise FileNotFoundError(f"{path} has no {INSTANCE_NAME!r} model with weights")
 
 
 def prepare_model(kind: str, workdir: Path) -> BenchModel:
-    """Write ``kind``'s config and weights (random unless the demo is built) under ``workdir``."""
+    """Write ``kind``'s config and weights (see the module docstring) under ``workdir``."""
     import torch
 
     import models  # noqa: F401  (detectron2 compatibility first)
@@ -94,16 +108,21 @@ def prepare_model(kind: str, workdir: Path) -> BenchModel:
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
+    from models.data.synthetic import CATEGORIES
     from models.detectron import load_config
 
-    if kind == "tiny":
+    trained: Path | None = None
+    if kind == "demo":
+        config, trained = demo_instance_entry()
+        cfg = load_config(str(config))
+        threshold = float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
+    elif kind == "tiny":
         cfg = load_config(str(ROOT / "models/configs/tiny_mask_rcnn.yaml"))
-        trained = _demo_weights()
-        threshold = 0.05 if trained else 0.2  # random weights: every class scores about 1/6
+        threshold = 0.2  # random weights: every class scores about 1/6
     else:
         cfg = load_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
         cfg.INPUT.MIN_SIZE_TEST = 480
-        trained, threshold = None, 0.01  # random weights: about 1/81 per class
+        threshold = 0.01  # random weights: about 1/81 per class
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     config_path = workdir / f"{kind}.yaml"
@@ -113,9 +132,9 @@ def prepare_model(kind: str, workdir: Path) -> BenchModel:
         torch.manual_seed(0)
         weights = workdir / f"{kind}_random.pth"
         DetectionCheckpointer(build_model(cfg), save_dir=str(workdir)).save(weights.stem)
-    options = {"score_threshold": threshold, "max_detections": MAX_DETECTIONS}
-    if kind == "tiny":
-        options["class_names"] = ["circle", "square", "triangle", "star", "ring"]
+    options: dict[str, Any] = {"score_threshold": threshold, "max_detections": MAX_DETECTIONS}
+    if kind in ("demo", "tiny"):
+        options["class_names"] = list(CATEGORIES)
     note = f"trained ({weights})" if trained else "random (seed 0)"
     return BenchModel(kind, config_path, weights, note, options)
 
@@ -133,10 +152,20 @@ def fake_spec(per_image_ms: float) -> dict[str, Any]:
     }
 
 
-def make_images(n: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
-    """``n`` RGB uint8 images: noise with a few bright rectangles and discs (photo-like JPEG sizes)."""
+def make_images(n: int, height: int, width: int, seed: int = 0, *, shapes: bool = False) -> list[np.ndarray]:
+    """``n`` RGB uint8 images.
+
+    Noise with a few bright rectangles and discs (photo-like JPEG sizes), or with
+    ``shapes`` the demo dataset's scenes (:func:`models.data.synthetic.render_image`,
+    seed ``1000 + seed``: not the demo's own splits).
+    """
     import cv2
 
+    if shapes:
+        from models.data.synthetic import render_image
+
+        rngs = (np.random.default_rng([1000 + seed, i]) for i in range(n))
+        return [render_image(r, (height, width))[0] for r in rngs]
     rng = np.random.default_rng(seed)
     images = []
     for _ in range(n):

@@ -7,22 +7,24 @@ ratio; the per-stage breakdown from the server's ``cvserve_stage_seconds`` metri
 batch-size sweep (a fresh server per ``max_batch_size``, ``auto`` included); the
 server's peak RSS. Run from the repository root::
 
-    .venv/bin/python benchmarks/serve_vs_predictor.py --model tiny
+    .venv/bin/python benchmarks/serve_vs_predictor.py                  # the built demo model
     .venv/bin/python benchmarks/serve_vs_predictor.py --model r50 --images 12 --requests 24
 
-The predictor is timed before and after the server runs and its mean is the reference,
-so slow drifts in machine load hit both sides alike.
+Each concurrency runs ``--rounds`` rounds of the predictor followed by the server (idle
+while the predictor runs), and its ratio is over those same rounds, so drifts in the
+machine's speed (it is shared) hit both sides alike. The sweep's ratios are against all
+predictor rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +35,27 @@ import _common
 from service.metrics import STAGES
 
 
-def time_predictor(model: _common.BenchModel, images: list[Any], requests: int) -> list[float]:
-    """Seconds per call of ``DefaultPredictor`` over ``requests`` images (after one warm-up call)."""
-    from detectron2.engine import DefaultPredictor
+class PredictorLoop:
+    """``DefaultPredictor`` called in a loop in this process over the benchmark's images."""
 
-    predictor = DefaultPredictor(model.cfg())
-    bgr = [img[:, :, ::-1].copy() for img in images]
-    predictor(bgr[0])
-    latencies = []
-    for i in range(requests):
+    def __init__(self, model: _common.BenchModel, images: list[Any]) -> None:
+        from detectron2.engine import DefaultPredictor
+
+        self.predictor = DefaultPredictor(model.cfg())
+        self.bgr = [img[:, :, ::-1].copy() for img in images]
+        self.predictor(self.bgr[0])  # warm-up
+        self.next = 0
+
+    def run(self, requests: int) -> tuple[float, list[float]]:
+        """Wall seconds and per-call latencies of ``requests`` calls."""
+        latencies = []
         start = time.perf_counter()
-        predictor(bgr[i % len(bgr)])
-        latencies.append(time.perf_counter() - start)
-    return latencies
+        for _ in range(requests):
+            t = time.perf_counter()
+            self.predictor(self.bgr[self.next % len(self.bgr)])
+            self.next += 1
+            latencies.append(time.perf_counter() - t)
+        return time.perf_counter() - start, latencies
 
 
 def load(
@@ -108,19 +118,53 @@ def row(label: str, wall: float, latencies: list[float], reference: float | None
     return f"{label:28s} {rate:8.2f} {p50:9.1f} {p95:9.1f} {p99:9.1f} {ratio}"
 
 
+@dataclass
+class Measured:
+    """Both sides at one concurrency, summed over the interleaved rounds."""
+
+    concurrency: int
+    predictor_wall: float = 0.0
+    predictor_latencies: list[float] = field(default_factory=list)
+    server_wall: float = 0.0
+    server_latencies: list[float] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        server = len(self.server_latencies) / self.server_wall
+        return server / (len(self.predictor_latencies) / self.predictor_wall)
+
+
 def run_concurrency(
-    args: argparse.Namespace, model: _common.BenchModel, payloads: list[bytes], work: Path
-) -> tuple[list[tuple[int, float, list[float], dict[str, float]]], dict[str, int]]:
-    """Per concurrency: (concurrency, wall seconds, latencies, stage means); and the server's memory."""
+    args: argparse.Namespace,
+    model: _common.BenchModel,
+    predictor: PredictorLoop,
+    payloads: list[bytes],
+    work: Path,
+) -> tuple[list[Measured], dict[str, int]]:
+    """Per concurrency, ``args.rounds`` rounds of the predictor then the server (the server
+    idles while the predictor runs), so drifts in machine speed hit both sides alike."""
     results = []
     spec = model.spec(args.max_batch_size, args.max_wait_ms)
     with _common.serve([spec], work, workers=args.workers) as server:
         load(server.address, model.name, payloads, 2, 4)  # warm the server's pools
         for c in args.concurrency:
+            m = Measured(c)
+            per_round = max(args.requests // args.rounds, 2 * c)
             before = server.scrape()
-            wall, latencies = load(server.address, model.name, payloads, c, max(args.requests, 2 * c))
-            results.append((c, wall, latencies, stage_means(before, server.scrape(), model.name)))
+            for _ in range(args.rounds):
+                wall, latencies = predictor.run(per_round)
+                m.predictor_wall += wall
+                m.predictor_latencies += latencies
+                wall, latencies = load(server.address, model.name, payloads, c, per_round)
+                m.server_wall += wall
+                m.server_latencies += latencies
+            m.stages = stage_means(before, server.scrape(), model.name)
+            results.append(m)
         memory = server.memory_kib()
+        chosen = server.scrape().get(f'cvserve_max_batch_size{{model="{model.name}",policy="auto"}}')
+    if chosen:
+        print(f"server max_batch_size auto chose {chosen:.0f}")
     return results, memory
 
 
@@ -148,13 +192,22 @@ def run_sweep(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "r50"], default="tiny")
+    parser.add_argument("--model", choices=["demo", "tiny", "r50"], default="demo")
     parser.add_argument("--images", type=int, default=16, help="distinct images (default: 16)")
     parser.add_argument("--size", default="480x640", help="image HxW (default: 480x640)")
-    parser.add_argument("--requests", type=int, default=48, help="requests per measurement (default: 48)")
+    parser.add_argument(
+        "--requests", type=int, default=48, help="requests per side and concurrency (default: 48)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="interleaved rounds per concurrency (default: 4)"
+    )
     parser.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     parser.add_argument("--workers", type=int, default=4, help="server --workers (default: 4)")
-    parser.add_argument("--max-batch-size", default="1", help="server max_batch_size: N or auto (default: 1)")
+    parser.add_argument(
+        "--max-batch-size",
+        default="auto",
+        help="server max_batch_size: N or auto (default: auto, as the demo)",
+    )
     parser.add_argument("--max-wait-ms", type=float, default=0.0)
     parser.add_argument("--sweep", type=lambda s: s.split(",") if s else [], default=["1", "2", "4", "auto"])
     parser.add_argument("--sweep-wait-ms", type=float, default=10.0)
@@ -166,24 +219,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cvserve-bench-") as tmp:
         work = Path(tmp)
         model = _common.prepare_model(args.model, work)
-        images = _common.make_images(args.images, height, width)
+        images = _common.make_images(args.images, height, width, shapes=args.model == "demo")
         payloads = [_common.encode_jpeg(img) for img in images]
         print(f"machine: {_common.machine()}")
         print(
             f"model {args.model}, weights {model.weights_note}, images {height}x{width} JPEG, {model.options}"
         )
-        before = time_predictor(model, images, args.requests)
-        results, memory = run_concurrency(args, model, payloads, work)
-        after = time_predictor(model, images, args.requests)
-        reference = statistics.mean([len(before) / sum(before), len(after) / sum(after)])
+        predictor = PredictorLoop(model, images)
+        results, memory = run_concurrency(args, model, predictor, payloads, work)
         print(f"\n{'':28s} {'images/s':>8s} {'p50 ms':>9s} {'p95 ms':>9s} {'p99 ms':>9s}  ratio")
-        print(row("DefaultPredictor (before)", sum(before), before, None))
-        print(row("DefaultPredictor (after)", sum(after), after, None))
-        for c, wall, latencies, stages in results:
-            print(row(f"server, concurrency {c}", wall, latencies, reference))
-            print("    per image, ms: " + "  ".join(f"{k} {v * 1000:.1f}" for k, v in stages.items()))
-        print(f"ratio: server images/s over the mean of the two DefaultPredictor runs ({reference:.2f}/s)")
+        for m in results:
+            print(
+                row(
+                    f"DefaultPredictor (c={m.concurrency} rounds)",
+                    m.predictor_wall,
+                    m.predictor_latencies,
+                    None,
+                )
+            )
+            server_rate = len(m.server_latencies) / m.server_wall
+            reference = server_rate / m.ratio
+            print(row(f"server, concurrency {m.concurrency}", m.server_wall, m.server_latencies, reference))
+            print("    per image, ms: " + "  ".join(f"{k} {v * 1000:.1f}" for k, v in m.stages.items()))
+        print(
+            f"ratio: server images/s over DefaultPredictor's in the same {args.rounds} interleaved rounds "
+            "(predictor, then server, each round)"
+        )
         print(f"server RSS {memory['VmRSS'] / 1024:.0f} MiB, peak (VmHWM) {memory['VmHWM'] / 1024:.0f} MiB")
+        all_predictor = [v for m in results for v in m.predictor_latencies]
+        reference = len(all_predictor) / sum(m.predictor_wall for m in results)
         if args.sweep:
             run_sweep(args, model, payloads, work, reference)
         print(f"load average at the end: {_common.machine().rsplit('load average ', 1)[1]}")

@@ -69,7 +69,7 @@ class _Raw:
 
 @dataclass(frozen=True)
 class _Input:
-    image: torch.Tensor  # (3, h, w) float32 in the model's colour order, resized
+    image: torch.Tensor  # (3, h, w) uint8 in the model's colour order, resized
     height: int  # original size
     width: int
 
@@ -241,10 +241,14 @@ class DetectronModel(VisionModel):
             raise RuntimeError(f"model {self.name!r} is not loaded")
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
-        if self._input_format == "BGR":
-            image = image[:, :, ::-1]
+        # Resize first, then reorder channels in the same copy as the transpose: the resize
+        # treats channels alike, so this equals DefaultPredictor's flip-then-resize with
+        # one copy fewer. uint8, not float32: the model's normalisation ((x - mean) / std)
+        # promotes to float32 with the same values.
         resized = self._resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.astype("float32").transpose(2, 0, 1)))
+        if self._input_format == "BGR":
+            resized = resized[:, :, ::-1]
+        tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
         return _Input(tensor, int(image.shape[0]), int(image.shape[1]))
 
     def forward(self, inputs: Sequence[_Input]) -> list[_Raw]:

@@ -33,6 +33,7 @@ __all__ = [
 # PIL format names accepted; MPO is the multi-picture JPEG some cameras write.
 ENCODINGS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 _ACCEPTED = {*ENCODINGS, "MPO"}
+_ORIENTATION = 0x0112  # the EXIF tag exif_transpose applies
 
 
 def set_decoder_pixel_limit(max_pixels: int) -> None:
@@ -67,7 +68,14 @@ def _to_rgb(img: Image.Image, fmt: str | None) -> Image.Image | np.ndarray:
         raise InvalidImageError(
             f"unsupported pixel type: {kind} ({fmt} mode {img.mode}); send 8- or 16-bit images"
         )
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned by its EXIF orientation; itself (no copy of the pixels) when upright."""
+    if img.getexif().get(_ORIENTATION, 1) in (1, None):
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
@@ -92,7 +100,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
                     f"unsupported image format {img.format}; accepted: {', '.join(ENCODINGS)}"
                 )
             check_pixels(img.height, img.width, max_pixels)
-            rgb = _to_rgb(ImageOps.exif_transpose(img), img.format)
+            # Decoding happens here (lazily, on first pixel access): inside the try.
+            array = np.asarray(_to_rgb(_upright(img), img.format), dtype=np.uint8)
     except (InvalidImageError, ImageTooLargeError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -103,7 +112,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         ) from None
     except Exception as e:  # PIL raises many types for corrupt data: UnidentifiedImageError, OSError ...
         raise InvalidImageError(f"cannot decode image ({len(data)} bytes): {e}") from None
-    return np.asarray(rgb, dtype=np.uint8)
+    return array
 
 
 def array_from_raw(data: bytes, height: int, width: int, channels: int, *, max_pixels: int) -> np.ndarray:

@@ -10,10 +10,18 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+from detectron2.layers.mask_ops import paste_masks_in_image
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from models.detectron_outputs import box_rle, instances_to_prediction, rescale_and_encode
+from models import detectron_outputs
+from models.detectron_outputs import (
+    block_rles,
+    box_rle,
+    instances_to_prediction,
+    paste_rles,
+    rescale_and_encode,
+)
 
 H, W = 48, 64
 
@@ -95,3 +103,56 @@ def test_rescale_and_encode_without_masks() -> None:
     assert got.instances
     assert all(i.mask is None for i in got.instances)
     assert len(got.instances) < len(raw)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_rles_of_many_masks_match_pycocotools(seed: int) -> None:
+    # Blocks of several sizes in one padded array, some touching the image's edges (runs
+    # of ones continuing from one image column into the next) and some empty.
+    rng = np.random.default_rng(seed)
+    n, rows, cols = 9, H, 20
+    tops = rng.integers(0, H - 5, n)
+    lefts = rng.integers(0, W - cols, n)
+    tops[:3], lefts[0], lefts[1] = 0, 0, W - cols
+    heights = np.minimum(rng.integers(1, rows + 1, n), H - tops)
+    heights[:2] = H  # whole image columns
+    masks = rng.random((n, rows, cols)) > 0.3
+    masks[3] = False
+    masks &= np.arange(rows)[None, :, None] < heights[:, None, None]
+    expected = []
+    for i in range(n):
+        full = np.zeros((H, W), np.uint8)
+        full[tops[i] : tops[i] + rows, lefts[i] : lefts[i] + cols] = masks[i][: H - tops[i]]
+        expected.append(mask_util.encode(np.asfortranarray(full))["counts"])
+    assert block_rles(masks, tops, lefts, H, W) == expected
+
+
+def _boxes(n: int, seed: int, height: int, width: int) -> torch.Tensor:
+    """Boxes of very different sizes, clipped to the image like detector_postprocess's."""
+    g = torch.Generator().manual_seed(seed)
+    size = torch.rand(n, 2, generator=g) ** 3 * torch.tensor([width, height]) + 0.3
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([width, height]) - size / 2
+    boxes = torch.cat([xy, xy + size], 1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes
+
+
+@pytest.mark.parametrize("chunk_pixels", [1 << 22, 5000, 1])
+@pytest.mark.parametrize("seed", range(3))
+def test_paste_rles_equals_detectron2_paste(
+    monkeypatch: pytest.MonkeyPatch, chunk_pixels: int, seed: int
+) -> None:
+    # Small chunk limits split the boxes into many grid_sample calls, and 1 forces every
+    # box (larger than the limit) into a chunk of its own: the pixels must not change.
+    monkeypatch.setattr(detectron_outputs, "PASTE_CHUNK_PIXELS", chunk_pixels)
+    height, width = 90, 120
+    boxes = _boxes(25, seed, height, width)
+    probs = torch.rand(25, 28, 28, generator=torch.Generator().manual_seed(seed))
+    full = paste_masks_in_image(probs, Boxes(boxes), (height, width)).numpy()
+    expected = mask_util.encode(np.asfortranarray(full.transpose(1, 2, 0).astype(np.uint8)))
+    assert paste_rles(probs, boxes, height, width) == [r["counts"] for r in expected]
+
+
+def test_paste_rles_of_nothing() -> None:
+    assert paste_rles(torch.zeros(0, 28, 28), torch.zeros(0, 4), 10, 10) == []
