@@ -62,7 +62,9 @@ class BenchModel:
         cfg.TEST.DETECTIONS_PER_IMAGE = self.options["max_detections"]
         return cfg
 
-    def spec(self, max_batch_size: int | str = 1, max_wait_ms: float = 0.0) -> dict[str, Any]:
+    def spec(
+        self, max_batch_size: int | str = 1, max_wait_ms: float = 0.0, instances: int | str = 1
+    ) -> dict[str, Any]:
         """A repository entry for this model."""
         entry: dict[str, Any] = {
             "name": self.name,
@@ -72,6 +74,7 @@ class BenchModel:
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
             "max_queue": 256,
+            "instances": instances,
             "options": dict(self.options),
         }
         if self.weights_path is not None:

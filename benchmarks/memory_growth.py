@@ -5,7 +5,8 @@ small images from a few client threads, samples the server's RSS along the way a
 prints the growth from the post-warm-up sample. The target is < 50 MB over 2000 requests.
 
     .venv/bin/python benchmarks/memory_growth.py                 # the fake detector
-    .venv/bin/python benchmarks/memory_growth.py --model tiny    # the tiny Mask R-CNN
+    .venv/bin/python benchmarks/memory_growth.py --model demo --size 256   # the built demo detector
+    .venv/bin/python benchmarks/memory_growth.py --model tiny    # its config, random weights
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def send(address: str, model: str, payloads: list[bytes], count: int, threads: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["fake", "tiny"], default="fake")
+    parser.add_argument("--model", choices=["fake", "demo", "tiny"], default="fake")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--samples", type=int, default=10, help="RSS samples after warm-up (default: 10)")
@@ -54,9 +55,10 @@ def main() -> None:
             entry = _common.fake_spec(0)
             name = "fake"
         else:
-            model = _common.prepare_model("tiny", work)
+            model = _common.prepare_model(args.model, work)
             entry, name = model.spec(), model.name
-        payloads = [_common.encode_jpeg(img) for img in _common.make_images(16, args.size, args.size)]
+        images = _common.make_images(16, args.size, args.size, shapes=args.model == "demo")
+        payloads = [_common.encode_jpeg(img) for img in images]
         print(f"machine: {_common.machine()}")
         with _common.serve([entry], work) as server:
             send(server.address, name, payloads, args.warmup, args.threads)

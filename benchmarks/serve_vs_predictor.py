@@ -145,7 +145,7 @@ def run_concurrency(
     """Per concurrency, ``args.rounds`` rounds of the predictor then the server (the server
     idles while the predictor runs), so drifts in machine speed hit both sides alike."""
     results = []
-    spec = model.spec(args.max_batch_size, args.max_wait_ms)
+    spec = model.spec(args.max_batch_size, args.max_wait_ms, args.instances)
     with _common.serve([spec], work, workers=args.workers) as server:
         load(server.address, model.name, payloads, 2, 4)  # warm the server's pools
         for c in args.concurrency:
@@ -162,9 +162,11 @@ def run_concurrency(
             m.stages = stage_means(before, server.scrape(), model.name)
             results.append(m)
         memory = server.memory_kib()
-        chosen = server.scrape().get(f'cvserve_max_batch_size{{model="{model.name}",policy="auto"}}')
-    if chosen:
-        print(f"server max_batch_size auto chose {chosen:.0f}")
+        ready = [line for line in server.log_path.read_text().splitlines() if " ready in " in line]
+    if ready:
+        print(
+            "server: " + ready[-1].split(" ready in ", 1)[1]
+        )  # e.g. "1.2 s (2 instance(s), max_batch_size 4)"
     return results, memory
 
 
@@ -178,7 +180,8 @@ def run_sweep(
     )
     for size in args.sweep:
         value: int | str = size if size == "auto" else int(size)
-        with _common.serve([model.spec(value, args.sweep_wait_ms)], work, workers=args.workers) as server:
+        entry = model.spec(value, args.sweep_wait_ms, args.instances)
+        with _common.serve([entry], work, workers=args.workers) as server:
             load(server.address, model.name, payloads, 2, 4)
             before = server.scrape()
             wall, latencies = load(server.address, model.name, payloads, c, max(args.requests, 2 * c))
@@ -209,10 +212,14 @@ def main() -> None:
         help="server max_batch_size: N or auto (default: auto, as the demo)",
     )
     parser.add_argument("--max-wait-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--instances", default="auto", help="server instances: N or auto (default: auto, as the demo)"
+    )
     parser.add_argument("--sweep", type=lambda s: s.split(",") if s else [], default=["1", "2", "4", "auto"])
     parser.add_argument("--sweep-wait-ms", type=float, default=10.0)
     args = parser.parse_args()
     args.max_batch_size = args.max_batch_size if args.max_batch_size == "auto" else int(args.max_batch_size)
+    args.instances = args.instances if args.instances == "auto" else int(args.instances)
     logging.basicConfig(level=logging.WARNING)
     height, width = (int(v) for v in args.size.split("x"))
 

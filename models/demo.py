@@ -51,9 +51,16 @@ DEMO_SCALE = DemoScale()
 
 
 def _write_repository_file(root: Path) -> None:
-    # auto: the server measures at load which batch size is fastest per image on its device
-    # (on a 2-core CPU batches of 2 beat 1 and 4; on a GPU larger ones win).
-    common = {"device": "auto", "precision": "fp32", "max_batch_size": "auto", "max_wait_ms": 5.0}
+    # max_batch_size auto: the server measures at load which batch size is fastest per image
+    # on its device. instances auto: on a CPU, one forward pass per core at once, sharing the
+    # cores' threads (1.4-1.6x the throughput of one pass on both cores for this detector).
+    common = {
+        "device": "auto",
+        "precision": "fp32",
+        "max_batch_size": "auto",
+        "max_wait_ms": 5.0,
+        "instances": "auto",
+    }
     entries = [
         {
             "name": name,

@@ -36,6 +36,7 @@ from models.detectron_outputs import instances_to_cpu, instances_to_prediction, 
 from models.fusion import fuse_conv_batch_norm
 from models.registry import register_builder
 from models.repository import ModelSpec
+from models.threads import forward_threads
 from models.training.options import auto_device, resolve_device
 from models.types import Prediction, Task
 
@@ -259,7 +260,7 @@ class DetectronModel(VisionModel):
         amp = torch.autocast("cuda", dtype=self._amp_dtype) if self._amp_dtype else contextlib.nullcontext()
         model = self._model
         two_stage = isinstance(model, GeneralizedRCNN)
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), amp, forward_threads(self.device):
             if isinstance(model, GeneralizedRCNN):
                 # Mask pasting and encoding are left to postprocess, off the model thread.
                 results = model.inference(batch, do_postprocess=False)

@@ -11,6 +11,7 @@ Example ``models.yaml``::
         precision: fp32                   # fp32 | fp16 | bf16 (fp16/bf16 autocast on CUDA)
         max_batch_size: 4                 # or auto: measured at load time on the device
         max_wait_ms: 5
+        instances: auto                   # forward passes at once; auto: 1 on a GPU, 1 per core on a CPU
         max_queue: 64
 
 Relative paths resolve against the directory of the YAML file. Every error names the
@@ -55,6 +56,7 @@ _KNOWN_FIELDS = {
     "max_queue",
     "options",
     "handler",
+    "instances",
 }
 
 
@@ -84,6 +86,10 @@ class ModelSpec:
             handler); empty to use the built-in builder for ``task``.
         batching: ``fixed`` (use ``max_batch_size``) or ``auto`` (the file said
             ``max_batch_size: auto``: the server measures which size is fastest per image).
+        instances: how many batches the server runs through the model at once (Triton's
+            instance count; the weights are shared), or ``auto``: 1 on a GPU, one per
+            CPU core (up to 4) on a CPU, where the passes share the cores' threads
+            (see :mod:`models.threads`).
     """
 
     name: str
@@ -99,6 +105,7 @@ class ModelSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     handler: str = ""
     batching: str = "fixed"
+    instances: int | str = 1
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -170,6 +177,11 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
     batching = "auto" if raw.get("max_batch_size") == "auto" else "fixed"
     if batching == "auto":
         raw = {**raw, "max_batch_size": AUTO_BATCH_LIMIT}
+    instances = raw.get("instances", 1)
+    if instances != "auto" and (
+        isinstance(instances, bool) or not isinstance(instances, int) or instances < 1
+    ):
+        raise RepositoryError(f"{where}.instances: must be an integer > 0 or auto, got {instances!r}")
     weights = raw.get("weights", "") or ""
     if not isinstance(weights, str):
         raise RepositoryError(f"{where}.weights: must be a string path or URL")
@@ -187,6 +199,7 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
         options=dict(options),
         handler=handler,
         batching=batching,
+        instances=instances,
     )
 
 

@@ -3,8 +3,9 @@
 Modelled on Ray Serve's ``@serve.batch`` and Triton's dynamic batcher. Each request
 gets a future; the queue is flushed into one handler call when ``max_batch_size``
 requests wait or the oldest has waited ``max_wait_ms``. The handler runs in the
-model's own worker thread, one batch at a time, so the event loop never blocks on a
-forward pass and requests arriving meanwhile form the next batch.
+model's own worker threads, at most ``concurrency`` batches at a time (Triton's model
+instances), so the event loop never blocks on a forward pass and requests arriving
+while every instance is busy form the next batch.
 
 Failure contract:
     * the handler may return an exception instance in place of a result: only that
@@ -102,10 +103,11 @@ class Batcher(Generic[T, R]):
         max_wait_ms: longest the oldest queued item waits for the batch to fill (>= 0).
         max_queue: most items waiting (in-flight batches not counted); more are
             refused with :class:`~service.errors.QueueFullError`.
-        executor: where the handler runs; default a private single thread. One batch
-            runs at a time either way.
+        executor: where the handler runs; default private threads, one per
+            ``concurrency``. A given executor needs at least that many threads.
         name: used in errors and logs (the model name).
         on_batch: called on the loop after each executed batch.
+        concurrency: most batches running at once (>= 1).
 
     Raises:
         ValueError: invalid limits; TypeError: a non-callable handler.
@@ -121,10 +123,12 @@ class Batcher(Generic[T, R]):
         executor: Executor | None = None,
         name: str = "batcher",
         on_batch: Callable[[BatchReport], None] | None = None,
+        concurrency: int = 1,
     ) -> None:
         if not callable(handler):
             raise TypeError(f"{name}: handler must be callable, got {type(handler).__name__}")
-        for label, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
+        limits = (("max_batch_size", max_batch_size), ("max_queue", max_queue), ("concurrency", concurrency))
+        for label, value in limits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {label} must be an integer >= 1, got {value!r}")
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, int | float):
@@ -137,11 +141,14 @@ class Batcher(Generic[T, R]):
         self.max_queue = max_queue
         self._handler = handler
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
+        self.concurrency = concurrency
+        self._executor = executor or ThreadPoolExecutor(concurrency, thread_name_prefix=f"batch-{name}")
         self._on_batch = on_batch
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
+        self._slot_free = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self._closing = False
         self._in_flight = 0
 
@@ -152,7 +159,7 @@ class Batcher(Generic[T, R]):
 
     @property
     def in_flight(self) -> int:
-        """Items in the batch being run."""
+        """Items in the batches being run."""
         return self._in_flight
 
     async def submit(
@@ -198,6 +205,8 @@ class Batcher(Generic[T, R]):
         self._wakeup.set()
         if self._task is not None:
             await self._task
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         if self._own_executor:
             self._executor.shutdown(wait=False)
 
@@ -208,10 +217,23 @@ class Batcher(Generic[T, R]):
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            # While every instance is busy the queue keeps filling: the next batch is
+            # taken when one frees up, as large as what waits by then.
+            while len(self._running) >= self.concurrency:
+                self._slot_free.clear()
+                await self._slot_free.wait()
             await self._wait_for_batch()
             batch = self._take_batch()
             if batch:
-                await self._execute(batch)
+                task = asyncio.get_running_loop().create_task(self._execute(batch))
+                self._running.add(task)
+                task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slot_free.set()
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s: batch bookkeeping failed", self.name, exc_info=task.exception())
 
     async def _wait_for_batch(self) -> None:
         """Return when a full batch waits, the oldest item's wait is over, or we are closing."""
@@ -244,7 +266,7 @@ class Batcher(Generic[T, R]):
     async def _execute(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
         start = time.monotonic()
-        self._in_flight = len(batch)
+        self._in_flight += len(batch)
         failed = False
         try:
             results = await loop.run_in_executor(self._executor, self._call, [it.payload for it in batch])
@@ -252,7 +274,7 @@ class Batcher(Generic[T, R]):
             failed = True
             results = [e] * len(batch)
         finally:
-            self._in_flight = 0
+            self._in_flight -= len(batch)
         compute_s = time.monotonic() - start
         for item, result in zip(batch, results, strict=True):
             item.timing.queue_s = start - item.enqueued

@@ -71,6 +71,10 @@ def model_config(status: ModelStatus) -> mc.ModelConfig:
     config.parameters["task"].string_value = status.task.value
     config.parameters["class_names"].string_value = json.dumps(list(status.class_names))
     config.parameters["device"].string_value = status.device or spec.device
+    if isinstance(spec.instances, int):  # resolved once loaded; "auto" before
+        on_gpu = (status.device or spec.device).startswith("cuda")
+        kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
+        config.instance_group.append(mc.ModelInstanceGroup(count=spec.instances, kind=kind))
     if status.task is Task.INSTANCE:
         config.parameters["masks"].string_value = "COCO RLE compressed counts, ASCII, of an image_size mask"
     return config

@@ -110,6 +110,11 @@ class ServedModel:
             self.model = await loop.run_in_executor(self.executor, self._build_and_load)
             if spec.batching == "auto":
                 self.spec = await loop.run_in_executor(self.executor, self._tune_batch_size)
+            instances = resolve_instances(self.spec, self.model.device)
+            self.spec = dataclasses.replace(self.spec, instances=instances)
+            if instances > 1:
+                self.executor.shutdown(wait=False)
+                self.executor = ThreadPoolExecutor(instances, thread_name_prefix=f"model-{spec.name}")
             if self._metrics is not None:
                 self._metrics.set_max_batch_size(spec.name, self.spec.max_batch_size, spec.batching)
             self.batcher = self._make_batcher()
@@ -122,7 +127,10 @@ class ServedModel:
             return
         self.stats = ModelStats()  # warm-up is not traffic
         self.model.mark_ready()
-        logger.info("model %s v%s ready in %.2f s", spec.name, spec.version, time.monotonic() - started)
+        logger.info(
+            "model %s v%s ready in %.2f s (%s instance(s), max_batch_size %d)",
+            spec.name, spec.version, time.monotonic() - started, self.spec.instances, self.spec.max_batch_size,
+        )  # fmt: skip
         await self.set_state(ModelState.READY)
 
     def _build_and_load(self) -> VisionModel:
@@ -152,6 +160,7 @@ class ServedModel:
             executor=self.executor,
             name=name,
             on_batch=self._on_batch,
+            concurrency=int(self.spec.instances),
         )
         if self._metrics is not None:
             self._metrics.track_queue_depth(name, lambda: batcher.depth)
@@ -211,6 +220,18 @@ class ServedModel:
             return Outcome(None, e, timing)
         stats.success.add(time.monotonic() - start)
         return Outcome(prediction, None, timing)
+
+
+def resolve_instances(spec: ModelSpec, device: str) -> int:
+    """The number of batches to run at once: ``spec.instances``, with ``auto`` resolved
+    for ``device`` (1 on a GPU; on a CPU see :func:`models.threads.cpu_instances`)."""
+    if spec.instances != "auto":
+        return int(spec.instances)
+    if device.startswith("cuda"):
+        return 1
+    from models.threads import cpu_instances  # imports torch: only for auto on a CPU
+
+    return cpu_instances()
 
 
 def _timed(fn: Callable[..., _R], *args: Any) -> tuple[_R, float]:

@@ -36,6 +36,7 @@ from models.fusion import fuse_conv_batch_norm
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.semseg.config import add_semseg_config
+from models.threads import forward_threads
 from models.training.options import auto_device
 from models.types import Prediction, SemanticMap, Task
 
@@ -154,7 +155,7 @@ class SemanticSegmentationModel(VisionModel):
         """One batched forward; returns ``(C, h, w)`` float logits on the CPU at each resized size."""
         if self.model is None:
             raise RuntimeError(f"model {self.name!r} is not loaded")
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), forward_threads(self.device):
             outputs = self.model(list(inputs))
         return [o["sem_seg"].float().cpu() for o in outputs]
 

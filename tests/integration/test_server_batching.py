@@ -41,6 +41,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         # request must still be flushed alone once the wait is over.
         {"name": "det", "task": "instance", "max_batch_size": 4, "max_wait_ms": 150},
         {"name": "seg", "task": "semantic", "max_batch_size": 8, "max_wait_ms": 20},
+        # Two instances: batches of one, each forward long enough for the next to start.
+        {"name": "det2", "task": "instance", "instances": 2, "options": {"delay_ms": 300}},
     ]
     path = tmp_path_factory.mktemp("repo") / "models.yaml"
     path.write_text(yaml.safe_dump({"models": [{"config": "fake", "handler": FAKE, **m} for m in models]}))
@@ -134,4 +136,16 @@ def test_async_client_matches_sync_client(server: ServerThread) -> None:
 
     prediction, models = asyncio.run(main())
     assert prediction.image_size == (12, 14) and prediction.instances[0].category_id == 0
-    assert [m["name"] for m in models] == ["det", "seg"]
+    assert [m["name"] for m in models] == ["det", "seg", "det2"]
+
+
+def test_two_instances_run_two_forwards_at_once(server: ServerThread) -> None:
+    model = server.dataplane.model_object("det2")
+    one = server.dataplane.model_object("det")
+    with Client(server.address, timeout=10) as client, ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client.detect_response, image(16, 16 + i), model="det2") for i in range(4)]
+        responses = [f.result() for f in futures]
+    assert [r.image_width for r in responses] == [16, 17, 18, 19]
+    assert model.batch_sizes[-4:] == [1, 1, 1, 1]
+    assert model.max_running == 2  # never more than its instances
+    assert one.max_running == 1  # the default: one at a time

@@ -61,6 +61,12 @@ models:
         ("{name: a, task: instance, config: c, colour: red}", r"unknown field\(s\) colour"),
         ("{name: a/b, task: instance, config: c}", r"models\[0\]\.name: may contain only"),
         ("{name: a, task: instance, config: c, handler: nocolon}", r"models\[0\]\.handler"),
+        (
+            "{name: a, task: instance, config: c, instances: 0}",
+            r"models\[0\]\.instances: must be an integer > 0",
+        ),
+        ("{name: a, task: instance, config: c, instances: many}", r"models\[0\]\.instances: .* or auto"),
+        ("{name: a, task: instance, config: c, instances: true}", r"models\[0\]\.instances"),
     ],
 )
 def test_invalid_fields_are_named(tmp_path: Path, entry: str, message: str) -> None:
@@ -88,3 +94,13 @@ def test_empty_or_malformed_files(tmp_path: Path, text: str) -> None:
 def test_missing_file_named(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match=r"nope\.yaml: cannot read"):
         load_repository(tmp_path / "nope.yaml")
+
+
+def test_instances_default_fixed_and_auto(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "models:\n  - {name: a, task: instance, config: c}\n"
+        "  - {name: b, task: instance, config: c, instances: 3}\n"
+        "  - {name: d, task: instance, config: c, instances: auto}\n",
+    )
+    assert [s.instances for s in load_repository(path)] == [1, 3, "auto"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -277,3 +278,82 @@ def test_bad_arguments_fail_at_construction(kwargs: dict, message: str) -> None:
 def test_non_callable_handler_fails_at_construction() -> None:
     with pytest.raises(TypeError, match="callable"):
         Batcher(42, max_batch_size=1, max_wait_ms=0, max_queue=1)  # type: ignore[arg-type]
+
+
+class Meeting:
+    """A handler whose calls wait for each other: it records the most calls inside at once."""
+
+    def __init__(self, parties: int) -> None:
+        self.barrier = threading.Barrier(parties)
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.most = 0
+
+    def __call__(self, items: list[int]) -> list[int]:
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        with contextlib.suppress(threading.BrokenBarrierError):  # the others never came
+            self.barrier.wait(2)
+        with self.lock:
+            self.inside -= 1
+        return [x * 2 for x in items]
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 3])
+def test_concurrency_runs_that_many_batches_at_once(concurrency: int) -> None:
+    async def main():
+        meet = Meeting(concurrency)
+        b = Batcher(meet, max_batch_size=1, max_wait_ms=0, max_queue=16, concurrency=concurrency)
+        results = await asyncio.gather(*(b.submit(i) for i in range(6)))
+        in_flight_after = b.in_flight
+        await b.close()
+        return meet, results, in_flight_after
+
+    meet, results, in_flight_after = run(main())
+    assert results == [0, 2, 4, 6, 8, 10]
+    assert meet.most == concurrency
+    assert in_flight_after == 0
+
+
+def test_queue_fills_while_every_instance_is_busy() -> None:
+    # Two instances busy: the four requests that arrive meanwhile form one batch.
+    async def main():
+        rec = Recorder()
+        rec.gate = threading.Event()
+        b = Batcher(rec, max_batch_size=4, max_wait_ms=0, max_queue=16, concurrency=2)
+        first = []
+        for i in (0, 1):  # one at a time: each becomes a batch of its own
+            first.append(asyncio.ensure_future(b.submit(i)))
+            while b.in_flight < i + 1:
+                await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(b.submit(i)) for i in range(2, 6)]
+        await asyncio.sleep(0.05)
+        assert b.depth == 4
+        rec.gate.set()
+        results = await asyncio.gather(*first, *rest)
+        await b.close()
+        return rec, results
+
+    rec, results = run(main())
+    assert results == [0, 2, 4, 6, 8, 10]
+    assert sorted(map(sorted, rec.batches)) == [[0], [1], [2, 3, 4, 5]]
+
+
+def test_close_waits_for_every_running_batch() -> None:
+    async def main():
+        rec = Recorder(delay_s=0.1)
+        b = Batcher(rec, max_batch_size=1, max_wait_ms=0, max_queue=16, concurrency=2)
+        futures = [asyncio.ensure_future(b.submit(i)) for i in range(4)]
+        await asyncio.sleep(0.02)
+        await b.close()
+        return [f.done() for f in futures], [f.result() for f in futures]
+
+    done, results = run(main())
+    assert done == [True] * 4
+    assert results == [0, 2, 4, 6]
+
+
+def test_concurrency_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="concurrency must be an integer >= 1"):
+        Batcher(Recorder(), max_batch_size=1, max_wait_ms=0, max_queue=1, concurrency=0)

@@ -1,0 +1,28 @@
+"""Resolving a spec's ``instances`` for the device its model landed on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from models.repository import ModelSpec
+from models.types import Task
+from service import served_model
+
+SPEC = ModelSpec(name="m", task=Task.INSTANCE, config="c")
+
+
+def test_a_fixed_count_is_kept_on_any_device() -> None:
+    spec = dataclasses.replace(SPEC, instances=3)
+    assert served_model.resolve_instances(spec, "cpu") == 3
+    assert served_model.resolve_instances(spec, "cuda:0") == 3
+
+
+def test_auto_is_one_on_a_gpu_and_the_cpu_rule_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.threads
+
+    monkeypatch.setattr(models.threads, "cpu_instances", lambda: 2)
+    spec = dataclasses.replace(SPEC, instances="auto")
+    assert served_model.resolve_instances(spec, "cuda") == 1
+    assert served_model.resolve_instances(spec, "cpu") == 2
