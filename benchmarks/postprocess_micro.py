@@ -36,7 +36,7 @@ import torch
 from detectron2.layers.mask_ops import _do_paste_mask, paste_masks_in_image
 from pycocotools import mask as mask_util
 
-from models.detectron_outputs import paste_rles
+from models.detectron_outputs import box_rle, paste_rles
 from models.types import Instance, Mask, Prediction
 from service import codec
 from service.imaging import encode_png
@@ -78,6 +78,15 @@ def full_paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor, h: int, w: i
     return [r["counts"] for r in mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))]
 
 
+def per_box_paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor, h: int, w: int) -> list[bytes]:
+    """The served path before chunking: one ``_do_paste_mask`` and one RLE per box."""
+    rles = []
+    for i in range(len(masks)):
+        chunk, (rows, cols) = _do_paste_mask(masks[i : i + 1, None], boxes[i : i + 1], h, w)
+        rles.append(box_rle((chunk[0] >= 0.5).numpy(), int(rows.start), int(cols.start), h, w))
+    return rles
+
+
 def naive_polygons(pred: Prediction) -> list[list[np.ndarray]]:
     out = []
     for inst in pred.instances:
@@ -113,6 +122,9 @@ def main() -> None:
     binary = paste_masks_in_image(masks, boxes, (h, w)).numpy()
     assert np.array_equal(binary, naive_paste(masks, boxes, h, w).numpy()), "paste paths disagree"
     assert full_paste_and_encode(masks, boxes, h, w) == paste_rles(masks, boxes, h, w), "RLE paths disagree"
+    assert per_box_paste_and_encode(masks, boxes, h, w) == paste_rles(masks, boxes, h, w), (
+        "RLE paths disagree"
+    )
     stack = np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8))
     rles = mask_util.encode(stack)
     pred = Prediction(
@@ -138,6 +150,11 @@ def main() -> None:
         (
             "paste + RLE (served path)",
             lambda: full_paste_and_encode(masks, boxes, h, w),
+            lambda: paste_rles(masks, boxes, h, w),
+        ),
+        (
+            "  box by box, then chunked",
+            lambda: per_box_paste_and_encode(masks, boxes, h, w),
             lambda: paste_rles(masks, boxes, h, w),
         ),
         ("polygon response", lambda: naive_polygons(pred), lambda: respond(pred, "polygon")),
