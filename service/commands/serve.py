@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from service.config import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_MESSAGE_BYTES, LOG_FORMATS, ServerConfig
@@ -63,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-warmup", action="store_true", help="mark models ready without a warm-up inference"
+    )
+    parser.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone (by default raised so each request reuses the "
+        "memory the previous one freed instead of mapping fresh pages; see service/allocator.py)",
     )
     parser.add_argument("--tls-cert", help="PEM certificate chain (serves TLS with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key")
@@ -194,6 +201,11 @@ def run(args: argparse.Namespace) -> int:
     # Logging first: reading the token file may warn about its permissions.
     configure_logging(getattr(args, "log_level", "INFO"), args.log_format)
     config = _config(args)
+    if not args.no_malloc_tuning:
+        from service.allocator import keep_freed_memory
+
+        if not keep_freed_memory():
+            logging.getLogger(__name__).info("malloc tuning not available here (not glibc); using defaults")
     repository = _repository(args.models)
     try:
         specs = load_repository(repository)
