@@ -25,11 +25,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["IntraOpShare", "cpu_instances", "cpu_share", "forward_threads", "per_thread_intra_op"]
+__all__ = [
+    "PROCESS_THREADS",
+    "IntraOpShare",
+    "cpu_instances",
+    "cpu_share",
+    "forward_threads",
+    "limit_helper_thread",
+    "per_thread_intra_op",
+]
 
 # Most forward passes at once that ``instances: auto`` runs on a CPU: beyond a few, the
 # Python parts of the passes queue on the interpreter lock.
 MAX_AUTO_CPU_INSTANCES = 4
+# The process's intra-op threads as set up before any server thread runs (torch's default:
+# one per core): what the passes share. Read at import, because torch.set_num_threads in
+# any thread also changes the count that threads which never set their own start with.
+PROCESS_THREADS = torch.get_num_threads()
 
 
 @functools.cache
@@ -61,14 +73,14 @@ class IntraOpShare:
     cached kernels.
 
     Args:
-        threads: the threads to share; default the calling thread's current count.
+        threads: the threads to share; default :data:`PROCESS_THREADS`.
 
     Raises:
         ValueError: ``threads`` < 1.
     """
 
     def __init__(self, threads: int | None = None) -> None:
-        self.threads = torch.get_num_threads() if threads is None else threads
+        self.threads = PROCESS_THREADS if threads is None else threads
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         self._lock = threading.Lock()
@@ -101,8 +113,8 @@ class IntraOpShare:
 def cpu_share() -> IntraOpShare:
     """The process's one share of CPU intra-op threads, for every model's CPU passes.
 
-    Created on first use with the calling thread's thread count (torch's default is one
-    per core); one share for all models, so two models busy at once divide the cores too.
+    One share of :data:`PROCESS_THREADS` for all models, so two models busy at once divide
+    the cores too.
     """
     return IntraOpShare()
 
@@ -110,3 +122,17 @@ def cpu_share() -> IntraOpShare:
 def forward_threads(device: str) -> contextlib.AbstractContextManager[Any]:
     """What a model's forward runs inside: :func:`cpu_share` on a CPU, nothing on a GPU."""
     return cpu_share() if device == "cpu" else contextlib.nullcontext()
+
+
+def limit_helper_thread() -> None:
+    """Run the calling thread's torch operations on one intra-op thread.
+
+    For the threads around the forward passes (decoding, pre- and post-processing): their
+    torch work is small, and a team of OpenMP threads of their own would spin on the cores
+    the passes need each time it finishes. Every pass sets its own count on entering
+    :func:`forward_threads`, so the process-wide side effect of ``torch.set_num_threads``
+    (threads that never set a count start with the last one set) does not reach them.
+    Does nothing where the count is process-wide (it would throttle the passes).
+    """
+    if per_thread_intra_op():
+        torch.set_num_threads(1)

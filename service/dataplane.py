@@ -55,6 +55,13 @@ _R = TypeVar("_R")
 Listener = Callable[[], Awaitable[None]]
 
 
+def _helper_thread() -> None:
+    """Initializer of the shared CPU pool: one intra-op thread (see models.threads)."""
+    from models.threads import limit_helper_thread  # torch: only once a pool thread starts
+
+    limit_helper_thread()
+
+
 class DataPlane:
     """Serves the models of one repository.
 
@@ -80,7 +87,7 @@ class DataPlane:
         self._metrics = metrics
         self._own_pool = cpu_pool is None
         self._pool = cpu_pool or ThreadPoolExecutor(
-            self.config.worker_threads, thread_name_prefix="cvserve-cpu"
+            self.config.worker_threads, thread_name_prefix="cvserve-cpu", initializer=_helper_thread
         )
         self._entries: dict[str, ServedModel] = {}
         for spec in specs:

@@ -101,3 +101,17 @@ def test_cpu_instances_is_one_per_core_up_to_the_limit(monkeypatch: pytest.Monke
 def test_forward_threads_only_share_on_the_cpu() -> None:
     assert threads.forward_threads("cpu") is threads.cpu_share()
     assert not isinstance(threads.forward_threads("cuda:0"), IntraOpShare)
+
+
+@needs_openmp
+def test_a_helper_thread_runs_on_one_thread_and_passes_still_get_their_share() -> None:
+    assert _in_thread(lambda: (threads.limit_helper_thread(), torch.get_num_threads())[1]) == 1
+    # A pass in a thread that never set a count starts from the helper's 1 and takes its share.
+    share = IntraOpShare(threads=2)
+
+    def a_pass() -> int:
+        with share:
+            return torch.get_num_threads()
+
+    assert _in_thread(a_pass) == 2
+    assert IntraOpShare().threads == threads.PROCESS_THREADS
