@@ -108,11 +108,11 @@ def _box_regions(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _paste_chunk(probs: torch.Tensor, boxes: torch.Tensor, regions: torch.Tensor) -> np.ndarray:
-    """``(n, rows, cols)`` bool masks of ``n`` boxes, each at the top-left of a shared block.
+    """``(n, rows, cols)`` bool masks of ``n`` boxes, each at the top-left of a shared block
+    and zero past its own block.
 
     The grid is detectron2's per-box grid (same float operations on the same values, so
-    the same samples), built for all boxes at once over the largest block; pixels past a
-    box's own block are cut off by the caller.
+    the same samples), built for all boxes at once over the largest block.
     """
     n = len(probs)
     rows, cols = int(regions[:, 2].max()), int(regions[:, 3].max())
@@ -124,7 +124,12 @@ def _paste_chunk(probs: torch.Tensor, boxes: torch.Tensor, regions: torch.Tensor
     img_y = (img_y - y0) / (y1 - y0) * 2 - 1
     img_x = (img_x - x0) / (x1 - x0) * 2 - 1
     grid = torch.stack([img_x[:, None, :].expand(n, rows, cols), img_y[:, :, None].expand(n, rows, cols)], 3)
-    return (F.grid_sample(probs[:, None], grid, align_corners=False)[:, 0] >= 0.5).numpy()
+    masks = (F.grid_sample(probs[:, None], grid, align_corners=False)[:, 0] >= 0.5).numpy()
+    # Past its own block a mask's samples are not zero (the grid runs on): clear them.
+    sizes = regions[:, 2:].numpy()
+    masks &= np.arange(rows)[None, :, None] < sizes[:, 0, None, None]
+    masks &= np.arange(cols)[None, None, :] < sizes[:, 1, None, None]
+    return masks
 
 
 def _chunks(regions: torch.Tensor) -> list[list[int]]:
@@ -165,13 +170,10 @@ def paste_rles(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int
     rles: list[bytes] = [b""] * len(probs)
     for group in _chunks(regions):
         index = torch.tensor(group)
-        block = regions[index].numpy()
-        masks = _paste_chunk(probs[index], boxes[index], regions[index])
-        # Past its own block a mask's samples are not zero (the grid runs on): clear them.
-        rows, cols = masks.shape[1:]
-        masks &= np.arange(rows)[None, :, None] < block[:, 2, None, None]
-        masks &= np.arange(cols)[None, None, :] < block[:, 3, None, None]
-        for i, rle in zip(group, block_rles(masks, block[:, 0], block[:, 1], height, width), strict=True):
+        block = regions[index]
+        masks = _paste_chunk(probs[index], boxes[index], block)
+        tops, lefts = block[:, 0].numpy(), block[:, 1].numpy()
+        for i, rle in zip(group, block_rles(masks, tops, lefts, height, width), strict=True):
             rles[i] = rle
     return rles
 

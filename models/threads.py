@@ -69,8 +69,8 @@ class IntraOpShare:
     least 1), ``n`` counting the passes inside at that moment, this one included. A pass
     keeps its count until it leaves, so a lone pass that another joins keeps all threads
     until it ends (the machine is briefly oversubscribed) and the next one starts with
-    its share. The count is only set when it changes: each change discards oneDNN's
-    cached kernels.
+    its share. The count is only set when it changes, so a steady load sets it once per
+    thread.
 
     Args:
         threads: the threads to share; default :data:`PROCESS_THREADS`.

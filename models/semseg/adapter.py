@@ -96,17 +96,17 @@ class SemanticSegmentationModel(VisionModel):
             raise type(e)(f"model {self.name!r}: {e}") from None
         cfg.MODEL.DEVICE = self.device
         opts = self.spec.options
+        fuse = opts.get("fuse_batch_norm", True)
+        if not isinstance(fuse, bool):  # checked before the network is built and loaded
+            raise ValueError(
+                f"model {self.name!r}: option fuse_batch_norm must be true or false, got {fuse!r}"
+            )
         min_size = int(opts.get("min_size_test", cfg.INPUT.MIN_SIZE_TEST))
         max_size = int(opts.get("max_size_test", cfg.INPUT.MAX_SIZE_TEST))
         cfg.freeze()
         model = build_d2_model(cfg)
         model.eval()
         extra = self._load_weights(model)
-        fuse = opts.get("fuse_batch_norm", True)
-        if not isinstance(fuse, bool):
-            raise ValueError(
-                f"model {self.name!r}: option fuse_batch_norm must be true or false, got {fuse!r}"
-            )
         if fuse:
             fuse_conv_batch_norm(model)  # the same outputs for less work per layer (models.fusion)
         if not self.class_names:

@@ -205,7 +205,9 @@ def run(args: argparse.Namespace) -> int:
         from service.allocator import keep_freed_memory
 
         if not keep_freed_memory():
-            logging.getLogger(__name__).info("malloc tuning not available here (not glibc); using defaults")
+            logging.getLogger(__name__).info(
+                "malloc tuning not applied (not glibc, or refused); using defaults"
+            )
     repository = _repository(args.models)
     try:
         specs = load_repository(repository)

@@ -112,3 +112,12 @@ def test_missing_files_name_the_model_and_file(seg_cfg: CfgNode, tmp_path: Path)
     bad.write_text("MODEL:\n  NOT_A_KEY: 1\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad\.yaml"):
         _build(_spec(bad, tmp_path / "model.pth")).load()
+
+
+def test_a_non_boolean_fuse_option_fails_before_the_weights_are_read(
+    seg_cfg: CfgNode, tmp_path: Path
+) -> None:
+    config, _ = _write_model(seg_cfg, tmp_path)
+    # The weights file does not exist: the option error must come first.
+    with pytest.raises(ValueError, match="'seg': option fuse_batch_norm must be true or false, got 'yes'"):
+        _build(_spec(config, tmp_path / "absent.pth", fuse_batch_norm="yes")).load()
