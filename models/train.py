@@ -28,6 +28,7 @@ import models  # noqa: F401  (detectron2 compatibility layer first)
 # isort: split
 
 import torch
+import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import (
@@ -41,12 +42,14 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, SemSegEvaluat
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
+from torch.nn.parallel import DistributedDataParallel
 
 from models.checkpoint import save_checkpoint
 from models.data.augment import build_augmentations
 from models.training.history import MetricsHistory, flatten_results
 from models.training.monitor import ProgressLog, Selection
 from models.training.options import TrainOptions, add_train_options, options_from_args, resolve_device
+from models.training.parallel import ProcessGroup, broadcast_object, mean_over_ranks, rank_device
 from models.training.solver import build_lr_scheduler, build_optimizer, train_step
 
 __all__ = ["TrainOptions", "TrainResult", "add_train_options", "options_from_args", "train"]
@@ -119,17 +122,24 @@ def _prepare_config(
     return cfg
 
 
-def _build_evaluator(cfg: CfgNode, dataset: str) -> DatasetEvaluator:
+def _build_evaluator(cfg: CfgNode, dataset: str, distributed: bool) -> DatasetEvaluator:
     if MetadataCatalog.get(dataset).get("evaluator_type") == "sem_seg":
-        return SemSegEvaluator(dataset, distributed=False)
+        return SemSegEvaluator(dataset, distributed=distributed)
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     # use_fast_impl=False: detectron2's fast COCOeval needs its C++ extension.
-    return COCOEvaluator(dataset, tasks=tasks, distributed=False, use_fast_impl=False)
+    return COCOEvaluator(dataset, tasks=tasks, distributed=distributed, use_fast_impl=False)
 
 
-def evaluate(cfg: CfgNode, model: torch.nn.Module, dataset: str) -> dict[str, float]:
-    """Evaluate ``model`` on a registered dataset; returns flat metrics like ``segm/AP``."""
-    evaluator = _build_evaluator(cfg, dataset)
+def evaluate(
+    cfg: CfgNode, model: torch.nn.Module, dataset: str, *, distributed: bool = False
+) -> dict[str, float]:
+    """Evaluate ``model`` on a registered dataset; returns flat metrics like ``segm/AP``.
+
+    ``distributed``: every rank of a process group calls this with its own share of
+    the images (detectron2's test loader shards them); rank 0 gets the metrics, the
+    others an empty dict.
+    """
+    evaluator = _build_evaluator(cfg, dataset, distributed)
     loader = build_detection_test_loader(cfg, dataset)
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):  # pycocotools prints its tables
@@ -177,7 +187,31 @@ def train(
     if val_dataset:
         _dataset_classes(val_dataset)
     (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
-    seed_all_rng(options.seed)
+    run = (cfg, options, train_dataset, val_dataset, out, init_weights)
+    if options.processes == 1:
+        return _train_rank(0, *run, progress=progress)
+    datasets = [train_dataset, *([val_dataset] if val_dataset else [])]
+    with ProcessGroup(options.processes, cfg.MODEL.DEVICE, datasets, _train_rank, run):
+        return _train_rank(0, *run, progress=progress)
+
+
+def _train_rank(
+    rank: int,
+    cfg: CfgNode,
+    options: TrainOptions,
+    train_dataset: str,
+    val_dataset: str | None,
+    out: Path,
+    init_weights: str | None,
+    progress: bool = False,
+) -> TrainResult:
+    """One process's share of a run (the whole run with one process)."""
+    if options.processes > 1:
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = rank_device(cfg.MODEL.DEVICE, rank)
+        cfg.freeze()
+    seed_all_rng(options.seed + rank)  # rank 0's initial weights are every rank's (DDP broadcasts them)
     return _Trainer(cfg, options, train_dataset, val_dataset, out, init_weights, progress).run()
 
 
@@ -217,9 +251,15 @@ class _Trainer:
             train_dataset,
             val_dataset,
         )
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.model = build_model(cfg)
         if init_weights:
             DetectionCheckpointer(self.model).load(init_weights)
+        # Several processes: gradients are averaged in backward; the model itself is saved and evaluated.
+        self.forward: torch.nn.Module = self.model
+        if dist.is_initialized():
+            ids = [torch.device(cfg.MODEL.DEVICE)] if cfg.MODEL.DEVICE.startswith("cuda") else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
         self.class_names = _dataset_classes(train_dataset)[1]
         self.optimizer = build_optimizer(self.model, options)
         self.scheduler = build_lr_scheduler(self.optimizer, options)
@@ -249,7 +289,8 @@ class _Trainer:
                 if self.val_dataset and due and self._evaluate(iteration):
                     break
         self._checkpoint(self.last_path, iteration)
-        self.history.write(self._summary(iteration), self.selection.metric)
+        if not self.rank:
+            self.history.write(self._summary(iteration), self.selection.metric)
         best = self.best_path if self.val_dataset else self.last_path
         h = self.history
         return TrainResult(
@@ -259,18 +300,30 @@ class _Trainer:
     def _step(self, iteration: int) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         losses = train_step(
-            self.model, next(self.data), self.optimizer, self.scaler, self.options, self.use_amp
+            self.forward, next(self.data), self.optimizer, self.scaler, self.options, self.use_amp
         )
         if iteration < self.options.max_iter:  # fvcore schedules are undefined past the end
             self.scheduler.step()
-        row = {"iteration": iteration, "lr": lr, **losses}
+        row = {"iteration": iteration, "lr": lr, **mean_over_ranks(losses)}
+        if self.rank:
+            return
         self.history.add(row)
         self.log.step(row)
 
     def _evaluate(self, iteration: int) -> bool:
-        """Evaluate, keep the best weights, write the metrics; True to stop early."""
+        """Evaluate, keep the best weights, write the metrics; True to stop early.
+
+        With several processes each evaluates a share of the images with rank 0's
+        weights and norm statistics, rank 0 scores them and decides for all.
+        """
         assert self.val_dataset is not None
-        metrics = evaluate(self.cfg, self.model, self.val_dataset)
+        distributed = dist.is_initialized()
+        if distributed:
+            for buffer in self.model.buffers():  # BN statistics drift apart per rank
+                dist.broadcast(buffer, 0)
+        metrics = evaluate(self.cfg, self.model, self.val_dataset, distributed=distributed)
+        if self.rank:
+            return bool(broadcast_object(None))
         self.history.add({"iteration": iteration, **{f"val/{k}": v for k, v in metrics.items()}})
         sel = self.selection
         if sel.update(metrics):
@@ -280,9 +333,11 @@ class _Trainer:
         self.history.write(self._summary(iteration), sel.metric)
         if sel.should_stop:
             logger.info("early stop: no improvement of %s in %d evaluations", sel.metric, sel.stale)
-        return sel.should_stop
+        return bool(broadcast_object(sel.should_stop))
 
     def _checkpoint(self, path: Path, iteration: int) -> None:
+        if self.rank:
+            return
         extra = {"class_names": self.class_names, "iteration": iteration, "config": self.cfg.dump()}
         save_checkpoint(self.model, path, extra=extra)
 

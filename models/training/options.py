@@ -50,7 +50,10 @@ class TrainOptions:
         early_stop_metric: metric selecting the best checkpoint, e.g. ``segm/AP``,
             ``bbox/AP``, ``sem_seg/mIoU``; empty = the first of those the evaluator reports.
         seed: seed of every random generator.
-        num_workers: data loader processes (at most 2).
+        num_workers: data loader processes (at most 2) of each training process.
+        processes: data-parallel training processes on this machine, each taking
+            ``batch_size / processes`` images per iteration: single-thread processes sharing
+            the CPU cores, or one GPU each (``device`` ``cuda``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         log_period: iterations between progress lines.
     """
@@ -80,6 +83,7 @@ class TrainOptions:
     early_stop_metric: str = ""
     seed: int = 0
     num_workers: int = 1
+    processes: int = 1
     device: str = "auto"
     log_period: int = 20
 
@@ -109,6 +113,12 @@ class TrainOptions:
             (self.eval_period >= 1, "eval_period", ">= 1"),
             (self.early_stop_patience >= 0, "early_stop_patience", ">= 0"),
             (0 <= self.num_workers <= 2, "num_workers", "in [0, 2]"),
+            (self.processes >= 1, "processes", ">= 1"),
+            (
+                self.batch_size % self.processes == 0,
+                "batch_size",
+                f"a multiple of processes ({self.processes})",
+            ),
             (self.log_period >= 1, "log_period", ">= 1"),
         ]
         for ok, name, rule in checks:
@@ -174,6 +184,12 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes (0-2)")
+    g.add_argument(
+        "--processes",
+        type=int,
+        default=d.processes,
+        help="data-parallel training processes: CPU cores shared out, or one GPU each (default 1)",
+    )
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--log-period", type=int, default=d.log_period)
 

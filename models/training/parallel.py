@@ -1,0 +1,265 @@
+"""Data-parallel training in several processes on one machine.
+
+The calling process is rank 0; :class:`ProcessGroup` spawns ranks 1..N-1, joins them
+into one ``torch.distributed`` group (gloo on CPUs, NCCL on GPUs) and runs a
+module-level function in each. Datasets registered in the caller are handed to the
+spawned processes as their loaded dicts, so names registered at run time (from a
+command line, a temporary build) resolve there too.
+
+On a CPU, N single-thread processes use the cores better than one process running
+N intra-op threads: a training step of the demo detector is many small operators,
+and each process keeps its core busy between them instead of meeting at a barrier
+after every one (see ``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["ProcessGroup", "broadcast_object", "mean_over_ranks", "rank_device", "threads_per_process"]
+
+logger = logging.getLogger(__name__)
+
+# A rank that waits longer than this in a collective gives up (another rank hung or died).
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+_JOIN_SECONDS = 60.0
+
+
+def threads_per_process(processes: int) -> int:
+    """Intra-op threads for each of ``processes`` CPU processes: the cores shared out, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // processes)
+
+
+def rank_device(device: str, rank: int) -> str:
+    """The device of one rank: the CPU for every rank, or GPU ``rank`` when ``device`` is CUDA."""
+    return f"cuda:{rank}" if device.startswith("cuda") else device
+
+
+def check_devices(device: str, processes: int) -> None:
+    """Raise ``ValueError`` if ``processes`` ranks cannot each get a device."""
+    if processes > 1 and device.startswith("cuda"):
+        if device != "cuda":
+            raise ValueError(
+                f"training on {processes} processes takes device 'cuda' (one GPU per rank), not {device!r}"
+            )
+        if processes > torch.cuda.device_count():
+            raise ValueError(
+                f"{processes} processes need {processes} GPUs; {torch.cuda.device_count()} present"
+            )
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over all ranks (every rank passes the same keys)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=_cpu_group())
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (the argument is ignored elsewhere)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_cpu_group())
+    return box[0]
+
+
+@functools.cache
+def _gloo_group() -> Any:
+    return dist.new_group(backend="gloo")
+
+
+def _cpu_group() -> Any:
+    """A group whose collectives take CPU tensors (the default one, unless it is NCCL)."""
+    return _gloo_group() if dist.get_backend() == "nccl" else dist.group.WORLD
+
+
+def _snapshot(names: Iterable[str]) -> list[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    out = []
+    for name in names:
+        meta = MetadataCatalog.get(name).as_dict()
+        meta.pop("name", None)
+        out.append((name, DatasetCatalog.get(name), meta))
+    return out
+
+
+def _registering_modules() -> list[str]:
+    """Modules outside detectron2 that put components into its model registries.
+
+    A spawned process imports them so that a config naming a project's own backbone
+    or META_ARCH builds there as it did here.
+    """
+    import detectron2.modeling as modeling
+
+    registries = [v for k, v in vars(modeling).items() if k.endswith("_REGISTRY")]
+    names = {getattr(obj, "__module__", "") for registry in registries for _, obj in registry}
+    return sorted(n for n in names if n and n != "__main__" and not n.startswith("detectron2."))
+
+
+def _dicts(dicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return dicts
+
+
+def _register(snapshot: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -> None:
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for name, dicts, meta in snapshot:
+        if name not in DatasetCatalog.list():  # the main module may have registered it again
+            DatasetCatalog.register(name, functools.partial(_dicts, dicts))
+            MetadataCatalog.get(name).set(**meta)
+
+
+def _init(rendezvous: str, rank: int, world: int, device: str) -> None:
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(rank_device(device, rank))
+    dist.init_process_group(
+        backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
+    )
+
+
+def _child(
+    rank: int,
+    world: int,
+    rendezvous: str,
+    device: str,
+    threads: int,
+    snapshot: list[tuple[str, list[dict[str, Any]], dict[str, Any]]],
+    modules: list[str],
+    target: Callable[..., Any],
+    args: tuple[Any, ...],
+    errors: Any,
+) -> None:
+    torch.set_num_threads(threads)
+    try:
+        for module in modules:
+            with contextlib.suppress(ImportError):  # e.g. a test file pytest imported by path
+                importlib.import_module(module)
+        _register(snapshot)
+        _init(rendezvous, rank, world, device)
+        target(rank, *args)
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ProcessGroup:
+    """Rank 0 in the calling process, ranks 1..N-1 spawned, all in one process group.
+
+    Inside the ``with`` block the caller runs its own share of the work; the spawned
+    ranks run ``target(rank, *args)``. Leaving the block joins them; if the caller's
+    block raised, or a rank failed, the others are stopped and the first failure is
+    raised (a spawned rank's traceback becomes the message of a ``RuntimeError``).
+
+    Args:
+        processes: number of ranks, >= 2.
+        device: ``cpu`` or ``cuda`` (rank r on GPU r).
+        datasets: names of registered datasets the ranks read.
+        target: module-level function each spawned rank runs as ``target(rank, *args)``.
+        args: its arguments (picklable).
+    """
+
+    def __init__(
+        self,
+        processes: int,
+        device: str,
+        datasets: Iterable[str],
+        target: Callable[..., Any],
+        args: tuple[Any, ...],
+    ) -> None:
+        if processes < 2:
+            raise ValueError(f"a process group needs at least 2 processes, got {processes}")
+        check_devices(device, processes)
+        self.processes, self.device = processes, device
+        self.threads = (
+            threads_per_process(processes) if not device.startswith("cuda") else torch.get_num_threads()
+        )
+        self._datasets, self._target, self._args = list(dict.fromkeys(datasets)), target, args
+        self._children: list[Any] = []
+        self._errors: Any = None
+        self._tmp: Path | None = None
+        self._threads_before = torch.get_num_threads()
+
+    def __enter__(self) -> ProcessGroup:
+        ctx = mp.get_context("spawn")
+        self._errors = ctx.Queue()
+        self._tmp = Path(tempfile.mkdtemp(prefix="cvserve-ddp-"))
+        rendezvous = str(self._tmp / "rendezvous")
+        snapshot, modules = _snapshot(self._datasets), _registering_modules()
+        for rank in range(1, self.processes):
+            common = (self.processes, rendezvous, self.device, self.threads, snapshot, modules)
+            p = ctx.Process(
+                target=_child, args=(rank, *common, self._target, self._args, self._errors), daemon=True
+            )
+            p.start()
+            self._children.append(p)
+        logger.info("training on %d processes (%d thread(s) each)", self.processes, self.threads)
+        try:
+            torch.set_num_threads(self.threads)
+            _init(rendezvous, 0, self.processes, self.device)
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            for p in self._children:
+                p.join(_JOIN_SECONDS)
+        failure = self._child_failure()
+        self._stop()
+        if failure is not None:
+            rank, trace = failure
+            raise RuntimeError(f"training process {rank} failed:\n{trace}") from exc
+        if exc is None and any(p.exitcode != 0 for p in self._children):
+            codes = {i + 1: p.exitcode for i, p in enumerate(self._children)}
+            raise RuntimeError(f"a training process exited abnormally (exit codes by rank: {codes})")
+
+    def _child_failure(self) -> tuple[int, str] | None:
+        try:
+            return self._errors.get(timeout=0.5 if any(p.exitcode for p in self._children) else 0.01)
+        except queue.Empty:
+            return None
+
+    def _stop(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _gloo_group.cache_clear()
+        from detectron2.utils import comm
+
+        comm._get_global_gloo_group.cache_clear()  # detectron2 caches the group of a destroyed world
+        for p in self._children:
+            if p.is_alive():
+                p.terminate()
+            p.join(_JOIN_SECONDS)
+        torch.set_num_threads(self._threads_before)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
