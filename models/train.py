@@ -15,8 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,13 +30,10 @@ import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import (
-    DatasetCatalog,
     DatasetMapper,
     MetadataCatalog,
-    build_detection_test_loader,
     build_detection_train_loader,
 )
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, SemSegEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
@@ -46,13 +41,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.checkpoint import save_checkpoint
 from models.data.augment import build_augmentations
-from models.training.history import MetricsHistory, flatten_results
+from models.training.history import MetricsHistory
 from models.training.monitor import ProgressLog, Selection
 from models.training.options import TrainOptions, add_train_options, options_from_args, resolve_device
 from models.training.parallel import ProcessGroup, broadcast_object, mean_over_ranks, rank_device
 from models.training.solver import build_lr_scheduler, build_optimizer, train_step
+from models.training.validation import dataset_classes, evaluate
 
-__all__ = ["TrainOptions", "TrainResult", "add_train_options", "options_from_args", "train"]
+__all__ = ["TrainOptions", "TrainResult", "add_train_options", "evaluate", "options_from_args", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +76,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _dataset_classes(name: str) -> tuple[bool, list[str]]:
-    """``(is_semantic, class names)`` of a registered dataset."""
-    if name not in DatasetCatalog.list():
-        raise ValueError(f"dataset {name!r} is not registered (see models.data.datasets)")
-    meta = MetadataCatalog.get(name)
-    if meta.get("evaluator_type") == "sem_seg":
-        return True, list(meta.get("stuff_classes", []))
-    return False, list(meta.get("thing_classes", []))
-
-
 def _prepare_config(
     cfg: CfgNode, options: TrainOptions, train_dataset: str, val_dataset: str | None, device: str
 ) -> CfgNode:
@@ -105,7 +91,7 @@ def _prepare_config(
     cfg.SOLVER.WARMUP_ITERS = options.warmup_iters
     cfg.TEST.EVAL_PERIOD = options.eval_period
     cfg.SEED = options.seed
-    semantic, classes = _dataset_classes(train_dataset)
+    semantic, classes = dataset_classes(train_dataset)
     if semantic:
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = len(classes)
         cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE = int(MetadataCatalog.get(train_dataset).get("ignore_label", 255))
@@ -120,32 +106,6 @@ def _prepare_config(
         logger.warning("--dropout ignored: this model has no MODEL.SEM_SEG_HEAD.DROPOUT")
     cfg.freeze()
     return cfg
-
-
-def _build_evaluator(cfg: CfgNode, dataset: str, distributed: bool) -> DatasetEvaluator:
-    if MetadataCatalog.get(dataset).get("evaluator_type") == "sem_seg":
-        return SemSegEvaluator(dataset, distributed=distributed)
-    tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-    # use_fast_impl=False: detectron2's fast COCOeval needs its C++ extension.
-    return COCOEvaluator(dataset, tasks=tasks, distributed=distributed, use_fast_impl=False)
-
-
-def evaluate(
-    cfg: CfgNode, model: torch.nn.Module, dataset: str, *, distributed: bool = False
-) -> dict[str, float]:
-    """Evaluate ``model`` on a registered dataset; returns flat metrics like ``segm/AP``.
-
-    ``distributed``: every rank of a process group calls this with its own share of
-    the images (detectron2's test loader shards them); rank 0 gets the metrics, the
-    others an empty dict.
-    """
-    evaluator = _build_evaluator(cfg, dataset, distributed)
-    loader = build_detection_test_loader(cfg, dataset)
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):  # pycocotools prints its tables
-        results = inference_on_dataset(model, loader, evaluator)
-    logger.debug("evaluation output:\n%s", captured.getvalue())
-    return flatten_results(dict(results or {}))
 
 
 def train(
@@ -185,7 +145,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     cfg = _prepare_config(cfg, options, train_dataset, val_dataset, resolve_device(options.device))
     if val_dataset:
-        _dataset_classes(val_dataset)
+        dataset_classes(val_dataset)
     (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
     run = (cfg, options, train_dataset, val_dataset, out, init_weights)
     if options.processes == 1:
@@ -260,7 +220,7 @@ class _Trainer:
         if dist.is_initialized():
             ids = [torch.device(cfg.MODEL.DEVICE)] if cfg.MODEL.DEVICE.startswith("cuda") else None
             self.forward = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
-        self.class_names = _dataset_classes(train_dataset)[1]
+        self.class_names = dataset_classes(train_dataset)[1]
         self.optimizer = build_optimizer(self.model, options)
         self.scheduler = build_lr_scheduler(self.optimizer, options)
         self.data = _train_loader(cfg, options)

@@ -70,6 +70,8 @@ def test_flags_round_trip_to_options() -> None:
             "bbox/AP",
             "--num-workers",
             "0",
+            "--processes",
+            "2",
         ]
     )
     opts = options_from_args(args)
@@ -77,7 +79,7 @@ def test_flags_round_trip_to_options() -> None:
         optimizer="adamw", lr=0.002, l1=1e-6, dropout=0.2, max_iter=50, warmup_iters=5,
         lr_schedule="cosine", lr_steps=(20, 40), hflip=False, vflip=True, scale_jitter=(0.8, 1.2),
         crop=0.9, rotation=15, color_jitter=0.3, noise_std=6, early_stop_patience=3,
-        early_stop_metric="bbox/AP", num_workers=0,
+        early_stop_metric="bbox/AP", num_workers=0, processes=2,
     )  # fmt: skip
     assert options_from_args(parser.parse_args([])) == TrainOptions()
 
