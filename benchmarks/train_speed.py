@@ -89,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = [
             (f"1 process, {torch.get_num_threads()} threads, 1 loader process", {"num_workers": 1}),
             (f"1 process, {torch.get_num_threads()} threads, loading inline", {"num_workers": 0}),
-            (f"{args.processes} processes, DDP, loading inline", {"num_workers": 0, "processes": args.processes}),
+            (
+                f"{args.processes} processes, DDP, loading inline",
+                {"num_workers": 0, "processes": args.processes},
+            ),
         ]
         print(machine())
-        print(f"demo detector, batch {args.batch_size} at {args.image_size} px, {args.iters} timed iterations")
+        print(
+            f"demo detector, batch {args.batch_size} at {args.image_size} px, {args.iters} timed iterations"
+        )
         print(f"{'setting':<48} {'images/s':>9}")
         for i, (label, kw) in enumerate(settings):
             rate = _run(f"run{i}", "bench_train", out, args, **kw)
