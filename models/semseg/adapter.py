@@ -134,15 +134,17 @@ class SemanticSegmentationModel(VisionModel):
         return tuple(str(n) for n in names)
 
     def preprocess(self, image: np.ndarray) -> dict[str, Any]:
-        """RGB uint8 ``(H, W, 3)`` -> ``{"image": CHW float tensor in INPUT.FORMAT, "height", "width"}``."""
+        """RGB uint8 ``(H, W, 3)`` -> ``{"image": CHW uint8 tensor in INPUT.FORMAT, "height", "width"}``."""
         if self._resize is None:
             raise RuntimeError(f"model {self.name!r} is not loaded")
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
-        if self._format == "BGR":
-            image = image[:, :, ::-1]
+        # As in the detection adapter: resize, then reorder channels in the transpose's copy;
+        # uint8, since the network's normalisation promotes to float32 with the same values.
         resized = self._resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)), dtype=torch.float32)
+        if self._format == "BGR":
+            resized = resized[:, :, ::-1]
+        tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
         return {"image": tensor, "height": int(resized.shape[0]), "width": int(resized.shape[1])}
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

@@ -85,9 +85,12 @@ def test_preprocess_resizes_and_converts_to_bgr(seg_cfg: CfgNode, tmp_path: Path
     item = model.preprocess(image)
     assert (item["height"], item["width"]) == (32, 64)
     assert item["image"].shape == (3, 32, 64)
-    assert float(item["image"][2].mean()) == pytest.approx(200)  # red is the last channel in BGR
-    assert float(item["image"][0].abs().max()) == 0
+    assert item["image"].dtype == torch.uint8
+    assert float(item["image"][2].float().mean()) == pytest.approx(200)  # red is the last channel in BGR
+    assert int(item["image"][0].max()) == 0
     logits = model.forward([item])[0]
+    as_float = model.forward([{**item, "image": item["image"].float()}])[0]
+    assert torch.equal(logits, as_float)  # normalisation promotes uint8 to the same float32 values
     assert logits.shape == (NUM_CLASSES, 32, 64)
     assert model.postprocess(logits, (40, 80)).semantic.labels.shape == (40, 80)
     assert model.class_names == ("a", "b", "c", "d")
