@@ -54,7 +54,7 @@ def _run(name: str, dataset: str, out: Path, args: argparse.Namespace, **kw: int
     logging.getLogger("models.train").addHandler(clock)
     total = args.warmup + args.iters
     options = TrainOptions(
-        max_iter=total, warmup_iters=min(100, total), batch_size=args.batch_size, eval_period=total,
+        max_iter=total, warmup_iters=max(1, args.warmup // 2), batch_size=args.batch_size, eval_period=total,
         log_period=1, lr_schedule="constant", **kw,
     )  # fmt: skip
     try:
@@ -73,8 +73,8 @@ def _run(name: str, dataset: str, out: Path, args: argparse.Namespace, **kw: int
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("models.train").setLevel(logging.INFO)
+    logging.getLogger("models.train").setLevel(logging.INFO)  # the clock reads the progress lines
+    logging.getLogger("models.train").propagate = False
     import torch
 
     from benchmarks._common import machine

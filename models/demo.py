@@ -206,5 +206,7 @@ def toy_scale() -> DemoScale:
         instance_eval_period=4,
         semantic_iters=4,
         semantic_eval_period=4,
+        instance_batch_size=2,
+        processes=1,
         num_workers=0,
     )
