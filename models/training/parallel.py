@@ -234,18 +234,19 @@ class ProcessGroup:
         if exc is None:
             for p in self._children:
                 p.join(_JOIN_SECONDS)
-        failure = self._child_failure()
+        # A rank that died broke the caller's collective: give its report a moment to arrive.
+        failure = self._child_failure(wait=2.0 if exc is not None else 0.01)
         self._stop()
         if failure is not None:
             rank, trace = failure
             raise RuntimeError(f"training process {rank} failed:\n{trace}") from exc
         if exc is None and any(p.exitcode != 0 for p in self._children):
             codes = {i + 1: p.exitcode for i, p in enumerate(self._children)}
-            raise RuntimeError(f"a training process exited abnormally (exit codes by rank: {codes})")
+            raise RuntimeError(f"a training process did not finish cleanly (exit codes by rank: {codes})")
 
-    def _child_failure(self) -> tuple[int, str] | None:
+    def _child_failure(self, wait: float) -> tuple[int, str] | None:
         try:
-            return self._errors.get(timeout=0.5 if any(p.exitcode for p in self._children) else 0.01)
+            return self._errors.get(timeout=wait)
         except queue.Empty:
             return None
 
