@@ -42,3 +42,14 @@ def test_info_uses_the_given_repository(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert json.loads(out.stdout)["model_repository"] == str(repo)
+
+
+def test_a_closed_output_pipe_ends_quietly() -> None:
+    proc = subprocess.Popen(
+        [*CVSERVE, "info", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # like `cvserve info --json | head -c 0`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
