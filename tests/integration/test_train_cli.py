@@ -137,6 +137,26 @@ def test_missing_file_names_flag_and_path(data: tuple[dict, Path], tmp_path: Pat
     assert "--val-json and --val-images must be given together" in proc.stderr
 
 
+@pytest.mark.slow
+def test_train_instance_on_two_processes(data: tuple[dict, Path], tmp_path: Path) -> None:
+    splits, config = data
+    out = tmp_path / "run"
+    flags = {
+        "--train-json": splits["train"].instances_json, "--train-images": splits["train"].images,
+        "--val-json": splits["val"].instances_json, "--val-images": splits["val"].images,
+        "--config": config, "--out": out, "--max-iter": 2, "--warmup-iters": 1, "--batch-size": 4,
+        "--eval-period": 2, "--log-period": 1, "--num-workers": 0, "--processes": 2,
+    }  # fmt: skip
+    proc = _cvserve("train", "instance", *[str(x) for kv in flags.items() for x in kv])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training on 2 processes (1 thread(s) each)" in proc.stderr
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows if r["total_loss"]] == [1, 2]
+    assert [int(r["iteration"]) for r in rows if r.get("val/segm/AP")] == [2]
+    assert torch.load(out / "model_final.pth", weights_only=True)["__cvserve__"]["iteration"] == 2
+
+
 def test_invalid_option_is_reported(data: tuple[dict, Path], tmp_path: Path) -> None:
     splits, _ = data
     proc = _cvserve(
@@ -153,6 +173,17 @@ def test_invalid_option_is_reported(data: tuple[dict, Path], tmp_path: Path) -> 
     )
     assert proc.returncode == 2
     assert "num_workers must be in [0, 2], got 5" in proc.stderr
+
+
+def test_batch_not_shared_evenly_is_reported(data: tuple[dict, Path], tmp_path: Path) -> None:
+    splits, _ = data
+    proc = _cvserve(
+        "train", "instance", "--train-json", str(splits["train"].instances_json),
+        "--train-images", str(splits["train"].images), "--out", str(tmp_path / "o"),
+        "--processes", "3", "--batch-size", "4",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "batch_size must be a multiple of processes (3), got 4" in proc.stderr
 
 
 def test_semantic_subcommand_is_wired() -> None:
