@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,32 +147,36 @@ def train(
     if val_dataset:
         dataset_classes(val_dataset)
     (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
-    run = (cfg, options, train_dataset, val_dataset, out, init_weights)
+    run = _Run(cfg, options, train_dataset, val_dataset, out, init_weights)
     if options.processes == 1:
-        return _train_rank(0, *run, progress=progress)
+        return _train_rank(0, run, progress=progress)
     datasets = [train_dataset, *([val_dataset] if val_dataset else [])]
-    with ProcessGroup(options.processes, cfg.MODEL.DEVICE, datasets, _train_rank, run):
-        return _train_rank(0, *run, progress=progress)
+    with ProcessGroup(options.processes, cfg.MODEL.DEVICE, datasets, _train_rank, (run,)):
+        return _train_rank(0, run, progress=progress)
 
 
-def _train_rank(
-    rank: int,
-    cfg: CfgNode,
-    options: TrainOptions,
-    train_dataset: str,
-    val_dataset: str | None,
-    out: Path,
-    init_weights: str | None,
-    progress: bool = False,
-) -> TrainResult:
+@dataclass(frozen=True)
+class _Run:
+    """What a run is given, whole: spawned ranks receive it pickled."""
+
+    cfg: CfgNode
+    options: TrainOptions
+    train_dataset: str
+    val_dataset: str | None
+    out: Path
+    init_weights: str | None
+
+
+def _train_rank(rank: int, run: _Run, progress: bool = False) -> TrainResult:
     """One process's share of a run (the whole run with one process)."""
-    if options.processes > 1:
-        cfg = cfg.clone()
+    if run.options.processes > 1:
+        cfg = run.cfg.clone()
         cfg.defrost()
         cfg.MODEL.DEVICE = rank_device(cfg.MODEL.DEVICE, rank)
         cfg.freeze()
-    seed_all_rng(options.seed + rank)  # rank 0's initial weights are every rank's (DDP broadcasts them)
-    return _Trainer(cfg, options, train_dataset, val_dataset, out, init_weights, progress).run()
+        run = replace(run, cfg=cfg)
+    seed_all_rng(run.options.seed + rank)  # rank 0's initial weights are every rank's (DDP broadcasts them)
+    return _Trainer(run, progress).run()
 
 
 def _train_loader(cfg: CfgNode, options: TrainOptions) -> Iterator[list[dict[str, Any]]]:
@@ -195,26 +199,18 @@ def _train_loader(cfg: CfgNode, options: TrainOptions) -> Iterator[list[dict[str
 class _Trainer:
     """State of one run; ``train`` is its public face."""
 
-    def __init__(
-        self,
-        cfg: CfgNode,
-        options: TrainOptions,
-        train_dataset: str,
-        val_dataset: str | None,
-        out: Path,
-        init_weights: str | None,
-        progress: bool,
-    ) -> None:
+    def __init__(self, run: _Run, progress: bool) -> None:
+        cfg, options, train_dataset, out = run.cfg, run.options, run.train_dataset, run.out
         self.cfg, self.options, self.train_dataset, self.val_dataset = (
             cfg,
             options,
             train_dataset,
-            val_dataset,
+            run.val_dataset,
         )
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.model = build_model(cfg)
-        if init_weights:
-            DetectionCheckpointer(self.model).load(init_weights)
+        if run.init_weights:
+            DetectionCheckpointer(self.model).load(run.init_weights)
         # Several processes: gradients are averaged in backward; the model itself is saved and evaluated.
         self.forward: torch.nn.Module = self.model
         if dist.is_initialized():
