@@ -25,12 +25,17 @@ class VisionModel(abc.ABC):
         task: what it predicts.
         class_names: label names, index = category id / label value.
         device: the torch device string it runs on (``cpu``, ``cuda:0``).
+        shares_cpu_threads: ``forward`` runs under :func:`models.threads.forward_threads`,
+            so passes running at once on a CPU share its cores instead of each taking all
+            of them. ``instances: auto`` gives such a model one instance per core (up to
+            4) on a CPU, and any other model one.
     """
 
     name: str
     task: Task
     class_names: tuple[str, ...]
     device: str = "cpu"
+    shares_cpu_threads: bool = False
 
     def __init__(self) -> None:
         self._ready = threading.Event()

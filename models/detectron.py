@@ -124,6 +124,8 @@ class DetectronModel(VisionModel):
         ValueError: an unknown or invalid option.
     """
 
+    shares_cpu_threads = True  # forward runs under models.threads.forward_threads
+
     task = Task.INSTANCE
 
     def __init__(self, spec: ModelSpec) -> None:

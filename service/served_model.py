@@ -110,7 +110,7 @@ class ServedModel:
             self.model = await loop.run_in_executor(self.executor, self._build_and_load)
             if spec.batching == "auto":
                 self.spec = await loop.run_in_executor(self.executor, self._tune_batch_size)
-            instances = resolve_instances(self.spec, self.model.device)
+            instances = resolve_instances(self.spec, self.model.device, self.model.shares_cpu_threads)
             self.spec = dataclasses.replace(self.spec, instances=instances)
             if instances > 1:
                 self.executor.shutdown(wait=False)
@@ -222,12 +222,13 @@ class ServedModel:
         return Outcome(prediction, None, timing)
 
 
-def resolve_instances(spec: ModelSpec, device: str) -> int:
+def resolve_instances(spec: ModelSpec, device: str, shares_cpu_threads: bool) -> int:
     """The number of batches to run at once: ``spec.instances``, with ``auto`` resolved
-    for ``device`` (1 on a GPU; on a CPU see :func:`models.threads.cpu_instances`)."""
+    for ``device``: 1 on a GPU, and 1 for a model whose passes do not share the CPU's
+    threads (each would take every core); otherwise :func:`models.threads.cpu_instances`."""
     if spec.instances != "auto":
         return int(spec.instances)
-    if device.startswith("cuda"):
+    if device.startswith("cuda") or not shares_cpu_threads:
         return 1
     from models.threads import cpu_instances  # imports torch: only for auto on a CPU
 

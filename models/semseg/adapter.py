@@ -70,6 +70,8 @@ class SemanticSegmentationModel(VisionModel):
         spec: the repository entry (config, weights, device, precision, options).
     """
 
+    shares_cpu_threads = True  # forward runs under models.threads.forward_threads
+
     task = Task.SEMANTIC
 
     def __init__(self, spec: ModelSpec) -> None:
