@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -154,6 +155,7 @@ def _child(
     errors: Any,
 ) -> None:
     torch.set_num_threads(threads)
+    code = 0
     try:
         for module in modules:
             with contextlib.suppress(ImportError):  # e.g. a test file pytest imported by path
@@ -163,10 +165,18 @@ def _child(
         target(rank, *args)
     except BaseException:
         errors.put((rank, traceback.format_exc()))
-        raise SystemExit(1) from None
+        code = 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    errors.close()
+    errors.join_thread()  # the report is in the pipe before the process ends
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: destroying torch's C++ worker threads at exit
+    # sometimes aborted the process ("terminate called without an active exception")
+    # after its work was done.
+    os._exit(code)
 
 
 class ProcessGroup:
