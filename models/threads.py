@@ -28,6 +28,7 @@ import torch
 __all__ = [
     "PROCESS_THREADS",
     "IntraOpShare",
+    "cpu_cores",
     "cpu_instances",
     "cpu_share",
     "forward_threads",
@@ -50,6 +51,11 @@ def per_thread_intra_op() -> bool:
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_instances() -> int:
     """How many forward passes ``instances: auto`` runs at once on this machine's CPU.
 
@@ -58,8 +64,7 @@ def cpu_instances() -> int:
     """
     if not per_thread_intra_op():
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, MAX_AUTO_CPU_INSTANCES))
+    return max(1, min(cpu_cores(), MAX_AUTO_CPU_INSTANCES))
 
 
 class IntraOpShare:

@@ -200,13 +200,9 @@ class _Trainer:
     """State of one run; ``train`` is its public face."""
 
     def __init__(self, run: _Run, progress: bool) -> None:
-        cfg, options, train_dataset, out = run.cfg, run.options, run.train_dataset, run.out
-        self.cfg, self.options, self.train_dataset, self.val_dataset = (
-            cfg,
-            options,
-            train_dataset,
-            run.val_dataset,
-        )
+        self.cfg = cfg = run.cfg
+        self.options = options = run.options
+        self.train_dataset, self.val_dataset = run.train_dataset, run.val_dataset
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.model = build_model(cfg)
         if run.init_weights:
@@ -216,15 +212,15 @@ class _Trainer:
         if dist.is_initialized():
             ids = [torch.device(cfg.MODEL.DEVICE)] if cfg.MODEL.DEVICE.startswith("cuda") else None
             self.forward = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
-        self.class_names = dataset_classes(train_dataset)[1]
+        self.class_names = dataset_classes(run.train_dataset)[1]
         self.optimizer = build_optimizer(self.model, options)
         self.scheduler = build_lr_scheduler(self.optimizer, options)
         self.data = _train_loader(cfg, options)
         self.use_amp = cfg.MODEL.DEVICE.startswith("cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.history = MetricsHistory(out)
+        self.history = MetricsHistory(run.out)
         self.selection = Selection(options.early_stop_metric, options.early_stop_patience)
-        self.best_path, self.last_path = out / "model_best.pth", out / "model_final.pth"
+        self.best_path, self.last_path = run.out / "model_best.pth", run.out / "model_final.pth"
         self.log = ProgressLog(
             options.max_iter, options.log_period, logging.INFO if progress else logging.DEBUG
         )

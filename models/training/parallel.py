@@ -33,6 +33,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.utils import comm
+
+from models.threads import cpu_cores
 
 __all__ = ["ProcessGroup", "broadcast_object", "mean_over_ranks", "rank_device", "threads_per_process"]
 
@@ -45,8 +48,7 @@ _JOIN_SECONDS = 60.0
 
 def threads_per_process(processes: int) -> int:
     """Intra-op threads for each of ``processes`` CPU processes: the cores shared out, at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // processes)
+    return max(1, cpu_cores() // processes)
 
 
 def rank_device(device: str, rank: int) -> str:
@@ -69,31 +71,15 @@ def check_devices(device: str, processes: int) -> None:
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """The mean of each value over all ranks (every rank passes the same keys)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    gathered = comm.all_gather(values)
+    if len(gathered) == 1:
         return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, group=_cpu_group())
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist(), strict=True)}
+    return {k: sum(g[k] for g in gathered) / len(gathered) for k in values}
 
 
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (the argument is ignored elsewhere)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_cpu_group())
-    return box[0]
-
-
-@functools.cache
-def _gloo_group() -> Any:
-    return dist.new_group(backend="gloo")
-
-
-def _cpu_group() -> Any:
-    """A group whose collectives take CPU tensors (the default one, unless it is NCCL)."""
-    return _gloo_group() if dist.get_backend() == "nccl" else dist.group.WORLD
+    return comm.all_gather(obj)[0]
 
 
 def _snapshot(names: Iterable[str]) -> list[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
@@ -263,9 +249,6 @@ class ProcessGroup:
     def _stop(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-        _gloo_group.cache_clear()
-        from detectron2.utils import comm
-
         comm._get_global_gloo_group.cache_clear()  # detectron2 caches the group of a destroyed world
         for p in self._children:
             if p.is_alive():
