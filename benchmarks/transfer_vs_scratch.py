@@ -30,6 +30,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    p.add_argument(
+        "--class-weights",
+        default="balanced",
+        help="'balanced' (as the demo build trains), 'none', or one weight per class, comma-separated",
+    )
     p.add_argument("--out", type=Path, default=Path("transfer_vs_scratch.png"))
     return p.parse_args(argv)
 
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.data.datasets import register_semantic_split
     from models.data.synthetic import CATEGORIES, generate_dataset
     from models.repository import default_repository_path
+    from models.semseg.class_weights import parse_class_weights
     from models.semseg.training import train_semantic
     from models.train import TrainOptions
 
@@ -77,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     classes = ["background", *CATEGORIES]
+    try:
+        weights = (
+            None if args.class_weights == "none" else parse_class_weights(args.class_weights, len(classes))
+        )
+    except ValueError as e:
+        print(f"error: --class-weights: {e}")
+        return 2
     with tempfile.TemporaryDirectory(prefix="transfer_vs_scratch-") as tmp:
         size = (args.image_size, args.image_size)
         splits = {"train": args.train_images, "val": args.val_images}
@@ -103,12 +116,15 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=Path(tmp) / label.replace(" ", "_"),
                 encoder_from=encoder,
                 input_size=args.image_size,
+                class_weights=weights,
                 progress=False,
             )
             xs, ys = _curve(result.train.history)
             curves[label] = (xs, ys)
             rows.append((label, ys[-1], result.train.best_metric, time.perf_counter() - start))
     title = f"{args.iters} iterations, {args.train_images} training images, seed {args.seed}"
+    if weights is not None:
+        title += f", {args.class_weights if isinstance(weights, str) else 'weighted'} classes"
     _plot(curves, args.out, title)
     print(f"{'run':<22}{'final mIoU':>12}{'best mIoU':>12}{'seconds':>10}")
     for label, final, best, seconds in rows:

@@ -40,6 +40,9 @@ class DemoScale:
     processes: int = 2
     semantic_iters: int = 300
     semantic_eval_period: int = 150
+    # ENet weights from the training labels: object pixels weigh 12-18 times background
+    # ones (see models/semseg/class_weights.py and benchmarks/README.md).
+    semantic_class_weights: str | None = "balanced"
     num_workers: int = 1
 
 
@@ -142,6 +145,7 @@ def _train_semantic(build: DemoBuild, detector_checkpoint: Path) -> Any:
         output_dir=build.root / "semantic" / "training",
         encoder_from=detector_checkpoint,
         input_size=s.image_size,
+        class_weights=s.semantic_class_weights,
     )
     assert result.transfer is not None  # encoder_from was given
     build.report["semantic"] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,10 +20,12 @@ import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
 # isort: split
 
 from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
 from models.checkpoint import META_KEY, save_checkpoint
+from models.semseg.class_weights import BALANCED, balanced_class_weights, label_frequencies
 from models.semseg.config import FREEZE_CHOICES, add_semseg_config, semseg_config
 from models.semseg.transfer import TransferReport, load_encoder_from_detection, read_checkpoint
 from models.train import TrainOptions, TrainResult, train
@@ -58,6 +61,25 @@ def _write_report(report: TransferReport, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2, default=list), encoding="utf-8")
 
 
+def _class_weights(spec: str | Sequence[float], dataset: str, num_classes: int) -> list[float]:
+    if isinstance(spec, str):
+        if spec != BALANCED:
+            raise ValueError(f"class_weights must be {BALANCED!r} or one number per class, got {spec!r}")
+        ignore = int(MetadataCatalog.get(dataset).get("ignore_label", 255))
+        freq = label_frequencies(DatasetCatalog.get(dataset), num_classes, ignore)
+        weights = balanced_class_weights(freq)
+        logger.info(
+            "balanced class weights from %s: %s",
+            dataset,
+            ", ".join(f"{w:.2f} ({100 * f:.1f} %)" for w, f in zip(weights, freq, strict=True)),
+        )
+        return weights
+    weights = [float(w) for w in spec]
+    if len(weights) != num_classes or any(not w > 0 for w in weights):
+        raise ValueError(f"class_weights needs {num_classes} positive numbers, got {list(spec)}")
+    return weights
+
+
 def train_semantic(
     *,
     train_dataset: str,
@@ -69,6 +91,7 @@ def train_semantic(
     backbone_from: CfgNode | str | None = None,
     freeze: str = "none",
     input_size: int = 256,
+    class_weights: str | Sequence[float] | None = None,
     progress: bool = True,
 ) -> SemanticTrainResult:
     """Train an ``EncoderDecoderSegmentor`` on registered semantic datasets.
@@ -86,6 +109,9 @@ def train_semantic(
             in ``encoder_from`` when it has one, else the tiny instance config.
         freeze: encoder freeze point, one of :data:`~models.semseg.config.FREEZE_CHOICES`.
         input_size: shortest image side.
+        class_weights: cross-entropy weight per class, ``"balanced"`` for ENet weights from
+            the training labels' class frequencies
+            (:mod:`models.semseg.class_weights`), or None for uniform.
         progress: log progress at INFO.
 
     Raises:
@@ -100,6 +126,8 @@ def train_semantic(
         backbone_from = backbone_config_of(encoder_from)
     cfg = semseg_config(num_classes, backbone_from=backbone_from, input_size=input_size)
     cfg.MODEL.SEMSEG.FREEZE_ENCODER_AT = freeze
+    if class_weights is not None:
+        cfg.MODEL.SEMSEG.CLASS_WEIGHTS = _class_weights(class_weights, train_dataset, num_classes)
     cfg.MODEL.DEVICE = "cpu"  # the initial model is only built to be saved
     init_weights, report = None, None
     if encoder_from is not None:

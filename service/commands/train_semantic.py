@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", help="detection config (YAML or model-zoo name) whose backbone to use (default: tiny)"
     )
     model.add_argument("--input-size", type=int, default=256, help="shortest image side (default 256)")
+    model.add_argument(
+        "--class-weights",
+        help="cross-entropy weight per class: 'balanced' (ENet weights from the training labels' "
+        "class frequencies) or comma-separated numbers, background first (default: uniform)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     add_train_options(parser)
 
@@ -85,6 +90,18 @@ def _class_names(args: argparse.Namespace) -> list[str]:
         except ValueError as e:
             raise CLIError(f"--train-json {args.train_json}: {e}") from None
     raise CLIError("--classes is required unless --train-json provides the categories")
+
+
+def _class_weights(args: argparse.Namespace, num_classes: int) -> str | list[float] | None:
+    from models.semseg.class_weights import parse_class_weights
+    from service.cli import CLIError
+
+    if args.class_weights is None:
+        return None
+    try:
+        return parse_class_weights(args.class_weights, num_classes)
+    except ValueError as e:
+        raise CLIError(f"--class-weights: {e}") from None
 
 
 def _split(args: argparse.Namespace, which: str) -> tuple[Path, Path] | None:
@@ -140,8 +157,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     if args.encoder_from is not None and not args.encoder_from.is_file():
         raise CLIError(f"--encoder-from {args.encoder_from}: no such file")
-    args.out.mkdir(parents=True, exist_ok=True)
     classes = _class_names(args)
+    class_weights = _class_weights(args, len(classes))
+    args.out.mkdir(parents=True, exist_ok=True)
     train_name, val_name = _register(args, classes)
     try:
         result = train_semantic(
@@ -154,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
             backbone_from=args.config,
             freeze=args.freeze,
             input_size=args.input_size,
+            class_weights=class_weights,
         )
     except (FileNotFoundError, ValueError) as e:  # their messages name the file or option
         raise CLIError(str(e)) from None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from models.data.synthetic import CATEGORIES, generate_dataset
 from service.cli import CLIError
@@ -71,9 +72,12 @@ def test_coco_json_from_scratch(data: dict, tmp_path: Path) -> None:
     train = data["train"]
     code = _run(
         "--train-images", str(train.images), "--train-json", str(train.instances_json),
-        "--out", str(tmp_path), *_FAST,
+        "--class-weights", "balanced", "--out", str(tmp_path), *_FAST,
     )  # fmt: skip
     assert code == 0
+    weights = yaml.safe_load((tmp_path / "config.yaml").read_text())["MODEL"]["SEMSEG"]["CLASS_WEIGHTS"]
+    assert len(weights) == len(CATEGORIES) + 1
+    assert weights[0] == min(weights) and weights[0] < weights[1] / 5  # background fills most pixels
     assert len(list((tmp_path / "labels" / "train").glob("*.png"))) == 4
     assert not (tmp_path / "transfer_report.json").exists()
     assert (tmp_path / "model_final.pth").is_file()
@@ -93,6 +97,21 @@ def test_coco_json_from_scratch(data: dict, tmp_path: Path) -> None:
             "--encoder-from",
         ),
         (["--train-images", "{images}", "--train-labels", "{labels}", "--classes", "a,b", "--lr", "-1"], "lr"),
+        (
+            ["--train-images", "{images}", "--train-labels", "{labels}", "--classes", "a,b",
+             "--class-weights", "1,2,3"],
+            "--class-weights: 3 class weights for 2 classes",
+        ),
+        (
+            ["--train-images", "{images}", "--train-labels", "{labels}", "--classes", "a,b",
+             "--class-weights", "heavy"],
+            "--class-weights: .*'balanced'",
+        ),
+        (
+            ["--train-images", "{images}", "--train-labels", "{labels}", "--classes", "a,b",
+             "--class-weights", "balanced", *_FAST],
+            r"000000.png: label value \d is neither a class \(0..1\)",
+        ),
     ],
 )  # fmt: skip
 def test_errors_name_the_flag(data: dict, tmp_path: Path, argv: list[str], message: str) -> None:
