@@ -49,7 +49,7 @@ def _scale(args: argparse.Namespace) -> Any:
 
     from models.demo import DEMO_SCALE
 
-    changes: dict[str, int] = {}
+    changes: dict[str, Any] = {}
     if args.instance_iters:
         changes["instance_iters"] = args.instance_iters
         changes["instance_eval_period"] = max(1, args.instance_iters // 2)
