@@ -25,6 +25,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--detector", type=Path, help="detection checkpoint (default: the demo repository's)")
     p.add_argument("--iters", type=int, default=200, help="training iterations of each run")
     p.add_argument("--eval-period", type=int, default=25)
+    p.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (the demo build's)")
     p.add_argument("--train-images", type=int, default=200)
     p.add_argument("--val-images", type=int, default=30)
     p.add_argument("--image-size", type=int, default=256)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup_iters=min(50, args.iters // 4),
             eval_period=args.eval_period,
             seed=args.seed,
+            lr=args.lr,
             dropout=0.1,
             num_workers=1,
         )

@@ -38,8 +38,9 @@ class DemoScale:
     instance_batch_size: int = 8
     instance_lr: float = 0.02  # 0.01 for 4 images, scaled linearly with the batch
     processes: int = 2
-    semantic_iters: int = 300
-    semantic_eval_period: int = 150
+    semantic_iters: int = 400
+    semantic_eval_period: int = 200
+    semantic_lr: float = 0.02  # with balanced weights; 0.01 and 0.04 did worse (benchmarks/README.md)
     # ENet weights from the training labels: object pixels weigh 12-18 times background
     # ones (see models/semseg/class_weights.py and benchmarks/README.md).
     semantic_class_weights: str | None = "balanced"
@@ -141,7 +142,7 @@ def _train_semantic(build: DemoBuild, detector_checkpoint: Path) -> Any:
         train_dataset=build.datasets["sem_train"],
         val_dataset=build.datasets["sem_val"],
         num_classes=len(CATEGORIES) + 1,
-        options=_options(build, s.semantic_iters, s.semantic_eval_period, dropout=0.1),
+        options=_options(build, s.semantic_iters, s.semantic_eval_period, lr=s.semantic_lr, dropout=0.1),
         output_dir=build.root / "semantic" / "training",
         encoder_from=detector_checkpoint,
         input_size=s.image_size,
