@@ -33,7 +33,7 @@ from models.base import VisionModel
 from models.checkpoint import META_KEY
 from models.configs import config_file
 from models.detectron_outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
-from models.fusion import fuse_conv_batch_norm
+from models.fusion import fuse_conv_batch_norm, use_channels_last
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.threads import forward_threads
@@ -52,6 +52,7 @@ _OPTION_TYPES = {
     "max_detections": int,
     "class_names": list,
     "fuse_batch_norm": bool,
+    "channels_last": bool,
 }
 # Inference settings live on these module attributes in detectron2's box predictors
 # (FastRCNNOutputLayers) and one-stage detectors (RetinaNet) alike.
@@ -117,8 +118,10 @@ class DetectronModel(VisionModel):
     Args:
         spec: the repository entry. ``spec.options`` may set ``score_threshold``,
             ``nms_threshold``, ``min_size_test``, ``max_size_test``,
-            ``max_detections``, ``class_names`` and ``fuse_batch_norm`` (default true:
-            fold eval-mode batch norms into their convolutions, see :mod:`models.fusion`).
+            ``max_detections``, ``class_names``, ``fuse_batch_norm`` (default true:
+            fold eval-mode batch norms into their convolutions) and ``channels_last``
+            (default true on a CPU: channels-last convolution weights); see
+            :mod:`models.fusion`.
 
     Raises:
         ValueError: an unknown or invalid option.
@@ -163,6 +166,8 @@ class DetectronModel(VisionModel):
         if self._options.get("fuse_batch_norm", True):
             fused = fuse_conv_batch_norm(model)
             logger.debug("%s: folded %d batch norms into their convolutions", self.name, fused)
+        if self._options.get("channels_last", self.device == "cpu"):
+            use_channels_last(model)  # oneDNN's fastest layout (models.fusion)
         self._model = model
         self._resize = T.ResizeShortestEdge(
             [int(self._options.get("min_size_test", min_size))] * 2,

@@ -6,13 +6,16 @@ meta-architecture that returns ``[{"sem_seg": logits}]`` (e.g. detectron2's sema
 ``spec.options`` (all optional):
     class_names: label names, index = label value; overrides the checkpoint's.
     min_size_test, max_size_test: override the config's test-time resize.
+    fuse_batch_norm: fold eval-mode batch norms into their convolutions (default true).
+    channels_last: channels-last convolution weights (default true on a CPU).
+    Both are described in :mod:`models.fusion`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from detectron2.modeling import build_model as build_d2_model
 from models.base import VisionModel
 from models.checkpoint import META_KEY
 from models.configs import config_file
-from models.fusion import fuse_conv_batch_norm
+from models.fusion import fuse_conv_batch_norm, use_channels_last
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.semseg.config import add_semseg_config
@@ -61,6 +64,13 @@ def load_semseg_config(config: str) -> CfgNode:
     except KeyError as e:
         raise ValueError(f"{path}: unknown config key {e}") from None
     return cfg
+
+
+def _bool_option(model: str, options: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = options.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"model {model!r}: option {key} must be true or false, got {value!r}")
+    return value
 
 
 class SemanticSegmentationModel(VisionModel):
@@ -98,11 +108,9 @@ class SemanticSegmentationModel(VisionModel):
             raise type(e)(f"model {self.name!r}: {e}") from None
         cfg.MODEL.DEVICE = self.device
         opts = self.spec.options
-        fuse = opts.get("fuse_batch_norm", True)
-        if not isinstance(fuse, bool):  # checked before the network is built and loaded
-            raise ValueError(
-                f"model {self.name!r}: option fuse_batch_norm must be true or false, got {fuse!r}"
-            )
+        # Checked before the network is built and loaded.
+        fuse = _bool_option(self.name, opts, "fuse_batch_norm", True)
+        channels_last = _bool_option(self.name, opts, "channels_last", self.device == "cpu")
         min_size = int(opts.get("min_size_test", cfg.INPUT.MIN_SIZE_TEST))
         max_size = int(opts.get("max_size_test", cfg.INPUT.MAX_SIZE_TEST))
         cfg.freeze()
@@ -111,6 +119,8 @@ class SemanticSegmentationModel(VisionModel):
         extra = self._load_weights(model)
         if fuse:
             fuse_conv_batch_norm(model)  # the same outputs for less work per layer (models.fusion)
+        if channels_last:
+            use_channels_last(model)  # oneDNN's fastest layout (models.fusion)
         if not self.class_names:
             self.class_names = self._class_names(cfg, extra)
         self.cfg, self.model = cfg, model

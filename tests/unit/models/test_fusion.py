@@ -1,4 +1,4 @@
-"""Folding eval-mode batch norms into convolutions: same outputs, fewer layers."""
+"""Folding eval-mode batch norms into convolutions, and channels-last weights: same outputs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch import nn
 from models.checkpoint import save_checkpoint
 from models.configs import tiny_instance_config
 from models.detectron import DetectronModel
-from models.fusion import fuse_conv_batch_norm
+from models.fusion import fuse_conv_batch_norm, use_channels_last
 from models.repository import ModelSpec
 from models.types import Task
 
@@ -109,6 +109,34 @@ def test_served_detections_match_unfused(tiny_files: tuple[Path, Path]) -> None:
     np.testing.assert_allclose([i.box for i in a.instances], [i.box for i in b.instances], atol=1e-2)
 
 
-def test_option_must_be_a_boolean(tiny_files: tuple[Path, Path]) -> None:
-    with pytest.raises(ValueError, match="fuse_batch_norm must be true or false, got 'yes'"):
-        _served(*tiny_files, fuse_batch_norm="yes")
+def _convs_channels_last(model: nn.Module) -> list[bool]:
+    return [
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)  # a 1x1 weight is both layouts at once
+    ]
+
+
+def test_use_channels_last_converts_only_4d_tensors() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4))
+    assert use_channels_last(model) == 1
+    assert _convs_channels_last(model) == [True]
+    assert model[1].running_mean.is_contiguous()
+
+
+def test_served_detections_match_in_either_layout(tiny_files: tuple[Path, Path]) -> None:
+    nhwc, nchw = _served(*tiny_files), _served(*tiny_files, channels_last=False)  # default on a CPU: on
+    assert all(_convs_channels_last(nhwc._model)) and not any(_convs_channels_last(nchw._model))
+    image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    (a,) = nhwc.predict_batch([image])
+    (b,) = nchw.predict_batch([image])
+    assert len(a.instances) == len(b.instances) > 0
+    assert [i.category_id for i in a.instances] == [i.category_id for i in b.instances]
+    np.testing.assert_allclose([i.score for i in a.instances], [i.score for i in b.instances], atol=1e-4)
+    np.testing.assert_allclose([i.box for i in a.instances], [i.box for i in b.instances], atol=1e-3)
+
+
+@pytest.mark.parametrize("option", ["fuse_batch_norm", "channels_last"])
+def test_option_must_be_a_boolean(tiny_files: tuple[Path, Path], option: str) -> None:
+    with pytest.raises(ValueError, match=f"{option} must be true or false, got 'yes'"):
+        _served(*tiny_files, **{option: "yes"})

@@ -117,10 +117,27 @@ def test_missing_files_name_the_model_and_file(seg_cfg: CfgNode, tmp_path: Path)
         _build(_spec(bad, tmp_path / "model.pth")).load()
 
 
-def test_a_non_boolean_fuse_option_fails_before_the_weights_are_read(
-    seg_cfg: CfgNode, tmp_path: Path
+@pytest.mark.parametrize("option", ["fuse_batch_norm", "channels_last"])
+def test_a_non_boolean_option_fails_before_the_weights_are_read(
+    seg_cfg: CfgNode, tmp_path: Path, option: str
 ) -> None:
     config, _ = _write_model(seg_cfg, tmp_path)
     # The weights file does not exist: the option error must come first.
-    with pytest.raises(ValueError, match="'seg': option fuse_batch_norm must be true or false, got 'yes'"):
-        _build(_spec(config, tmp_path / "absent.pth", fuse_batch_norm="yes")).load()
+    with pytest.raises(ValueError, match=f"'seg': option {option} must be true or false, got 'yes'"):
+        _build(_spec(config, tmp_path / "absent.pth", **{option: "yes"})).load()
+
+
+def test_channels_last_gives_the_same_labels(seg_cfg: CfgNode, tmp_path: Path) -> None:
+    config, weights = _write_model(seg_cfg, tmp_path)
+    nhwc, nchw = _build(_spec(config, weights)), _build(_spec(config, weights, channels_last=False))
+    nhwc.load()
+    nchw.load()
+    stem = nhwc.model.backbone.bottom_up.stem.conv1.weight  # type: ignore[union-attr]
+    assert stem.is_contiguous(memory_format=torch.channels_last)  # the default on a CPU
+    image = np.random.default_rng(0).integers(0, 255, (40, 72, 3), dtype=np.uint8)
+    a = nhwc.forward([nhwc.preprocess(image)])[0]
+    b = nchw.forward([nchw.preprocess(image)])[0]
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()  # float rounding, relative to the logits' range
+    assert np.array_equal(
+        nhwc.postprocess(a, (40, 72)).semantic.labels, nchw.postprocess(b, (40, 72)).semantic.labels
+    )
