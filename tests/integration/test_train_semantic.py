@@ -122,3 +122,27 @@ def test_errors_name_the_flag(data: dict, tmp_path: Path, argv: list[str], messa
     }
     with pytest.raises(CLIError, match=message):
         _run(*[a.format(**values) for a in argv], "--out", str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([1.0, 2.0], "needs 6 positive numbers"),
+        ([1.0] * 5 + [0.0], "needs 6 positive numbers"),
+        ("heavy", "'balanced'"),
+    ],
+)
+def test_train_semantic_checks_class_weights_first(tmp_path: Path, weights: object, message: str) -> None:
+    from models.semseg.training import train_semantic
+    from models.train import TrainOptions
+
+    with pytest.raises(ValueError, match=message):
+        train_semantic(
+            train_dataset="never_registered",
+            val_dataset=None,
+            num_classes=6,
+            options=TrainOptions(max_iter=1, warmup_iters=0),
+            output_dir=tmp_path,
+            class_weights=weights,  # type: ignore[arg-type]
+        )
+    assert not any(tmp_path.iterdir())  # nothing written before the check
