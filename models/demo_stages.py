@@ -30,7 +30,7 @@ class DemoScale:
     val_images: int = 50
     test_images: int = 100
     image_size: int = 256
-    # About 11 minutes on 2 CPU cores; more iterations buy accuracy (see benchmarks/README.md).
+    # About 9-11 minutes on 2 CPU cores; more iterations buy accuracy (see benchmarks/README.md).
     # The detector trains data-parallel: 2 single-thread processes of 4 images each moved
     # 1.3x the images per second of one 2-thread process (benchmarks/train_speed.py).
     instance_iters: int = 500
