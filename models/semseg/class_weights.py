@@ -19,7 +19,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["BALANCED", "ENET_C", "balanced_class_weights", "label_frequencies", "parse_class_weights"]
+__all__ = [
+    "BALANCED",
+    "ENET_C",
+    "balanced_class_weights",
+    "check_class_weights",
+    "label_frequencies",
+    "parse_class_weights",
+]
 
 BALANCED = "balanced"
 ENET_C = 1.02
@@ -80,8 +87,18 @@ def parse_class_weights(text: str, num_classes: int | None = None) -> str | list
         raise ValueError(
             f"class weights must be {BALANCED!r} or comma-separated numbers, got {text!r}"
         ) from None
-    if any(not (w > 0 and math.isfinite(w)) for w in weights):
-        raise ValueError(f"class weights must be positive, got {text!r}")
-    if num_classes is not None and len(weights) != num_classes:
-        raise ValueError(f"{len(weights)} class weights for {num_classes} classes")
-    return weights
+    return check_class_weights(weights, num_classes)
+
+
+def check_class_weights(weights: Sequence[float], num_classes: int | None = None) -> list[float]:
+    """``weights`` as floats, each positive and finite, one per class when ``num_classes`` is given.
+
+    Raises:
+        ValueError: a weight that is not a positive number, or a list of the wrong length.
+    """
+    values = [float(w) for w in weights]
+    if any(not (w > 0 and math.isfinite(w)) for w in values):
+        raise ValueError(f"class weights must be positive, got {list(weights)}")
+    if num_classes is not None and len(values) != num_classes:
+        raise ValueError(f"{len(values)} class weights for {num_classes} classes")
+    return values

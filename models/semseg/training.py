@@ -25,7 +25,12 @@ from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
 from models.checkpoint import META_KEY, save_checkpoint
-from models.semseg.class_weights import BALANCED, balanced_class_weights, label_frequencies
+from models.semseg.class_weights import (
+    BALANCED,
+    balanced_class_weights,
+    check_class_weights,
+    label_frequencies,
+)
 from models.semseg.config import FREEZE_CHOICES, add_semseg_config, semseg_config
 from models.semseg.transfer import TransferReport, load_encoder_from_detection, read_checkpoint
 from models.train import TrainOptions, TrainResult, train
@@ -74,10 +79,10 @@ def _class_weights(spec: str | Sequence[float], dataset: str, num_classes: int) 
             ", ".join(f"{w:.2f} ({100 * f:.1f} %)" for w, f in zip(weights, freq, strict=True)),
         )
         return weights
-    weights = [float(w) for w in spec]
-    if len(weights) != num_classes or any(not w > 0 for w in weights):
-        raise ValueError(f"class_weights needs {num_classes} positive numbers, got {list(spec)}")
-    return weights
+    try:
+        return check_class_weights(spec, num_classes)
+    except ValueError as e:
+        raise ValueError(f"class_weights needs {num_classes} positive numbers: {e}") from None
 
 
 def train_semantic(
