@@ -28,7 +28,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (the demo build's)")
     p.add_argument("--train-images", type=int, default=200)
     p.add_argument("--val-images", type=int, default=30)
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=256, help="side of the synthetic images")
+    p.add_argument("--input-size", type=int, default=192, help="the segmenter's short edge (the demo build's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     p.add_argument(
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 options=options,
                 output_dir=Path(tmp) / label.replace(" ", "_"),
                 encoder_from=encoder,
-                input_size=args.image_size,
+                input_size=args.input_size,
                 class_weights=weights,
                 progress=False,
             )

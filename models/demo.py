@@ -202,6 +202,7 @@ def toy_scale() -> DemoScale:
         val_images=2,
         test_images=2,
         image_size=64,
+        input_size=64,
         instance_iters=4,
         instance_eval_period=4,
         semantic_iters=4,
