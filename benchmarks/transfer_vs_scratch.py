@@ -29,7 +29,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-images", type=int, default=200)
     p.add_argument("--val-images", type=int, default=30)
     p.add_argument("--image-size", type=int, default=256, help="side of the synthetic images")
-    p.add_argument("--input-size", type=int, default=192, help="the segmenter's short edge (the demo build's)")
+    p.add_argument(
+        "--input-size", type=int, default=192, help="the segmenter's short edge (the demo build's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     p.add_argument(
