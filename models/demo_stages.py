@@ -34,8 +34,8 @@ class DemoScale:
     # at 256, and in the same time the detector reached higher AP than at 256 or at 128
     # (benchmarks/README.md, "The demo recipe at 192 px"). Predictions are in image pixels.
     input_size: int = 192
-    # About 10 minutes on 2 CPU cores (1000 + 800 iterations took 644 s, too near the 12-minute
-    # budget); more iterations buy accuracy (see benchmarks/README.md).
+    # About 9 minutes on 2 CPU cores (534 s from a clean clone; 1000 + 800 iterations took
+    # 644 s, too near the 12-minute budget); more iterations buy accuracy (benchmarks/README.md).
     # The detector trains data-parallel: 2 single-thread processes of 4 images each moved
     # 1.3x the images per second of one 2-thread process (benchmarks/train_speed.py).
     instance_iters: int = 900

@@ -69,15 +69,15 @@ def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:
     cfg.MODEL.FPN.OUT_CHANNELS = 32
     cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
     cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 128
-    # At most a dozen objects per image: 500 / 250 training proposals lose nothing and
-    # save NMS time (see benchmarks/README.md, "The demo recipe at 192 px").
+    # At most a dozen objects per image: 500 / 250 training proposals (COCO's are 2000 /
+    # 1000) save NMS time (see benchmarks/README.md, "The demo recipe at 192 px").
     cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 500
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 250
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 256
-    # The mask head runs four 3x3 convolutions on every positive RoI: at 64 channels it
-    # cost more than the backbone per training step at 192 px; at 32 it costs a quarter.
+    # The mask head runs four 3x3 convolutions on every positive RoI: at 64 channels they
+    # cost more than the backbone per training step at 128 px; at 32 they cost a quarter.
     cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32
     # One box regressor and one mask predictor shared by every class: each learns from all
     # positives instead of a fifth of them, which matters when training from scratch.
