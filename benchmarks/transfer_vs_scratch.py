@@ -25,13 +25,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--detector", type=Path, help="detection checkpoint (default: the demo repository's)")
     p.add_argument("--iters", type=int, default=200, help="training iterations of each run")
     p.add_argument("--eval-period", type=int, default=25)
-    p.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (the demo build's)")
+    p.add_argument("--lr", type=float, help="SGD learning rate (default: the demo build's)")
     p.add_argument("--train-images", type=int, default=200)
     p.add_argument("--val-images", type=int, default=30)
     p.add_argument("--image-size", type=int, default=256, help="side of the synthetic images")
-    p.add_argument(
-        "--input-size", type=int, default=192, help="the segmenter's short edge (the demo build's)"
-    )
+    p.add_argument("--input-size", type=int, help="the segmenter's short edge (default: the demo build's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     p.add_argument(
@@ -75,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     import models  # noqa: F401
     from models.data.datasets import register_semantic_split
     from models.data.synthetic import CATEGORIES, generate_dataset
+    from models.demo import DEMO_SCALE
     from models.repository import default_repository_path
     from models.semseg.class_weights import parse_class_weights
     from models.semseg.training import train_semantic
     from models.train import TrainOptions
 
+    lr = DEMO_SCALE.semantic_lr if args.lr is None else args.lr
+    input_size = DEMO_SCALE.input_size if args.input_size is None else args.input_size
     detector = args.detector or default_repository_path().parent / "instance" / "model.pth"
     if not detector.is_file():
         print(
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup_iters=min(50, args.iters // 4),
             eval_period=args.eval_period,
             seed=args.seed,
-            lr=args.lr,
+            lr=lr,
             dropout=0.1,
             num_workers=1,
         )
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 options=options,
                 output_dir=Path(tmp) / label.replace(" ", "_"),
                 encoder_from=encoder,
-                input_size=args.input_size,
+                input_size=input_size,
                 class_weights=weights,
                 progress=False,
             )
