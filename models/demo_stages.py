@@ -51,6 +51,10 @@ class DemoScale:
     # ENet weights from the training labels: object pixels weigh 12-18 times background
     # ones (see models/semseg/class_weights.py and benchmarks/README.md).
     semantic_class_weights: str | None = "balanced"
+    # Both runs divide the rate by 10 at these fractions of their iterations (detectron2's
+    # 3x schedule steps at 0.78 and 0.93). At 2/3 and 8/9 the detector scored 2.5-3.7 AP
+    # less in the same 900 steps (benchmarks/README.md, "Schedule and layout").
+    lr_step_fractions: tuple[float, ...] = (0.8, 0.95)
     num_workers: int = 1
 
 
@@ -95,8 +99,15 @@ def _options(build: DemoBuild, iters: int, eval_period: int, **kw: Any) -> Any:
 
     warmup = min(100, max(1, iters // 6))
     kw.setdefault("num_workers", build.scale.num_workers)
+    # A toy run of a few iterations may have no room for a step.
+    steps = tuple(sorted({s for f in build.scale.lr_step_fractions if 0 < (s := round(f * iters)) < iters}))
     return TrainOptions(
-        max_iter=iters, warmup_iters=warmup, eval_period=min(eval_period, iters), seed=build.seed, **kw
+        max_iter=iters,
+        warmup_iters=warmup,
+        lr_steps=steps,
+        eval_period=min(eval_period, iters),
+        seed=build.seed,
+        **kw,
     )
 
 

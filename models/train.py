@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.checkpoint import save_checkpoint
 from models.data.augment import build_augmentations
+from models.fusion import use_channels_last
 from models.training.history import MetricsHistory
 from models.training.monitor import ProgressLog, Selection
 from models.training.options import TrainOptions, add_train_options, options_from_args, resolve_device
@@ -207,6 +208,9 @@ class _Trainer:
         self.model = build_model(cfg)
         if run.init_weights:
             DetectionCheckpointer(self.model).load(run.init_weights)
+        if cfg.MODEL.DEVICE == "cpu":
+            # oneDNN's fastest convolution layout; the saved weights load into any layout.
+            use_channels_last(self.model)
         # Several processes: gradients are averaged in backward; the model itself is saved and evaluated.
         self.forward: torch.nn.Module = self.model
         if dist.is_initialized():

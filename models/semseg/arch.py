@@ -143,7 +143,9 @@ class EncoderDecoderSegmentor(nn.Module):
     Training (``self.training``) returns ``{"loss_sem_seg": loss}``: cross-entropy of the
     logits upsampled to the padded input size, ignoring ``IGNORE_VALUE`` pixels,
     optionally class-weighted. Inference returns ``[{"sem_seg": (C, H, W) logits}]`` at
-    each input's ``height`` x ``width`` (its own size when absent).
+    each input's ``height`` x ``width`` (its own size when absent), less
+    ``LOGIT_ADJUSTMENT * log(class weight)`` when the loss was weighted: the weights buy
+    faster learning of the rare classes, the adjustment takes back their bias towards them.
     """
 
     def __init__(self, cfg: CfgNode) -> None:
@@ -177,6 +179,12 @@ class EncoderDecoderSegmentor(nn.Module):
         self.register_buffer(
             "class_weights", torch.tensor(weights, dtype=torch.float32) if weights else None, False
         )
+        tau = float(semseg.LOGIT_ADJUSTMENT)
+        if tau < 0:
+            raise ValueError(f"MODEL.SEMSEG.LOGIT_ADJUSTMENT must be >= 0, got {tau}")
+        self.logit_adjustment: torch.Tensor | None
+        adjustment = tau * torch.log(torch.tensor(weights)).view(-1, 1, 1) if weights and tau else None
+        self.register_buffer("logit_adjustment", adjustment, False)
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
         freeze_encoder(self.backbone, semseg.FREEZE_ENCODER_AT)
@@ -202,6 +210,8 @@ class EncoderDecoderSegmentor(nn.Module):
                 logits, targets.long(), weight=self.class_weights, ignore_index=self.ignore_value
             )
             return {"loss_sem_seg": loss * self.loss_weight}
+        if self.logit_adjustment is not None:
+            logits = logits - self.logit_adjustment
         results = []
         for logit, image_size, inp in zip(logits, images.image_sizes, batched_inputs, strict=True):
             height = inp.get("height", image_size[0])

@@ -37,6 +37,9 @@ def add_semseg_config(cfg: CfgNode) -> CfgNode:
             one entry per feature (the deepest entry is the bottleneck block).
         ``MODEL.SEMSEG.FREEZE_ENCODER_AT``: one of :data:`FREEZE_CHOICES`.
         ``MODEL.SEMSEG.CLASS_WEIGHTS``: per-class cross-entropy weights; empty = uniform.
+        ``MODEL.SEMSEG.LOGIT_ADJUSTMENT``: at inference, subtract this times the log of each
+            class weight from the logits (0 = off). The weighted loss trains the logits of
+            class ``c`` towards ``log(weight_c * p(c | pixel))``; 1 removes that bias.
 
     Returns:
         ``cfg``, for chaining.
@@ -51,6 +54,8 @@ def add_semseg_config(cfg: CfgNode) -> CfgNode:
         cfg.MODEL.SEMSEG.DECODER_CHANNELS = [128, 96, 64, 48]
         cfg.MODEL.SEMSEG.FREEZE_ENCODER_AT = "none"
         cfg.MODEL.SEMSEG.CLASS_WEIGHTS = []
+    if "LOGIT_ADJUSTMENT" not in cfg.MODEL.SEMSEG:  # configs written before the key existed
+        cfg.MODEL.SEMSEG.LOGIT_ADJUSTMENT = 1.0
     if was_frozen:
         cfg.freeze()
     return cfg

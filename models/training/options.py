@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULES = ("step", "cosine", "constant")
+SCHEDULES = ("step", "linear", "cosine", "constant")
 
 
 @dataclass
@@ -33,7 +33,8 @@ class TrainOptions:
         batch_size: images per iteration.
         max_iter: training iterations.
         warmup_iters: linear warm-up iterations.
-        lr_schedule: ``step`` (x0.1 at each of ``lr_steps``), ``cosine`` or ``constant``.
+        lr_schedule: ``step`` (x0.1 at each of ``lr_steps``), ``linear`` (straight down to 0
+            at ``max_iter``), ``cosine`` or ``constant``.
         lr_steps: iterations of the step decays; empty = 2/3 and 8/9 of ``max_iter``.
         grad_clip: gradient norm clip, 0 = off.
         grad_clip_type: ``norm`` clips each parameter's gradient (detectron2's

@@ -14,6 +14,7 @@ from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from fvcore.common.param_scheduler import (
     ConstantParamScheduler,
     CosineParamScheduler,
+    LinearParamScheduler,
     MultiStepParamScheduler,
     ParamScheduler,
 )
@@ -42,6 +43,8 @@ def build_optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.opti
 def _multiplier(options: TrainOptions) -> ParamScheduler:
     if options.lr_schedule == "constant":
         return ConstantParamScheduler(1.0)
+    if options.lr_schedule == "linear":
+        return LinearParamScheduler(1.0, 0.0)
     if options.lr_schedule == "cosine":
         return CosineParamScheduler(1.0, 0.0)
     steps = list(options.lr_steps) or [int(options.max_iter * 2 / 3), int(options.max_iter * 8 / 9)]

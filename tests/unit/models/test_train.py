@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -125,6 +126,14 @@ def test_cosine_and_constant_schedules() -> None:
         cosine[0] == pytest.approx(0.1) and cosine[50] == pytest.approx(0.05, abs=2e-3) and cosine[-1] < 1e-3
     )
     assert set(_lrs(TrainOptions(lr=0.1, max_iter=20, warmup_iters=0, lr_schedule="constant"))) == {0.1}
+
+
+def test_linear_schedule_falls_to_zero_after_warmup() -> None:
+    lrs = _lrs(TrainOptions(lr=0.1, max_iter=100, warmup_iters=10, lr_schedule="linear"))
+    assert lrs[0] == pytest.approx(0.1 * 0.001)
+    assert lrs[10] == pytest.approx(0.09, abs=1e-3)  # the decay runs from iteration 0, under the warm-up
+    assert lrs[50] == pytest.approx(0.05, abs=1e-3)
+    assert all(a > b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] < 2e-3
 
 
 @pytest.mark.parametrize(

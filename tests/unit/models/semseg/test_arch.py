@@ -165,6 +165,26 @@ def test_class_weights_change_the_loss(seg_cfg: CfgNode) -> None:
         build_model(seg_cfg)
 
 
+def test_inference_takes_back_the_class_weights_bias(seg_cfg: CfgNode) -> None:
+    batch = [{"image": x["image"]} for x in _shapes_batch()]
+    torch.manual_seed(1)
+    plain = build_model(seg_cfg).eval()
+    seg_cfg.MODEL.SEMSEG.CLASS_WEIGHTS = [0.5, 2.0, 4.0, 8.0]
+    for tau in (1.0, 0.5, 0.0):
+        seg_cfg.MODEL.SEMSEG.LOGIT_ADJUSTMENT = tau
+        torch.manual_seed(1)
+        weighted = build_model(seg_cfg).eval()
+        with torch.no_grad():
+            expected = (
+                plain(batch)[0]["sem_seg"]
+                - tau * torch.log(torch.tensor([0.5, 2.0, 4.0, 8.0]))[:, None, None]
+            )
+            torch.testing.assert_close(weighted(batch)[0]["sem_seg"], expected)
+    seg_cfg.MODEL.SEMSEG.LOGIT_ADJUSTMENT = -1.0
+    with pytest.raises(ValueError, match=r"LOGIT_ADJUSTMENT must be >= 0, got -1\.0"):
+        build_model(seg_cfg)
+
+
 def test_dropout_active_only_in_train_mode(seg_cfg: CfgNode) -> None:
     seg_cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.5
     model = build_model(seg_cfg)
