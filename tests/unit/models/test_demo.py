@@ -44,6 +44,17 @@ def test_fp16_kept_only_within_tolerance(fp32: dict, fp16: dict, same: bool) -> 
     assert demo_stages._same_metrics(fp32, fp16, ("bbox/AP", "segm/AP")) is same
 
 
+@pytest.mark.parametrize(
+    ("iters", "steps"),
+    [(900, (765, 882)), (1000, (850, 980)), (40, (34, 39)), (2, ())],  # a 2-step toy run has no room
+)
+def test_training_steps_the_rate_at_the_scale_fractions(tmp_path: Path, iters: int, steps: tuple) -> None:
+    build = demo_stages.DemoBuild(tmp_path, 0, demo.DEMO_SCALE, lambda _: None, {}, {})
+    options = demo_stages._options(build, iters, 450)
+    assert options.lr_steps == steps
+    assert options.max_iter == iters and options.eval_period == min(450, iters)
+
+
 def test_ensure_returns_existing_without_building(tmp_path: Path) -> None:
     (tmp_path / "models.yaml").write_text("models: []\n")
     lines: list[str] = []
