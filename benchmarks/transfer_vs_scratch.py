@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         options = TrainOptions(
             max_iter=args.iters,
             warmup_iters=min(50, args.iters // 4),
+            lr_steps=DEMO_SCALE.lr_steps(args.iters),
             eval_period=args.eval_period,
             seed=args.seed,
             lr=lr,

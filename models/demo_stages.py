@@ -58,6 +58,10 @@ class DemoScale:
     lr_step_fractions: tuple[float, ...] = (0.85, 0.98)
     num_workers: int = 1
 
+    def lr_steps(self, iters: int) -> tuple[int, ...]:
+        """The iterations of a run of ``iters`` at which the rate drops (none that do not fit)."""
+        return tuple(sorted({s for f in self.lr_step_fractions if 0 < (s := round(f * iters)) < iters}))
+
 
 @dataclass
 class DemoBuild:
@@ -100,12 +104,10 @@ def _options(build: DemoBuild, iters: int, eval_period: int, **kw: Any) -> Any:
 
     warmup = min(100, max(1, iters // 6))
     kw.setdefault("num_workers", build.scale.num_workers)
-    # A toy run of a few iterations may have no room for a step.
-    steps = tuple(sorted({s for f in build.scale.lr_step_fractions if 0 < (s := round(f * iters)) < iters}))
     return TrainOptions(
         max_iter=iters,
         warmup_iters=warmup,
-        lr_steps=steps,
+        lr_steps=build.scale.lr_steps(iters),
         eval_period=min(eval_period, iters),
         seed=build.seed,
         **kw,
