@@ -182,6 +182,11 @@ class EncoderDecoderSegmentor(nn.Module):
         tau = float(semseg.LOGIT_ADJUSTMENT)
         if tau < 0:
             raise ValueError(f"MODEL.SEMSEG.LOGIT_ADJUSTMENT must be >= 0, got {tau}")
+        if tau and any(w <= 0 for w in weights):
+            raise ValueError(
+                f"MODEL.SEMSEG.CLASS_WEIGHTS must all be > 0 with LOGIT_ADJUSTMENT {tau} (the log of"
+                f" each is subtracted), got {weights}; set LOGIT_ADJUSTMENT to 0 to keep a zero weight"
+            )
         self.logit_adjustment: torch.Tensor | None
         adjustment = tau * torch.log(torch.tensor(weights)).view(-1, 1, 1) if weights and tau else None
         self.register_buffer("logit_adjustment", adjustment, False)

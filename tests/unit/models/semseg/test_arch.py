@@ -183,6 +183,12 @@ def test_inference_takes_back_the_class_weights_bias(seg_cfg: CfgNode) -> None:
     seg_cfg.MODEL.SEMSEG.LOGIT_ADJUSTMENT = -1.0
     with pytest.raises(ValueError, match=r"LOGIT_ADJUSTMENT must be >= 0, got -1\.0"):
         build_model(seg_cfg)
+    seg_cfg.MODEL.SEMSEG.LOGIT_ADJUSTMENT = 1.0
+    seg_cfg.MODEL.SEMSEG.CLASS_WEIGHTS = [0.0, 2.0, 4.0, 8.0]  # a zero weight has no log
+    with pytest.raises(ValueError, match=r"CLASS_WEIGHTS must all be > 0 with LOGIT_ADJUSTMENT 1\.0"):
+        build_model(seg_cfg)
+    seg_cfg.MODEL.SEMSEG.LOGIT_ADJUSTMENT = 0.0
+    build_model(seg_cfg)  # without the adjustment a zero weight is allowed
 
 
 def test_dropout_active_only_in_train_mode(seg_cfg: CfgNode) -> None:
