@@ -188,7 +188,9 @@ class EncoderDecoderSegmentor(nn.Module):
                 f" each is subtracted), got {weights}; set LOGIT_ADJUSTMENT to 0 to keep a zero weight"
             )
         self.logit_adjustment: torch.Tensor | None
-        adjustment = tau * torch.log(torch.tensor(weights)).view(-1, 1, 1) if weights and tau else None
+        adjustment = None
+        if self.class_weights is not None and tau:
+            adjustment = tau * self.class_weights.log().view(-1, 1, 1)
         self.register_buffer("logit_adjustment", adjustment, False)
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
