@@ -54,7 +54,11 @@ def _axis(
 
 
 def _bags(
-    boxes: torch.Tensor, image: torch.Tensor, grid_h: int, grid_w: int, output_size: tuple[int, int],
+    boxes: torch.Tensor,
+    image: torch.Tensor,
+    grid_h: int,
+    grid_w: int,
+    output_size: tuple[int, int],
     shape: tuple[int, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Table rows and weights of every output bin of RoIs sampled on one grid: (n*ph*pw, grid_h*grid_w*4) each."""
@@ -69,15 +73,18 @@ def _bags(
         return t[:, None, :, None, :]
 
     base = (image * (height * width))[:, None, None, None, None]
-    index = torch.stack(
-        [
-            rows(y_lo) * width + cols(x_lo),
-            rows(y_lo) * width + cols(x_hi),
-            rows(y_hi) * width + cols(x_lo),
-            rows(y_hi) * width + cols(x_hi),
-        ],
-        dim=-1,
-    ) + base[..., None]
+    index = (
+        torch.stack(
+            [
+                rows(y_lo) * width + cols(x_lo),
+                rows(y_lo) * width + cols(x_hi),
+                rows(y_hi) * width + cols(x_lo),
+                rows(y_hi) * width + cols(x_hi),
+            ],
+            dim=-1,
+        )
+        + base[..., None]
+    )
     weight = torch.stack(
         [
             rows(wy_lo) * cols(wx_lo),
@@ -164,7 +171,9 @@ class GatherROIAlign(ROIAlign):
         assert rois.dim() == 2 and rois.size(1) == 5
         size = self.output_size
         output_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        return roi_align_gather(input, rois, output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        return roi_align_gather(
+            input, rois, output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        )
 
 
 def use_gather_roi_align(model: nn.Module) -> int:
@@ -183,7 +192,9 @@ def use_gather_roi_align(model: nn.Module) -> int:
                 setattr(
                     parent,
                     name,
-                    GatherROIAlign(child.output_size, child.spatial_scale, child.sampling_ratio, child.aligned),
+                    GatherROIAlign(
+                        child.output_size, child.spatial_scale, child.sampling_ratio, child.aligned
+                    ),
                 )
                 count += 1
     return count

@@ -39,6 +39,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 from torch.nn.parallel import DistributedDataParallel
 
+from models import configs as _configs  # noqa: F401  (registers this project's backbone and ROI heads)
 from models.checkpoint import save_checkpoint
 from models.data.augment import build_augmentations
 from models.fusion import use_channels_last

@@ -6,8 +6,9 @@ Mask R-CNN is those convolutions: halving every width quarters it. This builder
 takes ``MODEL.RESNETS.STEM_OUT_CHANNELS`` and ``RES2_OUT_CHANNELS`` as given (each
 later stage doubles), builds the same ``ResNet`` / ``FPN`` modules with the same
 parameter names, and so checkpoints, freezing and encoder transfer treat it like
-``build_resnet_fpn_backbone``. It is registered in ``BACKBONE_REGISTRY`` when
-:mod:`models.configs` is imported.
+``build_resnet_fpn_backbone``; ``build_slim_resnet_backbone`` is the same ResNet
+without the FPN, as ``build_resnet_backbone`` is for detectron2's. Both are registered
+in ``BACKBONE_REGISTRY`` when :mod:`models.configs` is imported.
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
-__all__ = ["SLIM_BACKBONE_NAME", "build_slim_resnet", "build_slim_resnet_fpn_backbone"]
+__all__ = [
+    "SLIM_BACKBONE_NAME",
+    "SLIM_RESNET_BACKBONE_NAME",
+    "build_slim_resnet",
+    "build_slim_resnet_backbone",
+    "build_slim_resnet_fpn_backbone",
+]
 
 SLIM_BACKBONE_NAME = "build_slim_resnet_fpn_backbone"
+SLIM_RESNET_BACKBONE_NAME = "build_slim_resnet_backbone"  # the same ResNet without the FPN
 _BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
@@ -59,6 +67,12 @@ def build_slim_resnet(cfg: CfgNode, input_shape: ShapeSpec) -> ResNet:
         )
         in_channels, out_channels = out_channels, out_channels * 2
     return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+@BACKBONE_REGISTRY.register()
+def build_slim_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNet:
+    """:func:`build_slim_resnet` alone (outputs ``MODEL.RESNETS.OUT_FEATURES``), as ``build_resnet_backbone``."""
+    return build_slim_resnet(cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()

@@ -97,6 +97,7 @@ def train_semantic(
     freeze: str = "none",
     input_size: int = 256,
     class_weights: str | Sequence[float] | None = None,
+    encoder: str = "resnet",
     progress: bool = True,
 ) -> SemanticTrainResult:
     """Train an ``EncoderDecoderSegmentor`` on registered semantic datasets.
@@ -117,6 +118,7 @@ def train_semantic(
         class_weights: cross-entropy weight per class, ``"balanced"`` for ENet weights from
             the training labels' class frequencies
             (:mod:`models.semseg.class_weights`), or None for uniform.
+        encoder: what the decoder reads, one of :data:`~models.semseg.config.ENCODER_CHOICES`.
         progress: log progress at INFO.
 
     Raises:
@@ -129,7 +131,7 @@ def train_semantic(
     out.mkdir(parents=True, exist_ok=True)
     if backbone_from is None and encoder_from is not None:
         backbone_from = backbone_config_of(encoder_from)
-    cfg = semseg_config(num_classes, backbone_from=backbone_from, input_size=input_size)
+    cfg = semseg_config(num_classes, backbone_from=backbone_from, input_size=input_size, encoder=encoder)
     cfg.MODEL.SEMSEG.FREEZE_ENCODER_AT = freeze
     if class_weights is not None:
         cfg.MODEL.SEMSEG.CLASS_WEIGHTS = _class_weights(class_weights, train_dataset, num_classes)

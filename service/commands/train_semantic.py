@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 # models.semseg.config.FREEZE_CHOICES, repeated so that parsing does not import detectron2.
 _FREEZE = ("none", "stem", "res2", "res3", "res4", "res5", "encoder")
+_ENCODERS = ("resnet", "fpn")  # models.semseg.config.ENCODER_CHOICES, likewise
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--freeze", choices=_FREEZE, default="none", help="freeze the encoder up to here")
     model.add_argument(
         "--config", help="detection config (YAML or model-zoo name) whose backbone to use (default: tiny)"
+    )
+    model.add_argument(
+        "--encoder",
+        choices=_ENCODERS,
+        default="resnet",
+        help="what the decoder reads: the detector's ResNet stages (default) or its FPN levels",
     )
     model.add_argument("--input-size", type=int, default=256, help="shortest image side (default 256)")
     model.add_argument(
@@ -173,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
             freeze=args.freeze,
             input_size=args.input_size,
             class_weights=class_weights,
+            encoder=args.encoder,
         )
     except (FileNotFoundError, ValueError) as e:  # their messages name the file or option
         raise CLIError(str(e)) from None

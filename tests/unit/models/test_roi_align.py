@@ -58,7 +58,9 @@ def test_rectangular_output_and_scale() -> None:
     x = torch.randn(2, 4, 16, 20)
     boxes = _rois(30, (128, 160), 2, seed=1)
     expected = roi_align(x, boxes, (5, 3), 0.125, 0, True)
-    torch.testing.assert_close(roi_align_gather(x, boxes, (5, 3), 0.125, 0, True), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        roi_align_gather(x, boxes, (5, 3), 0.125, 0, True), expected, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_module_falls_back_off_float32() -> None:

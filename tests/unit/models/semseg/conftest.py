@@ -45,7 +45,7 @@ def det_cfg() -> CfgNode:
 
 @pytest.fixture
 def seg_cfg(det_cfg: CfgNode) -> CfgNode:
-    cfg = semseg_config(NUM_CLASSES, backbone_from=det_cfg, input_size=64)
+    cfg = semseg_config(NUM_CLASSES, backbone_from=det_cfg, input_size=64, encoder="fpn")
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.SEMSEG.DECODER_CHANNELS = [32, 16, 16, 16]
     return cfg

@@ -17,7 +17,8 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
-from models.semseg import EncoderDecoderSegmentor
+from models.semseg import EncoderDecoderSegmentor, semseg_config
+from models.semseg.config import ENCODER_CHOICES
 
 from .conftest import NUM_CLASSES
 
@@ -237,6 +238,42 @@ def test_plain_resnet_encoder(seg_cfg: CfgNode) -> None:
     with torch.no_grad():
         out = model(_inputs([(40, 52)]))
     assert out[0]["sem_seg"].shape == (NUM_CLASSES, 40, 52)
+
+
+def test_default_encoder_is_the_detectors_resnet(det_cfg: CfgNode) -> None:
+    cfg = semseg_config(NUM_CLASSES, backbone_from=det_cfg, input_size=64)
+    assert cfg.MODEL.BACKBONE.NAME == "build_resnet_backbone"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.SEMSEG.DECODER_CHANNELS = [32, 16, 16, 16]
+    model = build_model(cfg).eval()
+    assert model.decoder.in_features == ["res5", "res4", "res3", "res2"]
+    # The same parameter names as the detector's ResNet, less its "bottom_up." prefix.
+    detector = {k.replace("backbone.bottom_up.", "backbone.") for k in build_model(det_cfg).state_dict()}
+    assert set(model.backbone.state_dict()) <= {k.removeprefix("backbone.") for k in detector}
+    with torch.no_grad():
+        out = model(_inputs([(40, 52)]))
+    assert out[0]["sem_seg"].shape == (NUM_CLASSES, 40, 52)
+
+
+def test_encoder_choice_for_the_slim_backbone_and_unknown_builders() -> None:
+    from models.configs import tiny_instance_config
+
+    slim = tiny_instance_config(3, input_size=64)
+    assert semseg_config(NUM_CLASSES, backbone_from=slim).MODEL.BACKBONE.NAME == "build_slim_resnet_backbone"
+    assert semseg_config(NUM_CLASSES, backbone_from=slim, encoder="fpn").MODEL.BACKBONE.NAME == (
+        "build_slim_resnet_fpn_backbone"
+    )
+    slim.MODEL.BACKBONE.NAME = "build_mobilenet_fpn_backbone"
+    with pytest.raises(ValueError, match=r"build_mobilenet_fpn_backbone.*use encoder 'fpn'"):
+        semseg_config(NUM_CLASSES, backbone_from=slim)
+    with pytest.raises(ValueError, match="encoder must be one of resnet, fpn"):
+        semseg_config(NUM_CLASSES, backbone_from=None, encoder="vit")
+
+
+def test_cli_encoder_choices_match() -> None:
+    from service.commands import train_semantic
+
+    assert train_semantic._ENCODERS == ENCODER_CHOICES
 
 
 def test_detection_checkpointer_round_trip(seg_cfg: CfgNode, tmp_path) -> None:
