@@ -84,8 +84,8 @@ def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
     # Cascade R-CNN (three box stages at IoU 0.5 / 0.6 / 0.7), the mask head trained on the
     # last stage's boxes (models/configs/roi_heads.py): in the same 900 demo steps, 83.8 bbox
-    # and 72.9 segm test AP against 68.7 / 63.5 for StandardROIHeads, for 1.2x the step
-    # (benchmarks/README.md, "Cascade").
+    # and 72.9 segm test AP against 68.7 / 63.5 for StandardROIHeads, for about 1.15x the
+    # training time (benchmarks/README.md, "Cascade heads").
     cfg.MODEL.ROI_HEADS.NAME = LAST_STAGE_MASK_HEADS_NAME
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 256
     # The mask head runs four 3x3 convolutions on every positive RoI: at 64 channels they
