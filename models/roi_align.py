@@ -121,6 +121,8 @@ def roi_align_gather(
     """
     n_img, channels, height, width = input.shape
     ph, pw = output_size
+    if rois.shape[0] == 0:
+        return input.new_zeros((0, channels, ph, pw))
     with torch.no_grad():
         boxes = rois[:, 1:].float() * spatial_scale - (0.5 if aligned else 0.0)
         sizes = boxes[:, 2:] - boxes[:, :2]  # (R, 2): width, height
@@ -132,8 +134,6 @@ def roi_align_gather(
         else:
             # A box of zero or negative extent has no samples: its bins are zero, as in torchvision.
             grids = torch.ceil(sizes / sizes.new_tensor([pw, ph])).long().clamp(min=0)
-        if rois.shape[0] == 0:
-            return input.new_zeros((0, channels, ph, pw))
         image = rois[:, 0].long()
         key = grids[:, 1] * (int(grids[:, 0].max()) + 1) + grids[:, 0]
         indices, weights, bag_sizes, order = [], [], [], []

@@ -64,7 +64,7 @@ class LastStageMaskCascadeROIHeads(CascadeROIHeads):
     def _mask_targets(self, proposals: Instances, targets: Instances, stage: int) -> Instances:
         """The image's foreground boxes at ``stage`` with every ``gt_*`` field, at most the first stage's count."""
         fg = (proposals.gt_classes != self.num_classes).nonzero().squeeze(1)
-        if len(targets) == 0 or fg.numel() == 0:
+        if fg.numel() == 0:  # also when the image has no objects
             return proposals[fg]
         limit = int(self.batch_size_per_image * self.positive_fraction)
         if fg.numel() > limit:

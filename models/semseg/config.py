@@ -16,6 +16,7 @@ import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
 from detectron2.config import CfgNode, get_cfg
 
 from models.configs import config_file, tiny_instance_config
+from models.configs.backbone import SLIM_BACKBONE_NAME, SLIM_RESNET_BACKBONE_NAME
 
 __all__ = ["ENCODER_CHOICES", "FREEZE_CHOICES", "META_ARCH_NAME", "add_semseg_config", "semseg_config"]
 
@@ -30,7 +31,7 @@ ENCODER_CHOICES = ("resnet", "fpn")
 _BOTTOM_UP_BUILDERS = {
     "build_resnet_fpn_backbone": "build_resnet_backbone",
     "build_retinanet_resnet_fpn_backbone": "build_resnet_backbone",
-    "build_slim_resnet_fpn_backbone": "build_slim_resnet_backbone",
+    SLIM_BACKBONE_NAME: SLIM_RESNET_BACKBONE_NAME,
 }
 # Config subtrees that define the encoder and the pixel normalisation its weights were trained with.
 _ENCODER_KEYS = ("BACKBONE", "RESNETS", "FPN", "PIXEL_MEAN", "PIXEL_STD")

@@ -17,6 +17,7 @@ from torchvision.ops import roi_align
 
 from models.configs import tiny_instance_config
 from models.roi_align import GatherROIAlign, roi_align_gather, use_gather_roi_align
+from tests.fixtures.instances import two_object_batch
 
 
 def _rois(n: int, image_size: tuple[int, int], images: int, seed: int = 0) -> torch.Tensor:
@@ -79,19 +80,7 @@ def test_swap_keeps_the_model_outputs_and_losses() -> None:
     assert use_gather_roi_align(swapped) == 8
     assert not any(type(m) is ROIAlign for m in swapped.modules())
     assert sum(isinstance(m, GatherROIAlign) for m in swapped.modules()) == 8
-    from detectron2.structures import BitMasks, Boxes, Instances
-
-    g = torch.Generator().manual_seed(0)
-    batch = []
-    for _ in range(2):
-        inst = Instances((64, 64))
-        inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]))
-        inst.gt_classes = torch.tensor([0, 2])
-        masks = torch.zeros(2, 64, 64, dtype=torch.bool)
-        masks[0, 6:40, 4:30] = True
-        masks[1, 10:50, 20:60] = True
-        inst.gt_masks = BitMasks(masks)
-        batch.append({"image": torch.rand(3, 64, 64, generator=g) * 255, "instances": inst})
+    batch = two_object_batch()
     model.train()
     swapped.train()
     with EventStorage(0):

@@ -11,26 +11,12 @@ from typing import Any
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from models.configs import LAST_STAGE_MASK_HEADS_NAME, tiny_instance_config
 from models.configs.roi_heads import LastStageMaskCascadeROIHeads
-
-
-def _batch(images: int = 2, size: int = 64) -> list[dict[str, Any]]:
-    g = torch.Generator().manual_seed(0)
-    batch = []
-    for _ in range(images):
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]))
-        inst.gt_classes = torch.tensor([0, 2])
-        masks = torch.zeros(2, size, size, dtype=torch.bool)
-        masks[0, 6:40, 4:30] = True
-        masks[1, 10:50, 20:60] = True
-        inst.gt_masks = BitMasks(masks)
-        batch.append({"image": torch.rand(3, size, size, generator=g) * 255, "instances": inst})
-    return batch
+from tests.fixtures.instances import two_object_batch
 
 
 def _config(name: str) -> Any:
@@ -53,7 +39,7 @@ def test_mask_head_trains_on_last_stage_foreground(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(heads, "_forward_mask", spy)
     with EventStorage(0):
-        losses = model(_batch())
+        losses = model(two_object_batch())
     assert set(losses) >= {"loss_mask", "loss_cls_stage2", "loss_box_reg_stage2"}
     assert all(torch.isfinite(v) for v in losses.values())
     (per_image,) = seen
@@ -72,7 +58,7 @@ def test_foreground_is_capped_at_the_first_stage_count() -> None:
     model = build_model(_config(LAST_STAGE_MASK_HEADS_NAME)).train()
     heads = model.roi_heads
     heads.batch_size_per_image, heads.positive_fraction = 8, 0.25  # at most 2 mask RoIs an image
-    target = _batch(1)[0]["instances"]
+    target = two_object_batch(1)[0]["instances"]
     proposals = Instances((64, 64))
     boxes = target.gt_boxes.tensor.repeat(5, 1) + torch.randn(10, 4) * 0.5
     proposals.proposal_boxes = Boxes(boxes)
@@ -88,7 +74,7 @@ def test_inference_is_detectron2_cascade() -> None:
     plain = build_model(_config("CascadeROIHeads")).eval()
     assert ours.state_dict().keys() == plain.state_dict().keys()
     plain.load_state_dict(ours.state_dict())
-    image = {"image": _batch(1)[0]["image"]}
+    image = {"image": two_object_batch(1)[0]["image"]}
     with torch.no_grad():
         a, b = ours([image])[0]["instances"], plain([image])[0]["instances"]
     assert len(a) == len(b)
