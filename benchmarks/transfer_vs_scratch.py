@@ -25,7 +25,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--detector", type=Path, help="detection checkpoint (default: the demo repository's)")
     p.add_argument("--iters", type=int, default=200, help="training iterations of each run")
     p.add_argument("--eval-period", type=int, default=25)
-    p.add_argument("--lr", type=float, help="SGD learning rate (default: the demo build's)")
+    p.add_argument(
+        "--lr", type=float, help="learning rate (default: the demo build's; its optimizer is used either way)"
+    )
     p.add_argument("--train-images", type=int, default=200)
     p.add_argument("--val-images", type=int, default=30)
     p.add_argument("--image-size", type=int, default=256, help="side of the synthetic images")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.train import TrainOptions
 
     lr = DEMO_SCALE.semantic_lr if args.lr is None else args.lr
-    input_size = DEMO_SCALE.input_size if args.input_size is None else args.input_size
+    input_size = DEMO_SCALE.semantic_input_size if args.input_size is None else args.input_size
     detector = args.detector or default_repository_path().parent / "instance" / "model.pth"
     if not detector.is_file():
         print(
@@ -108,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             lr_steps=DEMO_SCALE.lr_steps(args.iters),
             eval_period=args.eval_period,
             seed=args.seed,
+            optimizer=DEMO_SCALE.semantic_optimizer,
             lr=lr,
+            weight_decay=DEMO_SCALE.semantic_weight_decay,
             dropout=0.1,
             num_workers=1,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import models  # noqa: F401  (detectron2 compatibility layer first)
@@ -37,7 +38,9 @@ def config_file(config: str) -> Path | None:
         return None
 
 
-def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:
+def tiny_instance_config(
+    num_classes: int, *, input_size: int = 256, train_sizes: Sequence[int] | None = None
+) -> CfgNode:
     """A Mask R-CNN small enough to train from scratch on a CPU in minutes.
 
     ResNet-18 at half width with BatchNorm (trainable from the stem: there are no
@@ -48,18 +51,22 @@ def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:
 
     Args:
         num_classes: number of object categories.
-        input_size: short edge of training and test images.
+        input_size: short edge of test images (``INPUT.MIN_SIZE_TEST``), and of training
+            images unless ``train_sizes`` is given.
+        train_sizes: short edges to train at, one drawn per image (``INPUT.MIN_SIZE_TRAIN``
+            with ``choice`` sampling); None = ``(input_size,)``.
 
     Returns:
         A fresh, unfrozen config.
 
     Raises:
-        ValueError: ``num_classes`` < 1 or ``input_size`` < 32.
+        ValueError: ``num_classes`` < 1, or ``input_size`` or a training size < 32.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if input_size < 32:
-        raise ValueError(f"input_size must be >= 32, got {input_size}")
+    sizes = (input_size,) if train_sizes is None else tuple(int(x) for x in train_sizes)
+    if input_size < 32 or not sizes or min(sizes) < 32:
+        raise ValueError(f"input_size and train_sizes must be >= 32, got {input_size} and {train_sizes}")
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file(BASE_INSTANCE_CONFIG))
     cfg.MODEL.WEIGHTS = ""
@@ -95,11 +102,11 @@ def tiny_instance_config(num_classes: int, *, input_size: int = 256) -> CfgNode:
     # positives instead of a fifth of them, which matters when training from scratch.
     cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
     cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
-    max_size = round(input_size * 1333 / 800)
-    cfg.INPUT.MIN_SIZE_TRAIN = (input_size,)
-    cfg.INPUT.MAX_SIZE_TRAIN = max_size
+    cfg.INPUT.MIN_SIZE_TRAIN = sizes
+    cfg.INPUT.MAX_SIZE_TRAIN = round(max(sizes) * 1333 / 800)
+    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
     cfg.INPUT.MIN_SIZE_TEST = input_size
-    cfg.INPUT.MAX_SIZE_TEST = max_size
+    cfg.INPUT.MAX_SIZE_TEST = round(input_size * 1333 / 800)
     cfg.INPUT.MASK_FORMAT = "bitmask"
     cfg.DATALOADER.NUM_WORKERS = 1
     cfg.SOLVER.IMS_PER_BATCH = 4

@@ -81,3 +81,19 @@ def test_shipped_tiny_yaml_builds_the_slim_model() -> None:
     assert yaml.safe_load(cfg.dump()) == yaml.safe_load(tiny_instance_config(5).dump())
     model = build_model(cfg)
     assert model.backbone.bottom_up.output_shape()["res5"].channels == 256
+
+
+def test_tiny_config_trains_at_several_sizes_and_tests_at_one() -> None:
+    cfg = tiny_instance_config(5, input_size=256, train_sizes=(160, 224))
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (160, 224)
+    assert cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "choice"
+    assert (cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (373, 256, 427)
+    one = tiny_instance_config(5, input_size=128)
+    assert tuple(one.INPUT.MIN_SIZE_TRAIN) == (128,)
+    assert one.INPUT.MIN_SIZE_TEST == 128
+
+
+@pytest.mark.parametrize("kwargs", [{"input_size": 16}, {"train_sizes": (192, 16)}, {"train_sizes": ()}])
+def test_tiny_config_refuses_sizes_below_32(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="must be >= 32"):
+        tiny_instance_config(5, **kwargs)
