@@ -33,35 +33,35 @@ class DemoScale:
     # The detector trains at a short edge drawn per image from these (INPUT.MIN_SIZE_TRAIN),
     # about the cost of 192 px, and is tested at the images' own 256 px: 75.2 test segm AP
     # against 70.1 at 192 px, and 70.6 for training and testing at 192 (benchmarks/README.md,
-    # "Training at several sizes, testing at 256 px"). Predictions are in image pixels.
+    # "Several training sizes, testing at 256 px, and AdamW"). Predictions are in image pixels.
     instance_train_sizes: tuple[int, ...] = (160, 176, 192, 208, 224)
     instance_test_size: int = 256
     # The segmenter's short edge in training and testing (INPUT.MIN_SIZE_*): at 192 px a
     # step costs 0.7 of one at 256 (benchmarks/README.md, "The demo recipe at 192 px").
     semantic_input_size: int = 192
-    # About 10-11 minutes on 2 CPU cores, with room for the machine's 10-20 % drift under
-    # the 12-minute budget; more iterations buy accuracy (benchmarks/README.md). The cascade
-    # detector's steps cost about 1.15x the old single-stage one's: 900 of them made a build
-    # of 723 s in a slow phase of the machine, so it trains 800.
+    # About 10.5 minutes on the slower of the 2-core machines measured (6.7 on the faster),
+    # with room for a 10-20 % drift under the 12-minute budget; more iterations buy accuracy:
+    # 800 detector and 1100 segmenter steps scored 88.1 / 80.8 AP and 88.2 mIoU against
+    # 86.8 / 78.5 and 87.6, for 1.09x the time (benchmarks/README.md).
     # The detector trains data-parallel: 2 single-thread processes of 4 images each moved
     # 1.3x the images per second of one 2-thread process (benchmarks/train_speed.py).
-    instance_iters: int = 800
-    instance_eval_period: int = 400
+    instance_iters: int = 700
+    instance_eval_period: int = 350
     instance_batch_size: int = 8
     # AdamW (decoupled weight decay, none on norm layers): in the same 800 steps, 88.1 bbox
     # and 80.9 segm test AP against 84.0 / 75.2 for SGD with momentum at lr 0.02
-    # (benchmarks/README.md, "AdamW").
+    # (benchmarks/README.md, "Several training sizes, testing at 256 px, and AdamW").
     instance_optimizer: str = "adamw"
     instance_lr: float = 0.001
     instance_weight_decay: float = 0.01
     processes: int = 2
-    # Iterations of 4 images, about 0.19 s each: from the demo detector's encoder (SGD),
-    # 1100 gave 85.5 test mIoU against 84.6 at 1000; 8 images on two processes did worse in
-    # the same time (benchmarks/README.md).
-    semantic_iters: int = 1100
-    semantic_eval_period: int = 550
+    # Iterations of 4 images, 0.11-0.19 s each; 8 images on two processes did worse in the
+    # same time (benchmarks/README.md).
+    semantic_iters: int = 1000
+    semantic_eval_period: int = 500
     # AdamW: from the same encoder in the same 1100 iterations, 87.9 test mIoU at 2e-3 and
-    # 85.2 at 1e-3, against 82.8 for SGD with momentum at 0.02 (benchmarks/README.md, "AdamW").
+    # 85.2 at 1e-3, against 82.8 for SGD with momentum at 0.02 (benchmarks/README.md,
+    # "Several training sizes, testing at 256 px, and AdamW").
     semantic_optimizer: str = "adamw"
     semantic_lr: float = 0.002
     semantic_weight_decay: float = 0.01  # decoupled (AdamW)
