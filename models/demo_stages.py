@@ -39,10 +39,11 @@ class DemoScale:
     # The segmenter's short edge in training and testing (INPUT.MIN_SIZE_*): at 192 px a
     # step costs 0.7 of one at 256 (benchmarks/README.md, "The demo recipe at 192 px").
     semantic_input_size: int = 192
-    # About 10.5 minutes on the slower of the 2-core machines measured (6.7 on the faster),
-    # with room for a 10-20 % drift under the 12-minute budget; more iterations buy accuracy:
-    # 800 detector and 1100 segmenter steps scored 88.1 / 80.8 AP and 88.2 mIoU against
-    # 86.8 / 78.5 and 87.6, for 1.09x the time (benchmarks/README.md).
+    # A 6.6-minute build on the faster of the 2-core machines measured; the previous recipe,
+    # of the same cost, took 10.5 on the slower, which leaves room for a 10-20 % drift under
+    # the 12-minute budget. More iterations buy accuracy: 800 detector and 1100 segmenter
+    # steps scored 88.1 / 80.8 AP and 88.2 mIoU against 86.8 / 78.5 and 87.6, for 1.09x the
+    # time (benchmarks/README.md).
     # The detector trains data-parallel: 2 single-thread processes of 4 images each moved
     # 1.3x the images per second of one 2-thread process (benchmarks/train_speed.py).
     instance_iters: int = 700
