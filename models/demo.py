@@ -32,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from models.demo_stages import DemoBuild, DemoScale, Progress, run_pipeline
+from models.demo_scale import DemoScale
+from models.demo_stages import DemoBuild, Progress, run_pipeline
 
 __all__ = [
     "DEMO_SCALE",
