@@ -37,10 +37,10 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 from torch.nn.parallel import DistributedDataParallel
 
-from cvserve.models.instance import config as _configs  # noqa: F401  (registers this project's backbone and ROI heads)
 from cvserve.models.checkpoint import save_checkpoint
 from cvserve.models.data.augment import build_augmentations
 from cvserve.models.fusion import use_channels_last
+from cvserve.models.instance import config as _configs  # noqa: F401  (registers this project's backbone and ROI heads)
 from cvserve.models.instance.roi_align import use_gather_roi_align
 from cvserve.models.training.history import MetricsHistory
 from cvserve.models.training.monitor import ProgressLog, Selection

@@ -223,7 +223,9 @@ class ProcessGroup:
         for rank in range(1, self.processes):
             common = (self.processes, rendezvous, self.device, self.threads, snapshot, modules)
             p = ctx.Process(
-                target=_child, args=(rank, *common, _qualified(self._target), self._args, self._errors), daemon=True
+                target=_child,
+                args=(rank, *common, _qualified(self._target), self._args, self._errors),
+                daemon=True,
             )
             p.start()
             self._children.append(p)

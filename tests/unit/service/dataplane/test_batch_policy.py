@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cvserve.dataplane import batch_policy, served_model
 from cvserve.config import ServerConfig
+from cvserve.dataplane import batch_policy, served_model
 from cvserve.dataplane.plane import DataPlane
 from cvserve.metrics import Metrics
 from cvserve.models.repository import AUTO_BATCH_LIMIT, ModelSpec, RepositoryError, load_repository
