@@ -114,16 +114,14 @@ class _Runner:
 
     def _load(self) -> None:
         from cvserve.cli.common import CLIError, model_spec
-        from cvserve.models.build import build_model
+        from cvserve.models.batching import load_for_inference
         from cvserve.models.evaluation.inference import in_process_predictor
 
         spec = model_spec(self.args.models, self.args.model)
         try:
-            model = build_model(spec)
-            model.load()
+            model, spec = load_for_inference(spec)
         except Exception as e:  # a model that cannot load is a user-facing configuration problem
             raise CLIError(f"{self.args.models}: model {spec.name!r} failed to load: {e}") from None
-        model.mark_ready()
         self.task, self.class_names = model.task.value, tuple(model.class_names)
         self.batch_size = self.args.batch_size or spec.max_batch_size
         self._predict_local = in_process_predictor(model)
