@@ -153,7 +153,9 @@ def _mend_map_dataset(module: types.ModuleType) -> None:
 # module name -> (mend, source file under detectron2/, text whose presence says the mend is needed)
 _MENDS: dict[str, tuple[Callable[[types.ModuleType], None], str, str]] = {
     "detectron2.data.common": (
-        _mend_map_dataset, "data/common.py", "self._rng.sample(self._fallback_candidates"
+        _mend_map_dataset,
+        "data/common.py",
+        "self._rng.sample(self._fallback_candidates",
     ),
 }
 
@@ -193,8 +195,6 @@ class _MendingLoader(importlib.abc.Loader):
 
 
 def _install_mends() -> None:
-    if sys.version_info < (3, 11):
-        return
     pending: dict[str, Callable[[types.ModuleType], None]] = {}
     for name, (mend, source, needle) in _MENDS.items():
         if not _detectron2_source_uses((source,), needle):
