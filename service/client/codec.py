@@ -85,8 +85,7 @@ def _fill_polygons(polygons: types_pb.Polygons, size: tuple[int, int]) -> np.nda
     cv2 = _opencv()
     binary = np.zeros(size, np.uint8)
     contours = [
-        np.asarray(p.points, np.float32).reshape(-1, 1, 2).round().astype(np.int32)
-        for p in polygons.polygons
+        np.asarray(p.points, np.float32).reshape(-1, 1, 2).round().astype(np.int32) for p in polygons.polygons
     ]
     cv2.drawContours(binary, contours, -1, 1, thickness=cv2.FILLED)
     return binary
