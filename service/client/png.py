@@ -4,8 +4,10 @@ The server writes 1-bit masks (``mask_format="png"``) and 8- or 16-bit grayscale
 maps (``Segment``); this module reads exactly those, so the client needs neither Pillow
 nor OpenCV. It decodes non-interlaced grayscale PNGs of bit depth 1, 8 or 16 with any
 of the five PNG filter types per row (encoders such as Pillow pick them adaptively):
-rows filtered with None, Sub or Up are reconstructed with whole-row numpy operations,
-Average and Paeth rows (whose every byte depends on the one before it) byte by byte.
+rows filtered with None, Sub or Up are reconstructed with whole-row numpy operations;
+Average and Paeth rows, whose every byte depends on the one before it, byte by byte, except
+Paeth rows of 1-byte pixels below a row with few changes (label maps, masks), which are
+running sums between those changes.
 Chunk CRCs are checked; anything else (colour, palette, Adam7 interlacing, other bit
 depths) raises a ``ValueError`` naming what is unsupported.
 """
@@ -76,7 +78,12 @@ def _inflate(idat: bytes, size: int) -> bytes:
     return raw
 
 
-def _unfilter_sequential(kind: int, row: np.ndarray, prior: np.ndarray, bpp: int) -> np.ndarray:
+def _paeth(a: int, b: int, c: int) -> int:
+    pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+    return a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+
+
+def _unfilter_bytewise(kind: int, row: np.ndarray, prior: np.ndarray, bpp: int) -> np.ndarray:
     """Reconstruct one Average or Paeth row byte by byte (each byte needs the one ``bpp`` back)."""
     filtered = row.tolist()
     above = prior.tolist()
@@ -86,12 +93,38 @@ def _unfilter_sequential(kind: int, row: np.ndarray, prior: np.ndarray, bpp: int
         b = above[x]
         if kind == _AVERAGE:
             out[x] = (value + ((a + b) >> 1)) & 0xFF
-            continue
-        c = above[x - bpp] if x >= bpp else 0
-        pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
-        predictor = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-        out[x] = (value + predictor) & 0xFF
+        else:
+            out[x] = (value + _paeth(a, b, above[x - bpp] if x >= bpp else 0)) & 0xFF
     return np.asarray(out, dtype=np.uint8)
+
+
+def _unfilter_paeth_runs(row: np.ndarray, prior: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Reconstruct a Paeth row of 1-byte pixels whose row above changes only at ``edges``.
+
+    Where the byte above equals the one above-left (``b == c``), Paeth predicts the byte to
+    the left, so a run between two edges is a running sum; only the edges need the predictor.
+    """
+    out = np.empty_like(row)
+    last, start = 0, 0
+    for x in [*edges.tolist(), row.size]:
+        if x > start:
+            out[start:x] = np.cumsum(row[start:x], dtype=np.uint8) + np.uint8(last)
+            last = int(out[x - 1])
+        if x == row.size:
+            break
+        last = (int(row[x]) + _paeth(last, int(prior[x]), int(prior[x - 1]) if x else 0)) & 0xFF
+        out[x] = last
+        start = x + 1
+    return out
+
+
+def _unfilter_sequential(kind: int, row: np.ndarray, prior: np.ndarray, bpp: int) -> np.ndarray:
+    """Reconstruct one Average or Paeth row: by runs where that is exact and shorter, else bytewise."""
+    if kind == _PAETH and bpp == 1:
+        edges = np.flatnonzero(np.diff(prior, prepend=np.uint8(0)))
+        if edges.size * 8 < row.size:  # few edges above: label maps and masks
+            return _unfilter_paeth_runs(row, prior, edges)
+    return _unfilter_bytewise(kind, row, prior, bpp)
 
 
 def _unfilter(rows: np.ndarray, kinds: np.ndarray, bpp: int) -> np.ndarray:

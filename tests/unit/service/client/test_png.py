@@ -100,6 +100,42 @@ def test_every_filter_type_equals_pillow(case: tuple[np.ndarray, list[int]]) -> 
     assert_same(decode_png(data), array)
 
 
+def _blocks(
+    dtype: np.dtype, shape: tuple[int, int], boxes: list[tuple[int, int, int, int, int]]
+) -> np.ndarray:
+    array = np.zeros(shape, dtype)
+    for y, x, h, w, value in boxes:
+        array[y : y + h, x : x + w] = value % 2 if dtype.kind == "b" else value
+    return array
+
+
+label_like = st.tuples(
+    st.sampled_from([np.dtype(bool), np.dtype(np.uint8), np.dtype(np.uint16)]),
+    st.tuples(st.integers(1, 30), st.integers(1, 300)),
+    st.lists(st.tuples(*[st.integers(0, 300)] * 4, st.integers(0, 65_535)), max_size=6),
+).map(
+    lambda t: _blocks(
+        t[0], t[1], [(y, x, h, w, v % (256 if t[0] == np.uint8 else 65_536)) for y, x, h, w, v in t[2]]
+    )
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    label_like.flatmap(
+        lambda a: st.tuples(
+            st.just(a), st.lists(st.sampled_from([3, 4]), min_size=a.shape[0], max_size=a.shape[0])
+        )
+    )
+)
+def test_average_and_paeth_rows_of_label_like_images(case: tuple[np.ndarray, list[int]]) -> None:
+    """Few changes per row: the Paeth rows take the running-sum path (and wide rows, long runs)."""
+    array, kinds = case
+    data = filtered_png(array, kinds)
+    assert_same(pillow(data), array)
+    assert_same(decode_png(data), array)
+
+
 def test_pillow_chooses_several_filters_on_these_images() -> None:
     """The adaptive-filter property above is not vacuous: Pillow writes None, Sub, Up and
     Paeth rows (it does not choose Average; the PNGs written by this test have all five)."""
