@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tomllib
 import venv
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +27,9 @@ CLIENT_DEPS = ("grpcio", "protobuf", "numpy")
 
 # Runs inside the fresh environment: argv = server address, scene .npy, output .json.
 SCRIPT = """
-import importlib.util, json, sys
+import asyncio, importlib.util, json, sys
 import numpy as np
-from cvserve.client import Client, ClientError
+from cvserve.client import AsyncClient, Client, ClientError
 
 address, scene_path, out_path = sys.argv[1:]
 missing = {name: importlib.util.find_spec(name) is None for name in ("torch", "cv2", "PIL", "detectron2")}
@@ -42,11 +43,19 @@ with Client(address, timeout=30) as client:
         error = None
     except ClientError as e:
         error = e.code.name
+
+
+async def detect_async():
+    async with AsyncClient(address, timeout=30) as client:
+        return await client.detect(image, model="det", mask_format="png")
+
+png_async = asyncio.run(detect_async())
 out = {
     "missing": missing,
     "modules": sorted({m.split(".")[0] for m in sys.modules}),
     "rle": [[list(i.box), i.category_id, i.score, i.mask.counts.decode()] for i in rle.instances],
     "png": [[list(i.box), i.category_id, i.score, i.mask.counts.decode()] for i in png.instances],
+    "png_async": [[list(i.box), i.category_id, i.score, i.mask.counts.decode()] for i in png_async.instances],
     "labels": seg.semantic.labels.tolist(),
     "class_names": list(seg.semantic.class_names),
     "error": error,
@@ -106,6 +115,11 @@ def test_wheel_in_a_fresh_venv_calls_a_real_server(server: ServerThread, tmp_pat
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     wheel = build_client.build(tmp_path / "dist")
+    with zipfile.ZipFile(wheel) as archive:  # no top-level name but cvserve, and no server code
+        tops = {name.split("/")[0] for name in archive.namelist()}
+        version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+        assert tops == {"cvserve", f"cvserve_client-{version}.dist-info"}
+        assert not any(n.startswith(("cvserve/server/", "cvserve/vision/")) for n in archive.namelist())
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -133,6 +147,7 @@ def test_wheel_in_a_fresh_venv_calls_a_real_server(server: ServerThread, tmp_pat
     assert len(rows) == 2
     assert got["rle"] == rows
     assert got["png"] == rows  # PNG masks decoded and RLE-encoded in numpy: the server's bytes
+    assert got["png_async"] == rows
     np.testing.assert_array_equal(np.asarray(got["labels"]), seg.semantic.labels)
     assert got["class_names"] == list(seg.semantic.class_names)
     assert got["error"] == "NOT_FOUND"
