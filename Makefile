@@ -5,7 +5,7 @@ VENV := .venv
 PORT ?= 8001
 ARGS ?=
 
-.PHONY: serve test venv lint typecheck pytest protos demo clean-demo
+.PHONY: serve test venv lint typecheck pytest protos demo clean-demo client
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -30,6 +30,10 @@ protos: venv
 
 demo: venv
 	$(VENV)/bin/cvserve demo build
+
+# The client-only wheel, cvserve-client (grpcio, protobuf, numpy), into dist/
+client: venv
+	$(VENV)/bin/python scripts/build_client.py
 
 clean-demo:
 	rm -rf demo_repository

@@ -3,17 +3,22 @@
 Image -> ``Image`` proto, mask-format names -> enum values, and ``DetectResponse`` /
 ``SegmentResponse`` -> :class:`~cvserve.models.types.Prediction`. The server side is
 :mod:`cvserve.vision.codec`, which re-exports these names.
+
+Needs numpy and protobuf only: PNG masks and label maps are read by :mod:`cvserve.client.png`
+and masks encoded as COCO RLE by :mod:`cvserve.client.rle`. Polygon masks are filled with
+OpenCV, imported only when a response carries polygons (``cvserve-client[polygons]``).
 """
 
 from __future__ import annotations
 
-import cv2
+from types import ModuleType
+
 import numpy as np
-from pycocotools import mask as mask_util
 
 from cvserve._proto.cvserve.v1 import types_pb2 as types_pb
 from cvserve._proto.cvserve.v1 import vision_service_pb2 as pb
-from cvserve.imaging import decode_png_array
+from cvserve.client.png import decode_png
+from cvserve.client.rle import encode_mask
 from cvserve.models.types import Instance, Mask, Prediction, SemanticMap
 
 __all__ = [
@@ -63,23 +68,41 @@ def mask_format_to_proto(name: str) -> types_pb.MaskFormat:
         raise ValueError(f"unknown mask format {name!r}; use one of {', '.join(MASK_FORMATS)}") from None
 
 
+def _opencv() -> ModuleType:
+    """OpenCV, needed to fill polygon masks only; a clear error when it is not installed."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError(
+            "polygon masks need OpenCV to be filled: pip install 'cvserve-client[polygons]' "
+            "(or opencv-python-headless), or ask for mask_format='rle' or 'png'"
+        ) from e
+    return cv2
+
+
+def _fill_polygons(polygons: types_pb.Polygons, size: tuple[int, int]) -> np.ndarray:
+    """The ``(H, W)`` uint8 mask of the outer contours ``polygons``, filled."""
+    cv2 = _opencv()
+    binary = np.zeros(size, np.uint8)
+    contours = [
+        np.asarray(p.points, np.float32).reshape(-1, 1, 2).round().astype(np.int32) for p in polygons.polygons
+    ]
+    cv2.drawContours(binary, contours, -1, 1, thickness=cv2.FILLED)
+    return binary
+
+
 def _mask_from_detection(det: types_pb.Detection, size: tuple[int, int]) -> Mask | None:
     kind = det.WhichOneof("mask")
     if kind == "rle":
         return Mask(size=(det.rle.height, det.rle.width), counts=det.rle.counts)
     if kind == "png":
-        binary = decode_png_array(det.png)
+        binary = decode_png(det.png)
     elif kind == "polygons":
-        binary = np.zeros(size, np.uint8)
-        contours = [
-            np.asarray(p.points, np.float32).reshape(-1, 1, 2).round().astype(np.int32)
-            for p in det.polygons.polygons
-        ]
-        cv2.drawContours(binary, contours, -1, 1, thickness=cv2.FILLED)
+        binary = _fill_polygons(det.polygons, size)
     else:
         return None
-    rle = mask_util.encode(np.asfortranarray(binary.astype(np.uint8)))
-    return Mask(size=(int(rle["size"][0]), int(rle["size"][1])), counts=rle["counts"])
+    mask_size, counts = encode_mask(binary)
+    return Mask(size=mask_size, counts=counts)
 
 
 def prediction_from_detect(response: pb.DetectResponse) -> Prediction:
@@ -99,6 +122,6 @@ def prediction_from_detect(response: pb.DetectResponse) -> Prediction:
 
 def prediction_from_segment(response: pb.SegmentResponse) -> Prediction:
     """Turn a ``SegmentResponse`` back into a :class:`Prediction` with its label map."""
-    labels = decode_png_array(response.label_map_png)
+    labels = decode_png(response.label_map_png)
     semantic = SemanticMap(labels=labels, class_names=tuple(response.class_names))
     return Prediction(image_size=(response.image_height, response.image_width), semantic=semantic)
