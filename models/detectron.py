@@ -25,7 +25,6 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Instances
 
@@ -36,6 +35,7 @@ from models.detectron_outputs import instances_to_cpu, instances_to_prediction, 
 from models.fusion import fuse_conv_batch_norm, use_channels_last
 from models.registry import register_builder
 from models.repository import ModelSpec
+from models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
 from models.threads import forward_threads
 from models.training.options import auto_device, resolve_device
 from models.types import Prediction, Task
@@ -53,6 +53,7 @@ _OPTION_TYPES = {
     "class_names": list,
     "fuse_batch_norm": bool,
     "channels_last": bool,
+    "max_input_pixels": int,
 }
 # Inference settings live on these module attributes in detectron2's box predictors
 # (FastRCNNOutputLayers) and one-stage detectors (RetinaNet) alike.
@@ -118,7 +119,8 @@ class DetectronModel(VisionModel):
     Args:
         spec: the repository entry. ``spec.options`` may set ``score_threshold``,
             ``nms_threshold``, ``min_size_test``, ``max_size_test``,
-            ``max_detections``, ``class_names``, ``fuse_batch_norm`` (default true:
+            ``max_detections``, ``max_input_pixels`` (most pixels of a resized image,
+            see :mod:`models.resize`), ``class_names``, ``fuse_batch_norm`` (default true:
             fold eval-mode batch norms into their convolutions) and ``channels_last``
             (default true on a CPU: channels-last convolution weights); see
             :mod:`models.fusion`.
@@ -139,7 +141,7 @@ class DetectronModel(VisionModel):
         self.device = auto_device(spec.device)
         self._options = _parse_options(spec)
         self._model: torch.nn.Module | None = None
-        self._resize: T.ResizeShortestEdge | None = None
+        self._resize: InputResize | None = None
         self._input_format = "BGR"
         amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
         self._amp_dtype = amp if self.device.startswith("cuda") else None
@@ -169,9 +171,11 @@ class DetectronModel(VisionModel):
         if self._options.get("channels_last", self.device == "cpu"):
             use_channels_last(model)  # oneDNN's fastest layout (models.fusion)
         self._model = model
-        self._resize = T.ResizeShortestEdge(
-            [int(self._options.get("min_size_test", min_size))] * 2,
+        self._resize = InputResize(
+            int(self._options.get("min_size_test", min_size)),
             int(self._options.get("max_size_test", max_size)),
+            int(self._options.get("max_input_pixels", DEFAULT_MAX_INPUT_PIXELS)),
+            self.name,
         )
         self.mark_ready()
         logger.info(
@@ -243,6 +247,7 @@ class DetectronModel(VisionModel):
 
         Raises:
             ValueError: wrong shape or dtype.
+            models.resize.InputSizeError: the resized image would exceed ``max_input_pixels``.
             RuntimeError: the model is not loaded.
         """
         if self._resize is None:
@@ -253,7 +258,7 @@ class DetectronModel(VisionModel):
         # treats channels alike, so this equals DefaultPredictor's flip-then-resize with
         # one copy fewer. uint8, not float32: the model's normalisation ((x - mean) / std)
         # promotes to float32 with the same values.
-        resized = self._resize.get_transform(image).apply_image(image)
+        resized = self._resize(image)
         if self._input_format == "BGR":
             resized = resized[:, :, ::-1]
         tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))

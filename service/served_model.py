@@ -21,11 +21,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from models.base import VisionModel
+from models.errors import InputSizeError
 from models.repository import ModelSpec
 from service.batch_policy import candidate_sizes, choose_batch_size, forward_timer
 from service.batcher import Batcher, BatchReport, ItemTiming
 from service.config import ServerConfig
-from service.errors import ModelNotReadyError
+from service.errors import InvalidImageError, ModelNotReadyError
 from service.metrics import Metrics
 from service.model_state import ModelState, ModelStats, ModelStatus, Outcome
 
@@ -207,7 +208,10 @@ class ServedModel:
         try:
             if model is None or batcher is None:
                 raise ModelNotReadyError(f"model {self.spec.name!r} is not loaded")
-            inputs, seconds = await run_in_pool(self._pool, _timed, model.preprocess, image)
+            try:
+                inputs, seconds = await run_in_pool(self._pool, _timed, model.preprocess, image)
+            except InputSizeError as e:  # the image's fault, not the server's
+                raise InvalidImageError(str(e)) from None
             stats.compute_input.add(seconds)
             self.observe_stage("preprocess", seconds)
             raw = await batcher.submit(inputs, deadline=deadline, timing=timing)

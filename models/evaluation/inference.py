@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from models.base import VisionModel
+from models.errors import InputSizeError
 from models.evaluation.coco_io import GroundTruth
 from models.evaluation.errors import EvaluationInputError
 from models.evaluation.semantic import IMAGE_SUFFIXES, label_files, read_label_png, update_confusion
@@ -51,10 +52,25 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 def in_process_predictor(model: VisionModel) -> Predictor:
-    """A predictor running ``model`` in this process (it must be loaded)."""
+    """A predictor running ``model`` in this process (it must be loaded).
+
+    An image the model cannot take (:class:`~models.errors.InputSizeError`) raises
+    :class:`EvaluationInputError` naming its file: evaluation never skips an image.
+    """
 
     def predict(paths: Sequence[Path]) -> list[Prediction]:
-        return model.predict_batch([load_rgb(p) for p in paths])
+        images = [load_rgb(p) for p in paths]
+        try:
+            return model.predict_batch(images)
+        except InputSizeError:
+            pass  # find which image, and name its file
+        predictions: list[Prediction] = []
+        for path, image in zip(paths, images, strict=True):
+            try:
+                predictions.extend(model.predict_batch([image]))
+            except InputSizeError as e:
+                raise EvaluationInputError(f"{path}: {e}") from None
+        return predictions
 
     return predict
 
