@@ -15,14 +15,10 @@ an image over it raises :class:`InputSizeError` naming the limit.
 
 from __future__ import annotations
 
-import models  # noqa: F401  (detectron2 compatibility layer first)
-
-# isort: split
-
 import numpy as np
 from detectron2.data import transforms as T
 
-from models.errors import InputSizeError
+from cvserve.models.errors import InputSizeError
 
 __all__ = ["DEFAULT_MAX_INPUT_PIXELS", "InputResize", "InputSizeError", "input_size"]
 

@@ -1,15 +1,15 @@
 """Serving adapter for semantic segmentation models (``Task.SEMANTIC``).
 
-Serves :class:`~models.semseg.arch.EncoderDecoderSegmentor` and any other detectron2
+Serves :class:`~cvserve.models.semseg.arch.EncoderDecoderSegmentor` and any other detectron2
 meta-architecture that returns ``[{"sem_seg": logits}]`` (e.g. detectron2's semantic FPN).
 
 ``spec.options`` (all optional):
     class_names: label names, index = label value; overrides the checkpoint's.
     min_size_test, max_size_test: override the config's test-time resize.
-    max_input_pixels: most pixels of a resized image (:mod:`models.resize`).
+    max_input_pixels: most pixels of a resized image (:mod:`cvserve.models.resize`).
     fuse_batch_norm: fold eval-mode batch norms into their convolutions (default true).
     channels_last: channels-last convolution weights (default true on a CPU).
-    Both are described in :mod:`models.fusion`.
+    Both are described in :mod:`cvserve.models.fusion`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
 
 # isort: split
 
@@ -32,17 +30,17 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model as build_d2_model
 
-from models.base import VisionModel
-from models.checkpoint import META_KEY
-from models.configs import config_file
-from models.fusion import fuse_conv_batch_norm, use_channels_last
-from models.registry import register_builder
-from models.repository import ModelSpec
-from models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
-from models.semseg.config import add_semseg_config
-from models.threads import forward_threads
-from models.training.options import auto_device
-from models.types import Prediction, SemanticMap, Task
+from cvserve.models.base import VisionModel
+from cvserve.models.checkpoint import META_KEY
+from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
+from cvserve.models.instance.config import config_file
+from cvserve.models.registry import register_builder
+from cvserve.models.repository import ModelSpec
+from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
+from cvserve.models.semseg.config import add_semseg_config
+from cvserve.models.threads import forward_threads
+from cvserve.models.training.options import auto_device
+from cvserve.models.types import Prediction, SemanticMap, Task
 
 __all__ = ["SemanticSegmentationModel", "load_semseg_config"]
 
@@ -154,7 +152,7 @@ class SemanticSegmentationModel(VisionModel):
 
         Raises:
             ValueError: wrong shape or dtype.
-            models.resize.InputSizeError: the resized image would exceed ``max_input_pixels``.
+            cvserve.models.resize.InputSizeError: the resized image would exceed ``max_input_pixels``.
         """
         if self._resize is None:
             raise RuntimeError(f"model {self.name!r} is not loaded")

@@ -21,14 +21,14 @@ import yaml
 from detectron2.data import transforms as T
 from PIL import Image
 
-from models.configs import tiny_instance_config
-from models.repository import load_repository
-from models.semseg import semseg_config
-from service.cli import main
-from service.client import Client, ClientError
-from service.config import ServerConfig
-from service.kserve import add_kserve_servicer
-from service.server import ServerThread
+from cvserve.cli.main import main
+from cvserve.client.client import Client, ClientError
+from cvserve.config import ServerConfig
+from cvserve.kserve.servicer import add_kserve_servicer
+from cvserve.models.instance.config import tiny_instance_config
+from cvserve.models.repository import load_repository
+from cvserve.models.semseg import semseg_config
+from cvserve.server.build import ServerThread
 
 tc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402

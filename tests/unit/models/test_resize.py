@@ -8,8 +8,8 @@ from detectron2.data import transforms as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.errors import InputSizeError
-from models.resize import InputResize, input_size
+from cvserve.models.errors import InputSizeError
+from cvserve.models.resize import InputResize, input_size
 
 sides = st.integers(1, 200_000)
 short_edges = st.integers(1, 1600)
