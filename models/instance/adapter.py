@@ -23,7 +23,6 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Instances
 
@@ -34,6 +33,7 @@ from cvserve.models.instance.config import config_file
 from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
 from cvserve.models.registry import register_builder
 from cvserve.models.repository import ModelSpec
+from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
 from cvserve.models.threads import forward_threads
 from cvserve.models.training.options import auto_device, resolve_device
 from cvserve.models.types import Prediction, Task
@@ -51,6 +51,7 @@ _OPTION_TYPES = {
     "class_names": list,
     "fuse_batch_norm": bool,
     "channels_last": bool,
+    "max_input_pixels": int,
 }
 # Inference settings live on these module attributes in detectron2's box predictors
 # (FastRCNNOutputLayers) and one-stage detectors (RetinaNet) alike.
@@ -116,7 +117,8 @@ class DetectronModel(VisionModel):
     Args:
         spec: the repository entry. ``spec.options`` may set ``score_threshold``,
             ``nms_threshold``, ``min_size_test``, ``max_size_test``,
-            ``max_detections``, ``class_names``, ``fuse_batch_norm`` (default true:
+            ``max_detections``, ``max_input_pixels`` (most pixels of a resized image,
+            see :mod:`cvserve.models.resize`), ``class_names``, ``fuse_batch_norm`` (default true:
             fold eval-mode batch norms into their convolutions) and ``channels_last``
             (default true on a CPU: channels-last convolution weights); see
             :mod:`cvserve.models.fusion`.
@@ -137,7 +139,7 @@ class DetectronModel(VisionModel):
         self.device = auto_device(spec.device)
         self._options = _parse_options(spec)
         self._model: torch.nn.Module | None = None
-        self._resize: T.ResizeShortestEdge | None = None
+        self._resize: InputResize | None = None
         self._input_format = "BGR"
         amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
         self._amp_dtype = amp if self.device.startswith("cuda") else None
@@ -167,9 +169,11 @@ class DetectronModel(VisionModel):
         if self._options.get("channels_last", self.device == "cpu"):
             use_channels_last(model)  # oneDNN's fastest layout (models.fusion)
         self._model = model
-        self._resize = T.ResizeShortestEdge(
-            [int(self._options.get("min_size_test", min_size))] * 2,
+        self._resize = InputResize(
+            int(self._options.get("min_size_test", min_size)),
             int(self._options.get("max_size_test", max_size)),
+            int(self._options.get("max_input_pixels", DEFAULT_MAX_INPUT_PIXELS)),
+            self.name,
         )
         self.mark_ready()
         logger.info(
@@ -241,6 +245,7 @@ class DetectronModel(VisionModel):
 
         Raises:
             ValueError: wrong shape or dtype.
+            cvserve.models.resize.InputSizeError: the resized image would exceed ``max_input_pixels``.
             RuntimeError: the model is not loaded.
         """
         if self._resize is None:
@@ -251,7 +256,7 @@ class DetectronModel(VisionModel):
         # treats channels alike, so this equals DefaultPredictor's flip-then-resize with
         # one copy fewer. uint8, not float32: the model's normalisation ((x - mean) / std)
         # promotes to float32 with the same values.
-        resized = self._resize.get_transform(image).apply_image(image)
+        resized = self._resize(image)
         if self._input_format == "BGR":
             resized = resized[:, :, ::-1]
         tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))

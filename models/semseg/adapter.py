@@ -6,6 +6,7 @@ meta-architecture that returns ``[{"sem_seg": logits}]`` (e.g. detectron2's sema
 ``spec.options`` (all optional):
     class_names: label names, index = label value; overrides the checkpoint's.
     min_size_test, max_size_test: override the config's test-time resize.
+    max_input_pixels: most pixels of a resized image (:mod:`cvserve.models.resize`).
     fuse_batch_norm: fold eval-mode batch norms into their convolutions (default true).
     channels_last: channels-last convolution weights (default true on a CPU).
     Both are described in :mod:`cvserve.models.fusion`.
@@ -27,7 +28,6 @@ import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.modeling import build_model as build_d2_model
 
 from cvserve.models.base import VisionModel
@@ -36,6 +36,7 @@ from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import config_file
 from cvserve.models.registry import register_builder
 from cvserve.models.repository import ModelSpec
+from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
 from cvserve.models.semseg.config import add_semseg_config
 from cvserve.models.threads import forward_threads
 from cvserve.models.training.options import auto_device
@@ -90,7 +91,7 @@ class SemanticSegmentationModel(VisionModel):
         self.class_names: tuple[str, ...] = tuple(spec.options.get("class_names", ()))
         self.cfg: CfgNode | None = None
         self.model: torch.nn.Module | None = None
-        self._resize: T.ResizeShortestEdge | None = None
+        self._resize: InputResize | None = None
         self._format = "BGR"
 
     def load(self) -> None:
@@ -111,6 +112,9 @@ class SemanticSegmentationModel(VisionModel):
         channels_last = _bool_option(self.name, opts, "channels_last", self.device == "cpu")
         min_size = int(opts.get("min_size_test", cfg.INPUT.MIN_SIZE_TEST))
         max_size = int(opts.get("max_size_test", cfg.INPUT.MAX_SIZE_TEST))
+        resize = InputResize(
+            min_size, max_size, int(opts.get("max_input_pixels", DEFAULT_MAX_INPUT_PIXELS)), self.name
+        )
         cfg.freeze()
         model = build_d2_model(cfg)
         model.eval()
@@ -122,7 +126,7 @@ class SemanticSegmentationModel(VisionModel):
         if not self.class_names:
             self.class_names = self._class_names(cfg, extra)
         self.cfg, self.model = cfg, model
-        self._resize = T.ResizeShortestEdge([min_size, min_size], max_size)
+        self._resize = resize
         self._format = cfg.INPUT.FORMAT
         self.mark_ready()
 
@@ -144,14 +148,19 @@ class SemanticSegmentationModel(VisionModel):
         return tuple(str(n) for n in names)
 
     def preprocess(self, image: np.ndarray) -> dict[str, Any]:
-        """RGB uint8 ``(H, W, 3)`` -> ``{"image": CHW uint8 tensor in INPUT.FORMAT, "height", "width"}``."""
+        """RGB uint8 ``(H, W, 3)`` -> ``{"image": CHW uint8 tensor in INPUT.FORMAT, "height", "width"}``.
+
+        Raises:
+            ValueError: wrong shape or dtype.
+            cvserve.models.resize.InputSizeError: the resized image would exceed ``max_input_pixels``.
+        """
         if self._resize is None:
             raise RuntimeError(f"model {self.name!r} is not loaded")
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
         # As in the detection adapter: resize, then reorder channels in the transpose's copy;
         # uint8, since the network's normalisation promotes to float32 with the same values.
-        resized = self._resize.get_transform(image).apply_image(image)
+        resized = self._resize(image)
         if self._format == "BGR":
             resized = resized[:, :, ::-1]
         tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))

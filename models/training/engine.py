@@ -43,6 +43,7 @@ from cvserve.models.fusion import use_channels_last
 from cvserve.models.instance import config as _configs  # noqa: F401  (registers this project's backbone and ROI heads)
 from cvserve.models.instance.roi_align import use_gather_roi_align
 from cvserve.models.training.history import MetricsHistory
+from cvserve.models.training.launch import LauncherEnvironment, joined_process_group, launcher_environment
 from cvserve.models.training.monitor import ProgressLog, Selection
 from cvserve.models.training.options import TrainOptions, add_train_options, options_from_args, resolve_device
 from cvserve.models.training.parallel import ProcessGroup, broadcast_object, mean_over_ranks, rank_device
@@ -66,6 +67,7 @@ class TrainResult:
         metrics_json: the same rows plus a summary.
         plot_png: training loss and validation metric over iterations.
         history: the rows.
+        rank: the global rank of the process that returned this; only rank 0 writes files.
     """
 
     best_checkpoint: Path
@@ -75,6 +77,7 @@ class TrainResult:
     metrics_json: Path
     plot_png: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    rank: int = 0
 
 
 def _prepare_config(
@@ -134,21 +137,32 @@ def train(
             number of classes) are skipped with a warning. None trains from scratch.
         progress: log progress lines at INFO (else DEBUG).
 
+    Under ``torchrun`` (or any launcher of env:// rendezvous, see
+    :mod:`~cvserve.models.training.launch`) every launched process calls this; they train
+    together, ``options.batch_size`` images per iteration over all of them, and rank 0
+    writes the files. Otherwise ``options.processes`` processes are spawned on this machine.
+
     Returns:
         The checkpoints, best metric and history.
 
     Raises:
-        ValueError: unregistered dataset, bad option, or an unknown early-stop metric.
+        ValueError: unregistered dataset, bad option, an unknown early-stop metric, or a
+            launched run that also asks for ``processes`` or whose world does not divide
+            the batch.
         FloatingPointError: the loss became NaN or infinite.
     """
     options.validate()
+    launch = launcher_environment()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _prepare_config(cfg, options, train_dataset, val_dataset, resolve_device(options.device))
     if val_dataset:
         dataset_classes(val_dataset)
-    (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
+    if launch is None or launch.rank == 0:
+        (out / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
     run = _Run(cfg, options, train_dataset, val_dataset, out, init_weights)
+    if launch is not None:
+        return _train_launched(launch, run, progress)
     if options.processes == 1:
         return _train_rank(0, run, progress=progress)
     datasets = [train_dataset, *([val_dataset] if val_dataset else [])]
@@ -166,6 +180,18 @@ class _Run:
     val_dataset: str | None
     out: Path
     init_weights: str | None
+
+
+def _train_launched(launch: LauncherEnvironment, run: _Run, progress: bool) -> TrainResult:
+    """This process's share of a run whose processes a launcher started."""
+    launch.check(run.options.processes, run.options.batch_size)
+    with joined_process_group(launch, run.cfg.MODEL.DEVICE) as device:
+        cfg = run.cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = device
+        cfg.freeze()
+        result = _train_rank(launch.rank, replace(run, cfg=cfg), progress=progress and launch.rank == 0)
+    return replace(result, rank=launch.rank)
 
 
 def _train_rank(rank: int, run: _Run, progress: bool = False) -> TrainResult:

@@ -19,6 +19,7 @@ import functools
 import importlib
 import logging
 import os
+import pickle
 import queue
 import shutil
 import sys
@@ -145,10 +146,9 @@ def _child(
     rendezvous: str,
     device: str,
     threads: int,
-    snapshot: list[tuple[str, list[dict[str, Any]], dict[str, Any]]],
+    payload: bytes,
     modules: list[str],
     target: str,
-    args: tuple[Any, ...],
     errors: Any,
 ) -> None:
     torch.set_num_threads(threads)
@@ -157,6 +157,9 @@ def _child(
         # The target travels as "module:name" and is imported only after the detectron2
         # compatibility layer: unpickling a function would import its module first.
         compat.apply()
+        # Dataset dicts and arguments hold detectron2 objects (BoxMode, CfgNode): they are
+        # unpickled here, after the layer, not by multiprocessing before _child runs.
+        snapshot, args = pickle.loads(payload)
         module_name, _, name = target.partition(":")
         run = getattr(importlib.import_module(module_name), name)
         for module in modules:
@@ -223,12 +226,13 @@ class ProcessGroup:
         self._errors = ctx.Queue()
         self._tmp = Path(tempfile.mkdtemp(prefix="cvserve-ddp-"))
         rendezvous = str(self._tmp / "rendezvous")
-        snapshot, modules = _snapshot(self._datasets), _registering_modules()
+        payload = pickle.dumps((_snapshot(self._datasets), self._args))
+        modules = _registering_modules()
         for rank in range(1, self.processes):
-            common = (self.processes, rendezvous, self.device, self.threads, snapshot, modules)
+            common = (self.processes, rendezvous, self.device, self.threads, payload, modules)
             p = ctx.Process(
                 target=_child,
-                args=(rank, *common, _qualified(self._target), self._args, self._errors),
+                args=(rank, *common, _qualified(self._target), self._errors),
                 daemon=True,
             )
             p.start()

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from cvserve.cli.connection import add_connection_arguments, connection_from_args
+
 DEFAULT_BATCH_SIZE = 8
 HELP = "annotate folders, globs, path lists or a COCO image list; writes COCO results (resumable)"
 
@@ -31,12 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels-dir", help="semantic label PNGs (default: <out stem>.labels/)")
     parser.add_argument("--restart", action="store_true", help="discard the journal of an earlier run")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
-    remote = parser.add_argument_group("server")
-    remote.add_argument("--server", metavar="ADDR", help="send images to a cvserve server (host:port)")
+    remote = add_connection_arguments(
+        parser, server_default=None, server_help="send images to a cvserve server (host:port)"
+    )
     remote.add_argument("--concurrency", type=int, help="requests (or batches) in flight (default 4 / 2)")
-    remote.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
-    remote.add_argument("--token", help="bearer token for the server")
-    remote.add_argument("--tls-ca", metavar="PEM", help="use TLS, trusting these root certificates")
     ray = parser.add_argument_group("ray")
     ray.add_argument("--engine", choices=("local", "ray"), default="local", help="where models run")
     ray.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
@@ -66,21 +66,14 @@ def _server_predictor(args: argparse.Namespace) -> Any:
 
     if args.engine != "local":
         raise CLIError("--server and --engine ray exclude each other")
-    certificates = None
-    if args.tls_ca:
-        try:
-            with open(args.tls_ca, "rb") as f:
-                certificates = f.read()
-        except OSError as e:
-            raise CLIError(f"--tls-ca {args.tls_ca}: {e.strerror or e}") from None
+    connection = connection_from_args(args)
     try:
         return ServerPredictor(
-            args.server,
+            connection.address,
             args.model,
             concurrency=args.concurrency or 4,
-            timeout=args.timeout,
-            root_certificates=certificates,
-            token=args.token,
+            timeout=connection.timeout,
+            client=connection.client(),
         )
     except ImportError as e:
         raise CLIError(f"the gRPC client is not available: {e}") from None

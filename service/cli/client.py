@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cvserve.cli.connection import add_connection_arguments, connection_from_args
+
 HELP = "call a cvserve server: detect, segment or list models (prints JSON)"
 
 
@@ -32,8 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default="127.0.0.1:8001", help="server address (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default: %(default)s)")
+    add_connection_arguments(p)
 
 
 def _pick_model(client: Any, task: str) -> str:
@@ -120,9 +121,9 @@ def _predict(client: Any, args: argparse.Namespace, data: bytes) -> tuple[dict[s
 
 def run(args: argparse.Namespace) -> int:
     from cvserve.cli.common import CLIError
-    from cvserve.client.client import Client, ClientError
+    from cvserve.client.client import ClientError
 
-    with Client(args.server, timeout=args.timeout) as client:
+    with connection_from_args(args).client() as client:
         try:
             if args.action == "models":
                 print(json.dumps(client.list_models(), indent=2))

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cvserve.cli.connection import add_connection_arguments, connection_from_args
+
 HELP = "evaluate COCO results or a model (bbox, segm, keypoints AP; semantic mIoU) and write a report"
 IOU_TYPES = ("bbox", "segm", "keypoints")
 
@@ -40,7 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     model = parser.add_argument_group("running a model")
     model.add_argument("--model", help="name of the model to run over --images")
-    model.add_argument("--server", metavar="ADDR", help="use the model on this cvserve server (host:port)")
     model.add_argument("--models", metavar="YAML", help="load the model in-process from this repository file")
     model.add_argument(
         "--images", metavar="DIR", help="image folder (COCO file_name values are relative to it)"
@@ -60,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--concurrency", type=int, default=4, help="requests in flight with --server (default 4)"
     )
-    model.add_argument(
-        "--timeout", type=float, default=60.0, help="per-request timeout with --server, seconds"
+    add_connection_arguments(
+        parser, server_default=None, server_help="use the model on this cvserve server (host:port)"
     )
 
 
@@ -109,8 +110,13 @@ class _Runner:
 
         from cvserve.annotation.predictors import ServerPredictor
 
+        connection = connection_from_args(self.args)
         predictor = ServerPredictor(
-            self.args.server, self.args.model, concurrency=self.args.concurrency, timeout=self.args.timeout
+            connection.address,
+            self.args.model,
+            concurrency=self.args.concurrency,
+            timeout=connection.timeout,
+            client=connection.client(),
         )
         self.batch_size = self.args.batch_size or self.args.concurrency
         self._pool = ThreadPoolExecutor(self.args.concurrency)

@@ -3,6 +3,10 @@
 ``cvserve train instance`` trains any detectron2 yacs config (default: the tiny
 Mask R-CNN that trains on a CPU) on a COCO instances file, optionally from initial
 weights; ``cvserve train semantic`` trains the encoder-decoder segmenter.
+
+Both run in one process, in ``--processes`` processes on this machine, or as the processes
+``torchrun`` starts on one or several machines (``torchrun --nnodes N --nproc-per-node P
+$(which cvserve) train ...``; env:// rendezvous, see the README).
 """
 
 from __future__ import annotations
@@ -140,6 +144,8 @@ def _run_instance(args: argparse.Namespace) -> int:
         )
     except (ValueError, FloatingPointError) as e:
         raise CLIError(str(e)) from None
+    if result.rank:  # under torchrun: rank 0 wrote the files and reports them
+        return 0
     if args.fp16_checkpoint:
         _write_fp16(result.best_checkpoint, args.out / "model_best_fp16.pth")
     metric = "n/a" if result.best_metric is None else f"{result.best_metric:.2f}"

@@ -181,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except (FileNotFoundError, ValueError) as e:  # their messages name the file or option
         raise CLIError(str(e)) from None
+    if result.train.rank:  # under torchrun: rank 0 wrote the files and reports them
+        return 0
     if result.transfer is not None:
         print(f"encoder transfer: {result.transfer.summary()}")
     print(f"best checkpoint: {result.train.best_checkpoint}")

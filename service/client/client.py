@@ -19,6 +19,7 @@ import grpc
 from cvserve._proto.cvserve.v1 import vision_service_pb2 as pb
 from cvserve._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
 from cvserve.client import codec as client_codec
+from cvserve.client.connection import Connection
 from cvserve.client.messages import (
     ClientError,
     Image,
@@ -40,13 +41,6 @@ def _channel_args(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def _ssl_credentials(
-    root_certificates: bytes, client_certificate: tuple[bytes, bytes] | None
-) -> grpc.ChannelCredentials:
-    chain, key = client_certificate if client_certificate is not None else (None, None)
-    return grpc.ssl_channel_credentials(root_certificates, private_key=key, certificate_chain=chain)
-
-
 class _ClientBase:
     """Channel, stub, deadline and credentials shared by :class:`Client` and :class:`AsyncClient`."""
 
@@ -60,17 +54,19 @@ class _ClientBase:
         root_certificates: bytes | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
         token: str | None = None,
+        tls: bool = False,
         max_message_bytes: int = 64 << 20,
     ) -> None:
+        self.connection = Connection(address, timeout, tls, root_certificates, client_certificate, token)
         args = _channel_args(max_message_bytes)
-        if root_certificates is not None:
-            creds = _ssl_credentials(root_certificates, client_certificate)
+        creds = self.connection.credentials()
+        if creds is not None:
             self._channel = self._api.secure_channel(address, creds, options=args)
         else:
             self._channel = self._api.insecure_channel(address, options=args)
         self._stub = pb_grpc.VisionServiceStub(self._channel)
         self._timeout = timeout
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = self.connection.metadata
         self._tasks: dict[str, Task] = {}
         self._lock = threading.Lock()  # guards _tasks for the thread-safe sync client
 
@@ -81,10 +77,12 @@ class Client(_ClientBase):
     Args:
         address: ``host:port`` of the server.
         timeout: deadline of each call in seconds; None for none.
-        root_certificates: PEM roots to verify a TLS server; None for plaintext.
+        root_certificates: PEM roots to verify a TLS server (turns TLS on).
         client_certificate: ``(certificate_chain, private_key)`` PEM bytes presented to a
-            server that requires mutual TLS (needs ``root_certificates``).
+            server that requires mutual TLS (turns TLS on).
         token: bearer token sent as ``authorization`` metadata.
+        tls: use TLS verified against gRPC's default roots when no ``root_certificates``
+            are given (without any of the three: plaintext).
         max_message_bytes: largest message sent or received.
     """
 

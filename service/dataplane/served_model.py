@@ -23,10 +23,11 @@ import numpy as np
 from cvserve.config import ServerConfig
 from cvserve.dataplane.batcher import Batcher, BatchReport, ItemTiming
 from cvserve.dataplane.model_state import ModelState, ModelStats, ModelStatus, Outcome
-from cvserve.errors import ModelNotReadyError
+from cvserve.errors import InvalidImageError, ModelNotReadyError
 from cvserve.metrics import Metrics
 from cvserve.models.base import VisionModel
 from cvserve.models.batching import synthetic_image, tune_batch_size
+from cvserve.models.errors import InputSizeError
 from cvserve.models.repository import ModelSpec
 
 __all__ = ["ServedModel", "run_in_pool"]
@@ -201,7 +202,10 @@ class ServedModel:
         try:
             if model is None or batcher is None:
                 raise ModelNotReadyError(f"model {self.spec.name!r} is not loaded")
-            inputs, seconds = await run_in_pool(self._pool, _timed, model.preprocess, image)
+            try:
+                inputs, seconds = await run_in_pool(self._pool, _timed, model.preprocess, image)
+            except InputSizeError as e:  # the image's fault, not the server's
+                raise InvalidImageError(str(e)) from None
             stats.compute_input.add(seconds)
             self.observe_stage("preprocess", seconds)
             raw = await batcher.submit(inputs, deadline=deadline, timing=timing)

@@ -1,8 +1,9 @@
 """Assemble and run the gRPC server: our API, health, reflection, metrics and graceful shutdown.
 
 ``build_server`` wires a :class:`~cvserve.dataplane.plane.DataPlane` into a ``grpc.aio`` server
-with ``cvserve.v1.VisionService``, the standard ``grpc.health.v1.Health`` (overall ``""``
-and one entry per model name), server reflection and the request interceptor. Other
+with ``cvserve.v1.VisionService``, the standard ``grpc.health.v1.Health`` (overall ``""``,
+each service's full name and each model name: SERVING once the models are ready; and
+:data:`LIVENESS_SERVICE`, SERVING while the process answers, for liveness probes), server reflection and the request interceptor. Other
 servicers (e.g. the Open Inference Protocol) join through ``servicers``: callables
 ``add(grpc_server, dataplane) -> service names`` that register themselves and return the
 full names of their services for reflection and health.
@@ -35,13 +36,17 @@ from cvserve.models.repository import ModelSpec
 from cvserve.server.interceptors import ServiceInterceptor
 from cvserve.vision.servicer import SERVICE_NAME, VisionServicer
 
-__all__ = ["AddServicer", "Server", "ServerThread", "build_server", "run_server"]
+__all__ = ["LIVENESS_SERVICE", "AddServicer", "Server", "ServerThread", "build_server", "run_server"]
 
 logger = logging.getLogger(__name__)
 
 AddServicer = Callable[[grpc.aio.Server, DataPlane], Iterable[str]]
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# SERVING from start to shutdown, whatever the models do (loading, reloading, failed):
+# a liveness probe must not restart a server that is busy loading. A '/' keeps it apart
+# from model names, which cannot contain one.
+LIVENESS_SERVICE = "cvserve/liveness"
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Server:
     async def start(self) -> None:
         """Start answering (health says NOT_SERVING) and load the models in the background."""
         self.dataplane.add_listener(self._update_health)
+        await self.health.set(LIVENESS_SERVICE, _SERVING)
         await self._update_health()
         await self.grpc_server.start()
         if self.config.metrics_port is not None:
