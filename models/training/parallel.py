@@ -39,10 +39,6 @@ from detectron2.utils import comm
 from cvserve.models import compat
 from cvserve.models.threads import cpu_cores
 
-# A spawned rank unpickles its arguments (dataset dicts holding detectron2 structures)
-# before any of its code runs: the layer must be in place when this module loads there.
-compat.apply()
-
 __all__ = ["ProcessGroup", "broadcast_object", "mean_over_ranks", "rank_device", "threads_per_process"]
 
 logger = logging.getLogger(__name__)
