@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluation.cocoeval import Accumulated
+from models.evaluation.params import Accumulated
 
 __all__ = ["default_out_dir", "write_coco_report", "write_semantic_report"]
 
