@@ -66,17 +66,16 @@ def _one(acc: Accumulated, ap: int, iou_thr: float | None, area: str, m: int, ca
 
 
 def summarize(acc: Accumulated, cat: int | None = None) -> dict[str, float]:
-    """pycocotools' summary figures, by name, for all categories or one category index."""
-    p = acc.params
-    if p.iou_type == "keypoints":
-        # pycocotools' keypoint summary asks for maxDets=20 by value.
-        table = [(n, ap, t, a, p.max_dets.index(20) if 20 in p.max_dets else None) for n, ap, t, a, _ in _KPT_STATS]
-    else:
-        table = list(_DET_STATS)
-    names = stat_names(p)
+    """pycocotools' summary figures, by name, for all categories or one category index.
+
+    ``AP`` reads ``max_dets[2]`` like every other detection figure (as detectron2's
+    ``COCOevalMaxDets`` does); pycocotools' own ``summarize`` reads a literal 100 there,
+    which is the same figure unless the max-detections setting is changed.
+    """
+    table = _KPT_STATS if acc.params.iou_type == "keypoints" else _DET_STATS
     return {
-        name: (_one(acc, ap, thr, area, m, cat) if m is not None else -1.0)
-        for name, (_, ap, thr, area, m) in zip(names, table, strict=True)
+        name: _one(acc, ap, thr, area, m, cat)
+        for name, (_, ap, thr, area, m) in zip(stat_names(acc.params), table, strict=True)
     }
 
 
@@ -131,6 +130,9 @@ def _accumulate_numpy(gt: GroundTruth, dets: Detections, params: EvalParams, set
     g_keep = np.flatnonzero(_row_filter(gt, gt.img, gt.cat, settings))
     d_keep = np.flatnonzero(_row_filter(gt, dets.img, dets.cat, settings))
     cats = _selected_cats(gt, settings)
+    if not params.use_cats and settings.cat_ids is not None:
+        # Class-agnostic pycocotools lists an image's objects in the given category order (unsorted).
+        cats = np.array([gt.cat_index[c] for c in settings.cat_ids], np.int64)
     remap = np.full(len(gt.cat_ids), -1, np.int64)
     remap[cats] = np.arange(len(cats))
     zero_id = np.array([a["id"] == 0 for a in gt.anns], bool) & (not settings.renumber_ids)
@@ -189,10 +191,9 @@ def evaluate_loaded(
         params = settings.params(iou_type)
         if settings.engine == "numpy":
             acc = _accumulate_numpy(gt, dets, params, settings)
-            stats = summarize(acc)
         else:
-            acc, ref_stats = reference_accumulate(settings.engine, gt, dets, params, settings)
-            stats = dict(zip(stat_names(params), ref_stats, strict=False))
+            acc = reference_accumulate(settings.engine, gt, dets, params, settings)
+        stats = summarize(acc)
         per_cat = []
         if params.use_cats:
             for k, c in enumerate(cats.tolist()):

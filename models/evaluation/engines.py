@@ -79,11 +79,11 @@ def reference_accumulate(
     dets: Detections,
     params: EvalParams,
     settings: EvalSettings,
-) -> tuple[Accumulated, list[float]]:
-    """Run ``engine`` (``pycocotools`` or ``faster-coco-eval``) end to end.
+) -> Accumulated:
+    """Run ``engine`` (``pycocotools`` or ``faster-coco-eval``): ``evaluate()``, ``accumulate()``.
 
     Returns:
-        The accumulated arrays and the engine's own ``stats`` (its ``summarize``).
+        The engine's accumulated arrays (``COCOeval.eval``).
     """
     results = _result_entries(gt, dets, params.iou_type, settings.segm_area)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -102,9 +102,5 @@ def reference_accumulate(
             p.catIds = sorted(settings.cat_ids)
         e.evaluate()
         e.accumulate()
-        e.summarize()
     ev = e.eval
-    acc = Accumulated(
-        params, np.asarray(ev["precision"]), np.asarray(ev["recall"]), np.asarray(ev["scores"])
-    )
-    return acc, [float(v) for v in e.stats]
+    return Accumulated(params, np.asarray(ev["precision"]), np.asarray(ev["recall"]), np.asarray(ev["scores"]))

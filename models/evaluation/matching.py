@@ -52,6 +52,9 @@ def _pairs(dkey: np.ndarray, gkey: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     pos = np.minimum(pos, len(gkeys) - 1)
     has = gkeys[pos] == dkey
     d_idx = np.flatnonzero(has)
+    if len(d_idx) == 0:  # no detection shares an (image, category) with a ground truth
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros((0, 3), np.int64)
     ng = gcount[pos[d_idx]]
     total = int(ng.sum())
     pd = np.repeat(d_idx, ng)

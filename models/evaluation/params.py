@@ -120,19 +120,32 @@ class EvalSettings:
             not self.iou_thrs or not all(0 < t <= 1 for t in self.iou_thrs) or len(set(self.iou_thrs)) != len(self.iou_thrs)
         ):
             raise ValueError(f"IoU thresholds must be distinct numbers in (0, 1], got {list(self.iou_thrs)}")
+        for name, ids in (("image", self.img_ids), ("category", self.cat_ids)):
+            if ids is not None and (not ids or len(set(ids)) != len(ids)):
+                raise ValueError(f"{name} ids must be a non-empty list without repeats, got {list(ids)}")
         if self.area_ranges is not None:
             for label, lo, hi in self.area_ranges:
                 if not (label and 0 <= lo <= hi):
                     raise ValueError(f"area range {label!r}: need a name and 0 <= low <= high, got {lo}, {hi}")
 
     def params(self, iou_type: str) -> EvalParams:
-        """The :class:`EvalParams` of ``iou_type`` under these settings."""
+        """The :class:`EvalParams` of ``iou_type`` under these settings.
+
+        Raises:
+            ValueError: class-agnostic keypoint evaluation (pycocotools' OKS ignores
+                ``useCats=0`` and matches nothing; keypoints have one category anyway).
+        """
+        if iou_type == "keypoints" and not self.use_cats:
+            raise ValueError("class-agnostic evaluation applies to bbox and segm, not keypoints")
         p = EvalParams.for_type(iou_type)
         kw: dict[str, Any] = {"use_cats": self.use_cats}
         if self.iou_thrs is not None:
             kw["iou_thrs"] = np.asarray(self.iou_thrs, np.float64)
         if self.max_dets is not None and iou_type != "keypoints":
             kw["max_dets"] = tuple(self.max_dets)
+        for name, ids in (("image", self.img_ids), ("category", self.cat_ids)):
+            if ids is not None and (not ids or len(set(ids)) != len(ids)):
+                raise ValueError(f"{name} ids must be a non-empty list without repeats, got {list(ids)}")
         if self.area_ranges is not None:
             kw["area_rngs"] = np.array([[lo, hi] for _, lo, hi in self.area_ranges], np.float64)
             kw["area_labels"] = tuple(label for label, _, _ in self.area_ranges)
