@@ -171,8 +171,9 @@ def evaluate_loaded(
         ``(metrics, accumulated)``; see :func:`evaluate_coco` for ``metrics``.
 
     Raises:
-        EvaluationInputError: an image or category id of a subset is not in ``gt``, or a
-            segm result lacks the box the ``box`` area rule needs.
+        EvaluationInputError: an image or category id of a subset is not in ``gt``, a
+            segm result lacks the box the ``box`` area rule needs, or the settings do not
+            apply to an IoU type.
     """
     settings = settings or EvalSettings()
     _check_subsets(gt, settings)
@@ -188,7 +189,10 @@ def evaluate_loaded(
     cats = _selected_cats(gt, settings)
     for iou_type in iou_types or dets.iou_types:
         tic = time.perf_counter()
-        params = settings.params(iou_type)
+        try:
+            params = settings.params(iou_type)
+        except ValueError as e:
+            raise EvaluationInputError(str(e)) from None
         if settings.engine == "numpy":
             acc = _accumulate_numpy(gt, dets, params, settings)
         else:

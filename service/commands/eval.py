@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from models.evaluation.params import ENGINES, SEGM_AREA_RULES
+
 HELP = "evaluate COCO results or a model (bbox, segm, keypoints AP; semantic mIoU) and write a report"
 IOU_TYPES = ("bbox", "segm", "keypoints")
 
@@ -38,6 +40,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", metavar="DIR", help="report folder (default: ./eval-YYYYmmdd-HHMMSS)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    params = parser.add_argument_group("COCO parameters (default: pycocotools')")
+    params.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="numpy",
+        help="numpy (default), or run faster-coco-eval / pycocotools itself on the same inputs",
+    )
+    params.add_argument(
+        "--renumber-ids",
+        action="store_true",
+        help="renumber ground-truth annotation ids from 1 (pycocotools counts a match to id 0 as a false positive)",
+    )
+    params.add_argument("--max-dets", metavar="A,B,C", help="three ascending detections-per-image limits (1,10,100)")
+    params.add_argument("--iou-thrs", metavar="T,...", help="IoU thresholds (0.50:0.05:0.95)")
+    params.add_argument(
+        "--area-range",
+        action="append",
+        metavar="NAME=LO:HI",
+        help="repeatable, replaces all ranges; the summary reads all, small, medium, large",
+    )
+    params.add_argument("--img-ids", metavar="ID,...", help="evaluate only these image ids")
+    params.add_argument("--cat-ids", metavar="ID,...", help="evaluate only these category ids")
+    params.add_argument("--class-agnostic", action="store_true", help="ignore categories (pycocotools' useCats=0)")
+    params.add_argument(
+        "--segm-area",
+        choices=SEGM_AREA_RULES,
+        default="mask",
+        help="a segm result's area: its mask's (detectron2, default) or its box's (plain loadRes)",
+    )
     model = parser.add_argument_group("running a model")
     model.add_argument("--model", help="name of the model to run over --images")
     model.add_argument("--server", metavar="ADDR", help="use the model on this cvserve server (host:port)")
@@ -63,6 +94,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--timeout", type=float, default=60.0, help="per-request timeout with --server, seconds"
     )
+
+
+def _numbers(args: argparse.Namespace, name: str, kind: type) -> tuple[Any, ...] | None:
+    from service.cli import CLIError
+
+    text = getattr(args, name)
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(f"--{name.replace('_', '-')}: expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def _area_ranges(args: argparse.Namespace) -> tuple[tuple[str, float, float], ...] | None:
+    from service.cli import CLIError
+
+    if not args.area_range:
+        return None
+    out = []
+    for text in args.area_range:
+        try:
+            name, rng = text.split("=")
+            lo, hi = (float(v) for v in rng.split(":"))
+        except ValueError:
+            raise CLIError(f"--area-range: expected NAME=LO:HI (areas in pixels), got {text!r}") from None
+        out.append((name, lo, hi))
+    return tuple(out)
+
+
+def eval_settings(args: argparse.Namespace) -> Any:
+    """The :class:`EvalSettings` the flags ask for."""
+    from models.evaluation.params import EvalSettings
+    from service.cli import CLIError
+
+    try:
+        return EvalSettings(
+            max_dets=_numbers(args, "max_dets", int),  # type: ignore[arg-type]
+            iou_thrs=_numbers(args, "iou_thrs", float),
+            area_ranges=_area_ranges(args),
+            img_ids=_numbers(args, "img_ids", int),
+            cat_ids=_numbers(args, "cat_ids", int),
+            use_cats=not args.class_agnostic,
+            segm_area=args.segm_area,
+            engine=args.engine,
+            renumber_ids=args.renumber_ids,
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -152,14 +232,22 @@ class _Runner:
 def _evaluate_file(
     args: argparse.Namespace, out: Path, results: Any, extra: dict[str, Any]
 ) -> dict[str, Any]:
-    from models.evaluation.coco import evaluate_loaded
+    from models.evaluation.coco import evaluate_loaded, zero_id_count
     from models.evaluation.coco_io import parse_ground_truth, parse_results
     from models.evaluation.report import write_coco_report
-
+    settings = eval_settings(args)
     gt = extra.pop("_gt", None) or parse_ground_truth(args.gt)
     types = tuple(dict.fromkeys(args.iou_type)) if args.iou_type else None
     dets = parse_results(results, gt, types)
-    metrics, arrays = evaluate_loaded(gt, dets, types)
+    zero_ids = zero_id_count(gt)
+    if zero_ids and not settings.renumber_ids:
+        print(
+            f"warning: {args.gt}: {zero_ids} ground-truth annotation(s) have id 0; pycocotools (and so these "
+            "figures) count a detection matched to one as a false positive; --renumber-ids renumbers the "
+            "annotations from 1 for the corrected figures",
+            file=sys.stderr,
+        )
+    metrics, arrays = evaluate_loaded(gt, dets, types, settings)
     report = {
         "task": "instance",
         "ground_truth": str(Path(args.gt).resolve()),
@@ -167,6 +255,13 @@ def _evaluate_file(
         "num_images": len(gt.image_ids),
         "num_detections": len(dets.entries),
         "units": "fractions in [0, 1] as pycocotools reports them; -1 where undefined (no ground truth)",
+        "parameters": settings.to_json(tuple(metrics)),
+        "annotation_ids": {
+            "zero": zero_ids,
+            "renumbered_from_1": settings.renumber_ids,
+            "figures": "corrected: renumbered from 1" if settings.renumber_ids and zero_ids
+            else "as pycocotools computes them",
+        },
         **extra,
         "metrics": metrics,
     }
