@@ -117,7 +117,7 @@ def main() -> int:
     )
     args = ap.parse_args()
     if args.coco_val:
-        args.images, args.gt_per_image, args.dets_per_image, args.crowded_images = 5000, 7.3, 100.0, 0
+        args.images, args.gt_per_image, args.dets_per_image, args.crowded_images = 5000, 8.1, 100.0, 0
 
     cfg = SynthConfig(
         seed=args.seed, num_images=args.images, num_categories=args.categories,

@@ -85,7 +85,10 @@ def zero_id_count(gt: GroundTruth) -> int:
 
 
 def _check_subsets(gt: GroundTruth, settings: EvalSettings) -> None:
-    for name, ids, index in (("image", settings.img_ids, gt.image_index), ("category", settings.cat_ids, gt.cat_index)):
+    for name, ids, index in (
+        ("image", settings.img_ids, gt.image_index),
+        ("category", settings.cat_ids, gt.cat_index),
+    ):
         missing = [i for i in ids or () if i not in index]
         if missing:
             raise EvaluationInputError(f"{gt.source}: {name} id {missing[0]} is not in the ground truth")
@@ -125,7 +128,9 @@ def _dt_area_and_iou(
     return dt_area, oks_pair_iou(dk, gk, gt.bbox, gt.area, shapes.KEYPOINT_SIGMAS), no_kpts
 
 
-def _accumulate_numpy(gt: GroundTruth, dets: Detections, params: EvalParams, settings: EvalSettings) -> Accumulated:
+def _accumulate_numpy(
+    gt: GroundTruth, dets: Detections, params: EvalParams, settings: EvalSettings
+) -> Accumulated:
     dt_area, pair_iou, extra_ignore = _dt_area_and_iou(gt, dets, params.iou_type, settings)
     g_keep = np.flatnonzero(_row_filter(gt, gt.img, gt.cat, settings))
     d_keep = np.flatnonzero(_row_filter(gt, dets.img, dets.cat, settings))

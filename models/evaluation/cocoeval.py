@@ -29,6 +29,7 @@ from models.evaluation.params import Accumulated, EvalParams, PairIoU
 
 __all__ = ["evaluate"]
 
+
 def evaluate(
     params: EvalParams,
     num_images: int,

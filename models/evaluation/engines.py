@@ -36,7 +36,8 @@ def _gt_dataset(gt: GroundTruth, renumber: bool) -> dict[str, Any]:
 def _result_entries(gt: GroundTruth, dets: Detections, iou_type: str, segm_area: str) -> list[dict[str, Any]]:
     """Results as ``loadRes`` takes them for ``iou_type`` (fresh dicts: ``loadRes`` mutates them)."""
     base = [
-        {"image_id": r["image_id"], "category_id": r["category_id"], "score": r["score"]} for r in dets.entries
+        {"image_id": r["image_id"], "category_id": r["category_id"], "score": r["score"]}
+        for r in dets.entries
     ]
     if iou_type == "bbox":
         return [{**b, "bbox": list(r["bbox"])} for b, r in zip(base, dets.entries, strict=True)]
@@ -103,4 +104,6 @@ def reference_accumulate(
         e.evaluate()
         e.accumulate()
     ev = e.eval
-    return Accumulated(params, np.asarray(ev["precision"]), np.asarray(ev["recall"]), np.asarray(ev["scores"]))
+    return Accumulated(
+        params, np.asarray(ev["precision"]), np.asarray(ev["recall"]), np.asarray(ev["scores"])
+    )

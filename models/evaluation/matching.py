@@ -7,6 +7,7 @@ matched one rank at a time: the detections of one rank never compete for a groun
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from models.evaluation.params import EvalParams, PairIoU

@@ -30,7 +30,12 @@ PairIoU = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 ENGINES = ("numpy", "faster-coco-eval", "pycocotools")
 SEGM_AREA_RULES = ("mask", "box")
-_DEFAULT_AREAS = (("all", 0.0, 1e10), ("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, 1e10))
+_DEFAULT_AREAS = (
+    ("all", 0.0, 1e10),
+    ("small", 0.0, 32.0**2),
+    ("medium", 32.0**2, 96.0**2),
+    ("large", 96.0**2, 1e10),
+)
 _KPT_AREAS = (("all", 0.0, 1e10), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, 1e10))
 
 
@@ -59,7 +64,9 @@ class EvalParams:
         default_factory=lambda: np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
     )
     max_dets: tuple[int, ...] = (1, 10, 100)
-    area_rngs: np.ndarray = field(default_factory=lambda: np.array([[lo, hi] for _, lo, hi in _DEFAULT_AREAS]))
+    area_rngs: np.ndarray = field(
+        default_factory=lambda: np.array([[lo, hi] for _, lo, hi in _DEFAULT_AREAS])
+    )
     area_labels: tuple[str, ...] = tuple(a[0] for a in _DEFAULT_AREAS)
     use_cats: bool = True
 
@@ -113,11 +120,15 @@ class EvalSettings:
         if self.segm_area not in SEGM_AREA_RULES:
             raise ValueError(f"segm area rule must be mask or box, got {self.segm_area!r}")
         if self.max_dets is not None and (
-            len(set(self.max_dets)) != 3 or list(self.max_dets) != sorted(self.max_dets) or min(self.max_dets) < 1
+            len(set(self.max_dets)) != 3
+            or list(self.max_dets) != sorted(self.max_dets)
+            or min(self.max_dets) < 1
         ):
             raise ValueError(f"max dets must be 3 ascending integers >= 1, got {list(self.max_dets)}")
         if self.iou_thrs is not None and (
-            not self.iou_thrs or not all(0 < t <= 1 for t in self.iou_thrs) or len(set(self.iou_thrs)) != len(self.iou_thrs)
+            not self.iou_thrs
+            or not all(0 < t <= 1 for t in self.iou_thrs)
+            or len(set(self.iou_thrs)) != len(self.iou_thrs)
         ):
             raise ValueError(f"IoU thresholds must be distinct numbers in (0, 1], got {list(self.iou_thrs)}")
         for name, ids in (("image", self.img_ids), ("category", self.cat_ids)):
@@ -126,7 +137,9 @@ class EvalSettings:
         if self.area_ranges is not None:
             for label, lo, hi in self.area_ranges:
                 if not (label and 0 <= lo <= hi):
-                    raise ValueError(f"area range {label!r}: need a name and 0 <= low <= high, got {lo}, {hi}")
+                    raise ValueError(
+                        f"area range {label!r}: need a name and 0 <= low <= high, got {lo}, {hi}"
+                    )
 
     def params(self, iou_type: str) -> EvalParams:
         """The :class:`EvalParams` of ``iou_type`` under these settings.
@@ -159,7 +172,9 @@ class EvalSettings:
             out[t] = {
                 "iou_thrs": p.iou_thrs.tolist(),
                 "max_dets": list(p.max_dets),
-                "area_ranges": {lbl: rng.tolist() for lbl, rng in zip(p.area_labels, p.area_rngs, strict=True)},
+                "area_ranges": {
+                    lbl: rng.tolist() for lbl, rng in zip(p.area_labels, p.area_rngs, strict=True)
+                },
                 "use_cats": p.use_cats,
             }
             if t == "segm":
@@ -170,7 +185,9 @@ class EvalSettings:
 
 
 def _fields(p: EvalParams) -> dict[str, Any]:
-    return {k: getattr(p, k) for k in ("iou_thrs", "rec_thrs", "max_dets", "area_rngs", "area_labels", "use_cats")}
+    return {
+        k: getattr(p, k) for k in ("iou_thrs", "rec_thrs", "max_dets", "area_rngs", "area_labels", "use_cats")
+    }
 
 
 @dataclass(frozen=True)

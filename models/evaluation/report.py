@@ -65,10 +65,14 @@ def _coco_markdown(report: dict[str, Any]) -> list[str]:
             "",
             f"## {iou_type}",
             "",
-            "Summary (pycocotools' `COCOeval.stats`; n/a = no ground truth):",
+            "Summary (the `lvis` package's `LVISEval` results; n/a = undefined):"
+            if report.get("lvis")
+            else "Summary (pycocotools' `COCOeval.stats`; n/a = no ground truth):",
             "",
         ]
         lines += _table(names, [[_fmt(res["stats"][n]) for n in names]])
+        if not res["per_category"]:
+            continue
         lines += ["", f"Per category ({iou_type}):", ""]
         rows = [[str(c["id"]), c["name"], *(_fmt(c[n]) for n in names)] for c in res["per_category"]]
         lines += _table(["id", "category", *names], rows)

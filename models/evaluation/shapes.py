@@ -193,7 +193,7 @@ def dt_box_areas(dets: Detections) -> np.ndarray:
     """
     areas = []
     for i, r in enumerate(dets.entries):
-        box = r.get("bbox")
+        box: Any = r.get("bbox")
         if not box_ok(box):
             raise EvaluationInputError(
                 f"{dets.source}: entry {i}: field 'bbox': the 'box' segm area rule needs a box; {BOX_HELP}, "

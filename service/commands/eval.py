@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="renumber ground-truth annotation ids from 1 (pycocotools counts a match to id 0 as a false positive)",
     )
-    params.add_argument("--max-dets", metavar="A,B,C", help="three ascending detections-per-image limits (1,10,100)")
+    params.add_argument(
+        "--max-dets", metavar="A,B,C", help="three ascending detections-per-image limits (1,10,100)"
+    )
     params.add_argument("--iou-thrs", metavar="T,...", help="IoU thresholds (0.50:0.05:0.95)")
     params.add_argument(
         "--area-range",
@@ -62,7 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     params.add_argument("--img-ids", metavar="ID,...", help="evaluate only these image ids")
     params.add_argument("--cat-ids", metavar="ID,...", help="evaluate only these category ids")
-    params.add_argument("--class-agnostic", action="store_true", help="ignore categories (pycocotools' useCats=0)")
+    params.add_argument(
+        "--lvis",
+        action="store_true",
+        help="LVIS v1 ground truth: federated AP (APr/APc/APf, AR@300) by the official lvis package",
+    )
+    params.add_argument(
+        "--class-agnostic", action="store_true", help="ignore categories (pycocotools' useCats=0)"
+    )
     params.add_argument(
         "--segm-area",
         choices=SEGM_AREA_RULES,
@@ -105,7 +114,9 @@ def _numbers(args: argparse.Namespace, name: str, kind: type) -> tuple[Any, ...]
     try:
         return tuple(kind(v) for v in text.split(","))
     except ValueError:
-        raise CLIError(f"--{name.replace('_', '-')}: expected comma-separated {kind.__name__}s, got {text!r}") from None
+        raise CLIError(
+            f"--{name.replace('_', '-')}: expected comma-separated {kind.__name__}s, got {text!r}"
+        ) from None
 
 
 def _area_ranges(args: argparse.Namespace) -> tuple[tuple[str, float, float], ...] | None:
@@ -150,6 +161,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
     if args.results and args.model:
         raise CLIError("--results and --model exclude each other: evaluate a file, or run a model")
+    coco_only = ("max_dets", "iou_thrs", "area_range", "img_ids", "cat_ids", "class_agnostic", "renumber_ids")
+    if args.lvis and (
+        any(getattr(args, n) for n in coco_only) or args.engine != "numpy" or args.segm_area != "mask"
+    ):
+        raise CLIError("--lvis evaluates with LVISEval's own parameters; COCO parameter flags do not apply")
     if not args.results and not args.model:
         raise CLIError("give --results (with --gt) to evaluate a file, or --model to run a model")
     if args.results and not args.gt:
@@ -235,6 +251,7 @@ def _evaluate_file(
     from models.evaluation.coco import evaluate_loaded, zero_id_count
     from models.evaluation.coco_io import parse_ground_truth, parse_results
     from models.evaluation.report import write_coco_report
+
     settings = eval_settings(args)
     gt = extra.pop("_gt", None) or parse_ground_truth(args.gt)
     types = tuple(dict.fromkeys(args.iou_type)) if args.iou_type else None
@@ -247,7 +264,14 @@ def _evaluate_file(
             "annotations from 1 for the corrected figures",
             file=sys.stderr,
         )
-    metrics, arrays = evaluate_loaded(gt, dets, types, settings)
+    arrays: dict[str, Any]
+    if args.lvis:
+        from models.evaluation.lvis import evaluate_lvis
+
+        metrics, arrays = evaluate_lvis(gt, dets, types or dets.iou_types), {}  # no curves for LVIS
+        extra = {**extra, "lvis": True}
+    else:
+        metrics, arrays = evaluate_loaded(gt, dets, types, settings)
     report = {
         "task": "instance",
         "ground_truth": str(Path(args.gt).resolve()),
@@ -255,17 +279,20 @@ def _evaluate_file(
         "num_images": len(gt.image_ids),
         "num_detections": len(dets.entries),
         "units": "fractions in [0, 1] as pycocotools reports them; -1 where undefined (no ground truth)",
-        "parameters": settings.to_json(tuple(metrics)),
+        "parameters": {"lvis": "LVISEval defaults: 300 detections per image, IoU 0.50:0.95"}
+        if args.lvis
+        else settings.to_json(tuple(metrics)),
         "annotation_ids": {
             "zero": zero_ids,
             "renumbered_from_1": settings.renumber_ids,
-            "figures": "corrected: renumbered from 1" if settings.renumber_ids and zero_ids
+            "figures": "corrected: renumbered from 1"
+            if settings.renumber_ids and zero_ids
             else "as pycocotools computes them",
         },
         **extra,
         "metrics": metrics,
     }
-    write_coco_report(out, report, arrays, gt.cat_names, plots=not args.no_plots)
+    write_coco_report(out, report, arrays, gt.cat_names, plots=not (args.no_plots or args.lvis))
     return report
 
 

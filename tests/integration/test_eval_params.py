@@ -86,7 +86,16 @@ def test_engines_give_the_same_report(
 def test_class_agnostic_and_area_ranges_recorded(
     tmp_path: Path, zero_based: tuple[dict[str, Any], list[dict[str, Any]]]
 ) -> None:
-    _run(tmp_path, "--class-agnostic", "--area-range", "all=0:1e10", "--area-range", "small=0:400", "--out", "r")
+    _run(
+        tmp_path,
+        "--class-agnostic",
+        "--area-range",
+        "all=0:1e10",
+        "--area-range",
+        "small=0:400",
+        "--out",
+        "r",
+    )
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["parameters"]["bbox"]["use_cats"] is False
     assert report["parameters"]["bbox"]["area_ranges"] == {"all": [0.0, 1e10], "small": [0.0, 400.0]}
@@ -108,3 +117,19 @@ def test_bad_parameters_name_the_flag(
 ) -> None:
     proc = _run(tmp_path, *flags, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_lvis_report_names(tmp_path: Path) -> None:
+    from tests.fixtures.coco.lvis_synth import make_lvis_dataset
+
+    gt, results = make_lvis_dataset(5)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    _run(tmp_path, "--lvis", "--out", "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    for t in ("bbox", "segm"):
+        assert list(report["metrics"][t]["stats"]) == ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc",
+                                                       "APf", "AR@300"]  # fmt: skip
+    assert "LVISEval" in (tmp_path / "r" / "summary.md").read_text()
+    proc = _run(tmp_path, "--lvis", "--max-dets", "1,10,100", check=False)
+    assert proc.returncode == 2 and "--lvis evaluates with LVISEval's own parameters" in proc.stderr
