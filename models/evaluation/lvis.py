@@ -84,8 +84,12 @@ def evaluate_lvis(gt: GroundTruth, dets: Detections, iou_types: tuple[str, ...])
     Raises:
         EvaluationInputError: the ground truth lacks LVIS fields, or a type is not bbox / segm.
     """
-    from lvis import LVIS, LVISEval, LVISResults
-
+    try:
+        from lvis import LVIS, LVISEval, LVISResults
+    except ImportError:
+        raise EvaluationInputError(
+            "LVIS evaluation needs the lvis package: pip install 'cvserve[lvis]'"
+        ) from None
     _check_lvis(gt)
     bad = [t for t in iou_types if t not in ("bbox", "segm")]
     if bad:
