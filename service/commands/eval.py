@@ -65,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     params.add_argument("--img-ids", metavar="ID,...", help="evaluate only these image ids")
     params.add_argument("--cat-ids", metavar="ID,...", help="evaluate only these category ids")
     params.add_argument(
+        "--errors",
+        action="store_true",
+        help="add TIDE's error breakdown (dAP per error type, bbox and segm) to the report",
+    )
+    params.add_argument(
         "--lvis",
         action="store_true",
         help="LVIS v1 ground truth: federated AP (APr/APc/APf, AR@300) by the official lvis package",
@@ -272,6 +277,10 @@ def _evaluate_file(
         extra = {**extra, "lvis": True}
     else:
         metrics, arrays = evaluate_loaded(gt, dets, types, settings)
+    if args.errors:
+        from models.evaluation.tide import tide_errors
+
+        extra = {**extra, "errors": tide_errors(gt, dets, tuple(t for t in metrics if t in ("bbox", "segm")))}
     report = {
         "task": "instance",
         "ground_truth": str(Path(args.gt).resolve()),

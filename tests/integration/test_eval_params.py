@@ -133,3 +133,14 @@ def test_lvis_report_names(tmp_path: Path) -> None:
     assert "LVISEval" in (tmp_path / "r" / "summary.md").read_text()
     proc = _run(tmp_path, "--lvis", "--max-dets", "1,10,100", check=False)
     assert proc.returncode == 2 and "--lvis evaluates with LVISEval's own parameters" in proc.stderr
+
+
+def test_errors_in_report_and_summary(
+    tmp_path: Path, zero_based: tuple[dict[str, Any], list[dict[str, Any]]]
+) -> None:
+    _run(tmp_path, "--errors", "--out", "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    for t in ("bbox", "segm"):
+        assert list(report["errors"][t]["dAP"]) == ["classification", "localisation", "both", "duplicate",
+                                                    "background", "missed", "false_positive", "false_negative"]  # fmt: skip
+    assert "bbox: TIDE error breakdown" in (tmp_path / "r" / "summary.md").read_text()
