@@ -87,6 +87,11 @@ def _errors_markdown(report: dict[str, Any]) -> list[str]:
         lines += ["", f"## {iou_type}: TIDE error breakdown", "",
                   f"AP50 gained by fixing each error type (percentage points; TIDE's AP50 {res['AP50']:.2f}):", ""]  # fmt: skip
         lines += _table(names, [[f"{res['dAP'][n]:.2f}" for n in names]])
+        if "analyze_AP" in res:
+            layers = list(res["analyze_AP"])
+            lines += ["", "COCO analyze: AP (area all, 100 detections) as each kind of error is forgiven "
+                      f"(curves: `analyze_{iou_type}.png`, `analyze_{iou_type}_categories_*.png`):", ""]  # fmt: skip
+            lines += _table(layers, [[_fmt(res["analyze_AP"][n]) for n in layers]])
     return lines
 
 

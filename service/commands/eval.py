@@ -278,9 +278,12 @@ def _evaluate_file(
     else:
         metrics, arrays = evaluate_loaded(gt, dets, types, settings)
     if args.errors:
-        from models.evaluation.tide import tide_errors
-
-        extra = {**extra, "errors": tide_errors(gt, dets, tuple(t for t in metrics if t in ("bbox", "segm")))}
+        extra = {
+            **extra,
+            "errors": _error_analysis(
+                args, out, gt, dets, tuple(t for t in metrics if t in ("bbox", "segm"))
+            ),
+        }
     report = {
         "task": "instance",
         "ground_truth": str(Path(args.gt).resolve()),
@@ -303,6 +306,27 @@ def _evaluate_file(
     }
     write_coco_report(out, report, arrays, gt.cat_names, plots=not (args.no_plots or args.lvis))
     return report
+
+
+def _error_analysis(
+    args: argparse.Namespace, out: Path, gt: Any, dets: Any, types: tuple[str, ...]
+) -> dict[str, Any]:
+    """TIDE's breakdown and the COCO API's analyze layers (AP per layer; curves as PNGs)."""
+    from models.evaluation.analyze import LAYERS, analyze
+    from models.evaluation.params import EvalParams
+    from models.evaluation.plots import plot_analyze
+    from models.evaluation.tide import tide_errors
+
+    errors = tide_errors(gt, dets, types)
+    for t in types:
+        layers = analyze(gt, dets, t, renumber_ids=args.renumber_ids)
+        valid = layers[0, 0] > -1
+        errors[t]["analyze_AP"] = {
+            name: float(layers[i][:, valid].mean()) if valid.any() else -1.0 for i, name in enumerate(LAYERS)
+        }
+        if not args.no_plots:
+            plot_analyze(layers, LAYERS, gt.cat_names, EvalParams.for_type(t).rec_thrs, out, f"analyze_{t}")
+    return errors
 
 
 def _run_model(args: argparse.Namespace, out: Path) -> dict[str, Any]:

@@ -18,10 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CVSERVE = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"]
 
 
-def _run(tmp_path: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def _run(
+    tmp_path: Path, *flags: str, check: bool = True, plots: bool = False
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [*CVSERVE, "eval", "--gt", "gt.json", "--results", "results.json", "--no-plots", *flags],
+        [*CVSERVE, "eval", "--gt", "gt.json", "--results", "results.json", *([] if plots else ["--no-plots"]), *flags],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=check,
     )  # fmt: skip
 
@@ -144,3 +146,9 @@ def test_errors_in_report_and_summary(
         assert list(report["errors"][t]["dAP"]) == ["classification", "localisation", "both", "duplicate",
                                                     "background", "missed", "false_positive", "false_negative"]  # fmt: skip
     assert "bbox: TIDE error breakdown" in (tmp_path / "r" / "summary.md").read_text()
+    layers = report["errors"]["bbox"]["analyze_AP"]
+    assert list(layers) == ["C75", "C50", "Loc", "Sim", "Oth", "BG", "FN"]
+    assert list(layers.values()) == sorted(layers.values()) and layers["FN"] == 1.0
+    _run(tmp_path, "--errors", "--iou-type", "segm", "--out", "p", plots=True)
+    for name in ("analyze_segm.png", "analyze_segm_categories_1.png"):
+        assert (tmp_path / "p" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
