@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.types import Prediction
-from service.errors import ImageTooLargeError, InvalidImageError
+from cvserve.errors import ImageTooLargeError, InvalidImageError
+from cvserve.models.types import Prediction
 
 __all__ = [
     "ENCODINGS",
@@ -146,6 +146,12 @@ def encode_png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+def encode_label_map(labels: np.ndarray) -> bytes:
+    """PNG of a label map (pixel value = label index): 8-bit when every label fits, else 16-bit."""
+    dtype = np.uint8 if labels.size == 0 or int(labels.max()) < 256 else np.uint16
+    return encode_png(labels.astype(dtype))
 
 
 def decode_png_array(data: bytes) -> np.ndarray:

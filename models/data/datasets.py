@@ -7,13 +7,12 @@ second registration, which breaks notebooks and repeated CLI calls in one proces
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import models  # noqa: F401  (detectron2 compatibility layer first)
 
 # isort: split
 
@@ -23,7 +22,7 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg, register_coco_instances
 
-from models.data.synthetic import SplitPaths
+from cvserve.models.data.synthetic import SplitPaths
 
 __all__ = ["coco_category_names", "coco_to_semantic_labels", "register_coco_split", "register_semantic_split"]
 
@@ -58,6 +57,16 @@ def _already_registered(name: str, expected: dict[str, Any]) -> bool:
     if differing:
         raise ValueError(f"dataset {name!r} is already registered with different settings: {differing}")
     return True
+
+
+def split_name(role: str, *identity: object) -> str:
+    """A catalog name for a split from what identifies it (paths, classes): stable, collision-free.
+
+    detectron2's catalogs are process-global; one name per distinct split keeps repeated
+    runs with other files apart, and the same files map to the same name.
+    """
+    digest = hashlib.sha1(repr(tuple(str(x) for x in identity)).encode()).hexdigest()[:10]
+    return f"cvserve_{role}_{digest}"
 
 
 def register_coco_split(name: str, split: SplitPaths) -> None:

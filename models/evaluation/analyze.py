@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.evaluation import shapes
-from models.evaluation.coco_io import Detections, GroundTruth
-from models.evaluation.cocoeval import evaluate
-from models.evaluation.errors import EvaluationInputError
-from models.evaluation.iou import bbox_pair_iou, segm_pair_iou
-from models.evaluation.params import EvalParams, PairIoU
+from cvserve.models.evaluation import shapes
+from cvserve.models.evaluation.coco_io import Detections, GroundTruth
+from cvserve.models.evaluation.cocoeval import evaluate
+from cvserve.models.evaluation.errors import EvaluationInputError
+from cvserve.models.evaluation.iou import bbox_pair_iou, segm_pair_iou
+from cvserve.models.evaluation.params import EvalParams, PairIoU
 
 __all__ = ["LAYERS", "analyze"]
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluation import shapes
-from models.evaluation.coco_io import Detections, GroundTruth, parse_ground_truth, parse_results
-from models.evaluation.cocoeval import evaluate
-from models.evaluation.engines import reference_accumulate
-from models.evaluation.errors import EvaluationInputError
-from models.evaluation.iou import bbox_pair_iou, oks_pair_iou, segm_pair_iou
-from models.evaluation.params import Accumulated, EvalParams, EvalSettings, PairIoU
+from cvserve.models.evaluation import shapes
+from cvserve.models.evaluation.coco_io import Detections, GroundTruth, parse_ground_truth, parse_results
+from cvserve.models.evaluation.cocoeval import evaluate
+from cvserve.models.evaluation.engines import reference_accumulate
+from cvserve.models.evaluation.errors import EvaluationInputError
+from cvserve.models.evaluation.iou import bbox_pair_iou, oks_pair_iou, segm_pair_iou
+from cvserve.models.evaluation.params import Accumulated, EvalParams, EvalSettings, PairIoU
 
 __all__ = ["STAT_NAMES", "evaluate_coco", "evaluate_loaded", "stat_names", "summarize", "zero_id_count"]
 

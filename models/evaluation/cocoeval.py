@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.evaluation.matching import Matches, match
-from models.evaluation.params import Accumulated, EvalParams, PairIoU
+from cvserve.models.evaluation.matching import Matches, match
+from cvserve.models.evaluation.params import Accumulated, EvalParams, PairIoU
 
 __all__ = ["evaluate"]
 

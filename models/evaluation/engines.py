@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluation import shapes
-from models.evaluation.coco_io import Detections, GroundTruth
-from models.evaluation.params import Accumulated, EvalParams, EvalSettings
+from cvserve.models.evaluation import shapes
+from cvserve.models.evaluation.coco_io import Detections, GroundTruth
+from cvserve.models.evaluation.params import Accumulated, EvalParams, EvalSettings
 
 __all__ = ["reference_accumulate"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_util
 
-from models.evaluation.params import PairIoU
+from cvserve.models.evaluation.params import PairIoU
 
 __all__ = ["bbox_pair_iou", "oks_pair_iou", "segm_pair_iou"]
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluation import shapes
-from models.evaluation.coco_io import Detections, GroundTruth
-from models.evaluation.errors import EvaluationInputError
+from cvserve.models.evaluation import shapes
+from cvserve.models.evaluation.coco_io import Detections, GroundTruth
+from cvserve.models.evaluation.errors import EvaluationInputError
 
 __all__ = ["LVIS_STATS", "evaluate_lvis", "numpy_aliases"]
 

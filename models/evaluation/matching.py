@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.evaluation.params import EvalParams, PairIoU
+from cvserve.models.evaluation.params import EvalParams, PairIoU
 
 __all__ = ["Matches", "match"]
 
@@ -88,7 +88,7 @@ def match(
 ) -> Matches:
     """Match detections to ground truth for every area range and IoU threshold.
 
-    Arguments are those of :func:`models.evaluation.cocoeval.evaluate`.
+    Arguments are those of :func:`cvserve.models.evaluation.cocoeval.evaluate`.
     """
     dorder, dkey, rank = _group_detections(params, num_cats, dt)
     gkey_raw = gt["img"].astype(np.int64) * num_cats + gt["cat"]

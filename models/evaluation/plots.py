@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.evaluation.params import Accumulated
+from cvserve.models.evaluation.params import Accumulated
 
 __all__ = ["plot_analyze", "plot_confusion", "plot_pr_curves"]
 

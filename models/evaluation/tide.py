@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.evaluation import shapes
-from models.evaluation.coco_io import Detections, GroundTruth
-from models.evaluation.errors import EvaluationInputError
+from cvserve.models.evaluation import shapes
+from cvserve.models.evaluation.coco_io import Detections, GroundTruth
+from cvserve.models.evaluation.errors import EvaluationInputError
 
 __all__ = ["TIDE_NAMES", "tide_errors"]
 

@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from models.evaluation.analyze import LAYERS, analyze
-from models.evaluation.coco_io import parse_ground_truth, parse_results
+from cvserve.models.evaluation.analyze import LAYERS, analyze
+from cvserve.models.evaluation.coco_io import parse_ground_truth, parse_results
 from tests.fixtures.coco.reference import pycocotools_analyze
 from tests.fixtures.coco.synth import SynthConfig, make_dataset
 

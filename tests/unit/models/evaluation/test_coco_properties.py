@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from models.evaluation.coco import evaluate_loaded, stat_names
-from models.evaluation.coco_io import parse_ground_truth, parse_results
-from models.evaluation.params import EvalSettings
+from cvserve.models.evaluation.coco import evaluate_loaded, stat_names
+from cvserve.models.evaluation.coco_io import parse_ground_truth, parse_results
+from cvserve.models.evaluation.params import EvalSettings
 from tests.fixtures.coco.reference import detectron2_per_category_ap, pycocotools_eval
 from tests.fixtures.coco.strategies import datasets, eval_settings
 

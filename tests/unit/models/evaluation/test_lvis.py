@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.evaluation.coco_io import parse_ground_truth, parse_results
-from models.evaluation.errors import EvaluationInputError
-from models.evaluation.lvis import LVIS_STATS, evaluate_lvis, numpy_aliases
+from cvserve.models.evaluation.coco_io import parse_ground_truth, parse_results
+from cvserve.models.evaluation.errors import EvaluationInputError
+from cvserve.models.evaluation.lvis import LVIS_STATS, evaluate_lvis, numpy_aliases
 from tests.fixtures.coco.lvis_synth import make_lvis_dataset
 from tests.fixtures.coco.reference import polygons_to_rle
 from tests.fixtures.coco.synth import SynthConfig, make_dataset

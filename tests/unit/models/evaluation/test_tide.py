@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.evaluation.coco_io import parse_ground_truth, parse_results
-from models.evaluation.tide import TIDE_NAMES, tide_errors
+from cvserve.models.evaluation.coco_io import parse_ground_truth, parse_results
+from cvserve.models.evaluation.tide import TIDE_NAMES, tide_errors
 from tests.fixtures.coco.reference import polygons_to_rle
 from tests.fixtures.coco.synth import SynthConfig, make_dataset
 
