@@ -100,7 +100,7 @@ def reference_accumulate(
         if settings.img_ids is not None:
             p.imgIds = sorted(settings.img_ids)
         if settings.cat_ids is not None:
-            p.catIds = sorted(settings.cat_ids)
+            p.catIds = list(settings.cat_ids)  # pycocotools sorts them only with useCats=1
         e.evaluate()
         e.accumulate()
     ev = e.eval

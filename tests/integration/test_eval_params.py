@@ -15,7 +15,7 @@ from tests.fixtures.coco.reference import pycocotools_eval
 from tests.fixtures.coco.synth import SynthConfig, make_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-CVSERVE = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"]
+CVSERVE = [sys.executable, "-m", "cvserve"]
 
 
 def _run(
