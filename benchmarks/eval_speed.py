@@ -87,6 +87,7 @@ def _time_interleaved(
             wall, cpu = time.perf_counter(), time.process_time()
             out = fn(gt, res)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            print(f"  {name}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
             prev = best.get(name)
             best[name] = (min(wall, prev[0]) if prev else wall, min(cpu, prev[1]) if prev else cpu, out)
     return best
@@ -105,26 +106,43 @@ def main() -> int:
     ap.add_argument(
         "--skip-pycocotools", action="store_true", help="pycocotools takes ~40 s at the default size"
     )
+    ap.add_argument("--gt-per-image", type=float, default=7.0)
+    ap.add_argument("--dets-per-image", type=float, default=10.0)
+    ap.add_argument("--crowded-images", type=int, default=20, help="images with 100-160 extra detections")
+    ap.add_argument(
+        "--coco-val",
+        action="store_true",
+        help="COCO val2017's size: 5000 images, ~36k objects, 100 detections per image; one round of each",
+    )
     args = ap.parse_args()
+    if args.coco_val:
+        args.images, args.gt_per_image, args.dets_per_image, args.crowded_images = 5000, 8.1, 100.0, 0
 
     cfg = SynthConfig(
-        seed=args.seed, num_images=args.images, num_categories=args.categories, gt_per_image=7.0,
-        dets_per_image=10.0, size=(480, 640), rle_results=1.0, crowded_images=20,
+        seed=args.seed, num_images=args.images, num_categories=args.categories,
+        gt_per_image=args.gt_per_image, dets_per_image=args.dets_per_image, size=(480, 640),
+        rle_results=1.0, crowded_images=args.crowded_images,
     )  # fmt: skip
+    tic = time.perf_counter()
     gt, results = make_dataset(cfg)
+    print(f"dataset generated in {time.perf_counter() - tic:.0f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         gt_path, res_path = Path(tmp, "gt.json"), Path(tmp, "results.json")
         gt_path.write_text(json.dumps(gt))
         res_path.write_text(json.dumps(results))
         print(
             f"{len(gt['images'])} images, {len(gt['categories'])} categories, "
-            f"{len(gt['annotations'])} ground-truth objects, {len(results)} detections; bbox + segm"
+            f"{len(gt['annotations'])} ground-truth objects, {len(results)} detections; bbox + segm",
+            flush=True,
         )
-        timed = _time_interleaved(
-            {"cvserve": run_cvserve, "faster-coco-eval": run_faster}, gt_path, res_path, args.repeat
-        )
-        if not args.skip_pycocotools:
-            timed.update(_time_interleaved({"pycocotools": run_pycocotools}, gt_path, res_path, 1))
+        engines = {"cvserve": run_cvserve, "faster-coco-eval": run_faster}
+        if args.coco_val and not args.skip_pycocotools:
+            # One round with the three side by side, so load changes hit each alike.
+            timed = _time_interleaved({**engines, "pycocotools": run_pycocotools}, gt_path, res_path, 1)
+        else:
+            timed = _time_interleaved(engines, gt_path, res_path, args.repeat)
+            if not args.skip_pycocotools:
+                timed.update(_time_interleaved({"pycocotools": run_pycocotools}, gt_path, res_path, 1))
     print(f"{'harness':<18} {'wall s':>8} {'CPU s':>8}  {'max |diff| vs cvserve':>22}")
     ours = timed["cvserve"][2]
     for name, (wall, cpu, out) in timed.items():

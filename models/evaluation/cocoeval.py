@@ -10,6 +10,10 @@ and accumulates with a single sort. It reproduces pycocotools exactly, including
   threshold, else the best ignored one; crowd regions may be matched many times;
   equal IoUs go to the later ground truth, as pycocotools' ``<`` comparison does;
 * unmatched detections outside the area range are ignored;
+* a detection matched to ground-truth annotation id 0 counts as unmatched (pycocotools
+  stores the matched id and reads 0 as "no match"), while that ground truth is taken;
+* class-agnostic evaluation (``useCats=0``) sees an image's ground truths and detections
+  in category order, as pycocotools concatenates them;
 * 101-point interpolated precision with the monotone envelope and ``np.spacing(1)``
   in the denominator; -1 where a category has no ground truth.
 
@@ -18,77 +22,12 @@ Inputs are flat arrays (one row per ground truth / detection), already validated
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from cvserve.models.evaluation.matching import Matches, match
+from cvserve.models.evaluation.params import Accumulated, EvalParams, PairIoU
 
-__all__ = ["Accumulated", "EvalParams", "PairIoU", "evaluate"]
-
-# Computes one IoU per (detection, ground truth) pair, given the pair index arrays and a
-# ``(G, 3)`` array of groups ``(start, stop, ground truths per detection)``: the pairs of one
-# (image, category) are contiguous and detection-major.
-PairIoU = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class EvalParams:
-    """COCOeval parameters, with pycocotools' defaults per IoU type.
-
-    Attributes:
-        iou_type: ``bbox``, ``segm`` or ``keypoints``.
-        iou_thrs: IoU thresholds (T).
-        rec_thrs: recall thresholds of the interpolated precision (R = 101).
-        max_dets: detections per image considered (M), ascending.
-        area_rngs: ``(A, 2)`` area ranges, inclusive at both ends.
-        area_labels: names of the area ranges (``all`` first).
-    """
-
-    iou_type: str
-    iou_thrs: np.ndarray = field(
-        default_factory=lambda: np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
-    )
-    rec_thrs: np.ndarray = field(
-        default_factory=lambda: np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
-    )
-    max_dets: tuple[int, ...] = (1, 10, 100)
-    area_rngs: np.ndarray = field(
-        default_factory=lambda: np.array([[0**2, 1e5**2], [0**2, 32**2], [32**2, 96**2], [96**2, 1e5**2]])
-    )
-    area_labels: tuple[str, ...] = ("all", "small", "medium", "large")
-
-    @classmethod
-    def for_type(cls, iou_type: str) -> EvalParams:
-        """pycocotools' default parameters for ``iou_type``."""
-        if iou_type == "keypoints":
-            return cls(
-                iou_type,
-                max_dets=(20,),
-                area_rngs=np.array([[0**2, 1e5**2], [32**2, 96**2], [96**2, 1e5**2]]),
-                area_labels=("all", "medium", "large"),
-            )
-        if iou_type not in ("bbox", "segm"):
-            raise ValueError(f"unknown IoU type {iou_type!r}")
-        return cls(iou_type)
-
-
-@dataclass(frozen=True)
-class Accumulated:
-    """What pycocotools' ``accumulate`` leaves in ``COCOeval.eval``.
-
-    Attributes:
-        params: the parameters used.
-        precision: ``(T, R, K, A, M)`` interpolated precision, -1 where undefined.
-        recall: ``(T, K, A, M)`` maximum recall, -1 where undefined.
-        scores: ``(T, R, K, A, M)`` detection score at each recall threshold.
-    """
-
-    params: EvalParams
-    precision: np.ndarray
-    recall: np.ndarray
-    scores: np.ndarray
+__all__ = ["evaluate"]
 
 
 def evaluate(
@@ -106,8 +45,9 @@ def evaluate(
         num_images: number of ground-truth images (indices are 0..num_images-1, in
             ascending image-id order).
         num_cats: number of categories (indices in ascending category-id order).
-        gt: ground-truth arrays ``img``, ``cat`` (int), ``area`` (float), ``crowd`` and
-            ``ignore`` (bool; ``ignore`` includes crowd), in file order.
+        gt: ground-truth arrays ``img``, ``cat`` (int), ``area`` (float), ``crowd``,
+            ``ignore`` (bool; ``ignore`` includes crowd) and ``zero_id`` (bool: annotation
+            id is 0), in file order.
         dt: detection arrays ``img``, ``cat`` (int), ``score``, ``area`` (float), in file order.
         pair_iou: computes the IoU of (detection, ground truth) index pairs.
 
@@ -115,7 +55,27 @@ def evaluate(
         The accumulated precision / recall / scores.
     """
     del num_images  # image indices only order the accumulation; their count is implied
+    if not params.use_cats:
+        gt, dt, pair_iou = _class_agnostic(gt, dt, pair_iou)
+        num_cats = 1
     return _accumulate(params, num_cats, match(params, num_cats, gt, dt, pair_iou))
+
+
+def _class_agnostic(
+    gt: dict[str, np.ndarray], dt: dict[str, np.ndarray], pair_iou: PairIoU
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], PairIoU]:
+    """One category; rows reordered by category (stable) as pycocotools' ``useCats=0`` lists them."""
+    g_perm = np.argsort(gt["cat"], kind="stable")
+    d_perm = np.argsort(dt["cat"], kind="stable")
+    gt = {k: v[g_perm] for k, v in gt.items()}
+    dt = {k: v[d_perm] for k, v in dt.items()}
+    gt["cat"] = np.zeros_like(gt["cat"])
+    dt["cat"] = np.zeros_like(dt["cat"])
+
+    def iou(d: np.ndarray, g: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        return pair_iou(d_perm[d], g_perm[g], groups)
+
+    return gt, dt, iou
 
 
 def _accumulate(params: EvalParams, num_cats: int, m: Matches) -> Accumulated:

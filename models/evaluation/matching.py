@@ -7,12 +7,10 @@ matched one rank at a time: the detections of one rank never compete for a groun
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from cvserve.models.evaluation.cocoeval import EvalParams, PairIoU
+from cvserve.models.evaluation.params import EvalParams, PairIoU
 
 __all__ = ["Matches", "match"]
 
@@ -55,6 +53,9 @@ def _pairs(dkey: np.ndarray, gkey: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     pos = np.minimum(pos, len(gkeys) - 1)
     has = gkeys[pos] == dkey
     d_idx = np.flatnonzero(has)
+    if len(d_idx) == 0:  # no detection shares an (image, category) with a ground truth
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros((0, 3), np.int64)
     ng = gcount[pos[d_idx]]
     total = int(ng.sum())
     pd = np.repeat(d_idx, ng)
@@ -106,10 +107,11 @@ def match(
     matched = np.zeros((n_a, n_t, n_d), bool)
     ignored = np.zeros((n_a, n_t, n_d), bool)
     npig = np.zeros((num_cats, n_a), np.int64)
+    zero_id = gt["zero_id"][gorder] if "zero_id" in gt else np.zeros(len(gorder), bool)
     for a, (lo, hi) in enumerate(params.area_rngs):
         g_ig = gt["ignore"][gorder] | (g_area < lo) | (g_area > hi)
         npig[:, a] = np.bincount(gt["cat"][gorder][~g_ig], minlength=num_cats)
-        _greedy(params, pairs, gt["crowd"][gorder], g_ig, matched[a], ignored[a])
+        _greedy(params, pairs, gt["crowd"][gorder], g_ig, zero_id, matched[a], ignored[a])
         ignored[a] |= ~matched[a] & ((d_area < lo) | (d_area > hi))[None, :]
     cat = dt["cat"][dorder]
     # Accumulation order: category, then score (stable) over images in id order, then rank.
@@ -129,6 +131,7 @@ def _greedy(
     pairs: _PairSet,
     crowd: np.ndarray,
     g_ig: np.ndarray,
+    zero_id: np.ndarray,
     matched: np.ndarray,
     ignored: np.ndarray,
 ) -> None:
@@ -136,6 +139,8 @@ def _greedy(
 
     Pairs go rank by rank: each step holds one detection per (image, category), so the
     detections of a step never compete for a ground truth and can be matched together.
+    A match to annotation id 0 takes the ground truth but leaves the detection unmatched,
+    as pycocotools' ``dtm`` (which stores the matched id) reads it.
     """
     thr = np.minimum(params.iou_thrs, 1 - 1e-10)[:, None]
     taken = np.zeros((len(thr), len(crowd)), bool)
@@ -148,7 +153,7 @@ def _greedy(
         chosen = sel[best[t_idx, p_idx]]
         gi, di = pairs.pg[chosen], pairs.pd[chosen]
         taken[t_idx, gi] = True
-        matched[t_idx, di] = True
+        matched[t_idx, di] = ~zero_id[gi]
         ignored[t_idx, di] = g_ig[gi]
 
 

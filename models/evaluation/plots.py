@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cvserve.models.evaluation.cocoeval import Accumulated
+from cvserve.models.evaluation.params import Accumulated
 
-__all__ = ["plot_confusion", "plot_pr_curves"]
+__all__ = ["plot_analyze", "plot_confusion", "plot_pr_curves"]
 
 CATEGORIES_PER_PAGE = 16
 
@@ -122,3 +122,72 @@ def plot_confusion(conf: np.ndarray, class_names: Sequence[str], path: Path) -> 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# The COCO API's analyze colours, C75 (bottom) to FN (top).
+_ANALYZE_COLORS = ("#ffffff", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#d62728", "#8c564b")
+
+
+def _analyze_panel(ax, layers: np.ndarray, rec: np.ndarray, names: Sequence[str], title: str) -> None:  # type: ignore[no-untyped-def]
+    """Stacked areas between successive layers; the legend gives each layer's AP (mean precision)."""
+    prev = np.zeros_like(rec)
+    for i, name in enumerate(names):
+        curve = layers[i]
+        ax.fill_between(rec, prev, curve, color=_ANALYZE_COLORS[i], edgecolor="black", lw=0.4,
+                        label=f"[{curve.mean():.3f}] {name}")  # fmt: skip
+        prev = curve
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.0)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="upper right")
+
+
+def plot_analyze(
+    layers: np.ndarray,
+    names: Sequence[str],
+    cat_names: Sequence[str],
+    rec_thrs: np.ndarray,
+    out_dir: Path,
+    stem: str,
+) -> list[Path]:
+    """``<stem>.png`` (mean over categories with ground truth) and ``<stem>_categories_<n>.png`` grids.
+
+    Args:
+        layers: ``(L, R, K)`` precision per layer, -1 where a category has no ground truth.
+        names: the layers' names (bottom first).
+        cat_names: category names, by index.
+        rec_thrs: the recall thresholds (x axis).
+        out_dir: folder to write into.
+        stem: file name stem.
+    """
+    plt = _pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    valid = layers[0, 0] > -1
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    mean = layers[:, :, valid].mean(axis=2) if valid.any() else np.zeros(layers.shape[:2])
+    _analyze_panel(ax, mean, rec_thrs, names, f"{stem}: all categories (area all, 100 detections)")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    fig.tight_layout()
+    written.append(out_dir / f"{stem}.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    shown = np.flatnonzero(valid)
+    for page, first in enumerate(range(0, len(shown), CATEGORIES_PER_PAGE), start=1):
+        ks = shown[first : first + CATEGORIES_PER_PAGE]
+        cols = min(4, len(ks))
+        rows = math.ceil(len(ks) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+        for j, ax in enumerate(axes.ravel()):
+            if j >= len(ks):
+                ax.axis("off")
+                continue
+            _analyze_panel(ax, layers[:, :, ks[j]], rec_thrs, names, cat_names[ks[j]])
+            ax.tick_params(labelsize=7)
+        fig.suptitle(f"{stem}: precision (y) over recall (x) per category", fontsize=10)
+        fig.tight_layout()
+        written.append(out_dir / f"{stem}_categories_{page}.png")
+        fig.savefig(written[-1], dpi=90)
+        plt.close(fig)
+    return written

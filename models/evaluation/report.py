@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from cvserve.models.evaluation.cocoeval import Accumulated
+from cvserve.models.evaluation.params import Accumulated
 
 __all__ = ["default_out_dir", "write_coco_report", "write_semantic_report"]
 
@@ -65,14 +65,33 @@ def _coco_markdown(report: dict[str, Any]) -> list[str]:
             "",
             f"## {iou_type}",
             "",
-            "Summary (pycocotools' `COCOeval.stats`; n/a = no ground truth):",
+            "Summary (the `lvis` package's `LVISEval` results; n/a = undefined):"
+            if report.get("lvis")
+            else "Summary (pycocotools' `COCOeval.stats`; n/a = no ground truth):",
             "",
         ]
         lines += _table(names, [[_fmt(res["stats"][n]) for n in names]])
+        if not res["per_category"]:
+            continue
         lines += ["", f"Per category ({iou_type}):", ""]
         rows = [[str(c["id"]), c["name"], *(_fmt(c[n]) for n in names)] for c in res["per_category"]]
         lines += _table(["id", "category", *names], rows)
         lines += ["", f"Precision-recall curves: `pr_{iou_type}.png`, `pr_{iou_type}_categories_*.png`."]
+    return lines
+
+
+def _errors_markdown(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for iou_type, res in report.get("errors", {}).items():
+        names = list(res["dAP"])
+        lines += ["", f"## {iou_type}: TIDE error breakdown", "",
+                  f"AP50 gained by fixing each error type (percentage points; TIDE's AP50 {res['AP50']:.2f}):", ""]  # fmt: skip
+        lines += _table(names, [[f"{res['dAP'][n]:.2f}" for n in names]])
+        if "analyze_AP" in res:
+            layers = list(res["analyze_AP"])
+            lines += ["", "COCO analyze: AP (area all, 100 detections) as each kind of error is forgiven "
+                      f"(curves: `analyze_{iou_type}.png`, `analyze_{iou_type}_categories_*.png`):", ""]  # fmt: skip
+            lines += _table(layers, [[_fmt(res["analyze_AP"][n]) for n in layers]])
     return lines
 
 
@@ -120,7 +139,9 @@ def write_coco_report(
     report = {"created": dt.datetime.now().isoformat(timespec="seconds"), **report}
     written = [out_dir / "report.json", out_dir / "summary.md"]
     _write_json(written[0], report)
-    written[1].write_text("\n".join(_header(report) + _coco_markdown(report)) + "\n")
+    written[1].write_text(
+        "\n".join(_header(report) + _coco_markdown(report) + _errors_markdown(report)) + "\n"
+    )
     if plots:
         for iou_type, acc in arrays.items():
             written += plot_pr_curves(acc, cat_names, out_dir, f"pr_{iou_type}")

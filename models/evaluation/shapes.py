@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_util
 
-from cvserve.models.evaluation.checks import finite
+from cvserve.models.evaluation.checks import BOX_HELP, box_ok, finite
 from cvserve.models.evaluation.coco_io import Detections, GroundTruth
 from cvserve.models.evaluation.errors import EvaluationInputError, describe
 
-__all__ = ["KEYPOINT_SIGMAS", "dt_keypoints", "dt_rles", "gt_keypoints", "gt_rles"]
+__all__ = ["KEYPOINT_SIGMAS", "dt_box_areas", "dt_keypoints", "dt_rles", "gt_keypoints", "gt_rles"]
 
 # pycocotools' default per-keypoint OKS sigmas (COCO person keypoints).
 KEYPOINT_SIGMAS = (
@@ -183,3 +183,21 @@ def dt_keypoints(dets: Detections) -> tuple[np.ndarray, np.ndarray]:
             np.asarray(areas, np.float64),
         )
     return dets.cache["kpts"]  # type: ignore[no-any-return]
+
+
+def dt_box_areas(dets: Detections) -> np.ndarray:
+    """Box areas ``w * h`` of every detection: a segm result's area under plain ``loadRes``.
+
+    Raises:
+        EvaluationInputError: an entry has no valid box.
+    """
+    areas = []
+    for i, r in enumerate(dets.entries):
+        box: Any = r.get("bbox")
+        if not box_ok(box):
+            raise EvaluationInputError(
+                f"{dets.source}: entry {i}: field 'bbox': the 'box' segm area rule needs a box; {BOX_HELP}, "
+                f"got {describe(box)}"
+            )
+        areas.append(box[2] * box[3])
+    return np.asarray(areas, np.float64)

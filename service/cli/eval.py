@@ -21,7 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cvserve.cli.common import CLIError
 from cvserve.cli.connection import add_connection_arguments, connection_from_args
+from cvserve.models.evaluation.params import ENGINES, SEGM_AREA_RULES
 
 HELP = "evaluate COCO results or a model (bbox, segm, keypoints AP; semantic mIoU) and write a report"
 IOU_TYPES = ("bbox", "segm", "keypoints")
@@ -40,6 +42,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", metavar="DIR", help="report folder (default: ./eval-YYYYmmdd-HHMMSS)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    params = parser.add_argument_group("COCO parameters (default: pycocotools')")
+    params.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="numpy",
+        help="numpy (default), or run faster-coco-eval / pycocotools itself on the same inputs",
+    )
+    params.add_argument(
+        "--renumber-ids",
+        action="store_true",
+        help="renumber ground-truth annotation ids from 1 (pycocotools counts a match to id 0 as a false positive)",
+    )
+    params.add_argument(
+        "--max-dets", metavar="A,B,C", help="three ascending detections-per-image limits (1,10,100)"
+    )
+    params.add_argument("--iou-thrs", metavar="T,...", help="IoU thresholds (0.50:0.05:0.95)")
+    params.add_argument(
+        "--area-range",
+        action="append",
+        metavar="NAME=LO:HI",
+        help="repeatable, replaces all ranges; the summary reads all, small, medium, large",
+    )
+    params.add_argument("--img-ids", metavar="ID,...", help="evaluate only these image ids")
+    params.add_argument("--cat-ids", metavar="ID,...", help="evaluate only these category ids")
+    params.add_argument(
+        "--errors",
+        action="store_true",
+        help="add TIDE's error breakdown (dAP per error type, bbox and segm) to the report",
+    )
+    params.add_argument(
+        "--lvis",
+        action="store_true",
+        help="LVIS v1 ground truth: federated AP (APr/APc/APf, AR@300) by the official lvis package",
+    )
+    params.add_argument(
+        "--class-agnostic", action="store_true", help="ignore categories (pycocotools' useCats=0)"
+    )
+    params.add_argument(
+        "--segm-area",
+        choices=SEGM_AREA_RULES,
+        default="mask",
+        help="a segm result's area: its mask's (detectron2, default) or its box's (plain loadRes)",
+    )
     model = parser.add_argument_group("running a model")
     model.add_argument("--model", help="name of the model to run over --images")
     model.add_argument("--models", metavar="YAML", help="load the model in-process from this repository file")
@@ -66,11 +111,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _numbers(args: argparse.Namespace, name: str, kind: type) -> tuple[Any, ...] | None:
+
+    text = getattr(args, name)
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(
+            f"--{name.replace('_', '-')}: expected comma-separated {kind.__name__}s, got {text!r}"
+        ) from None
+
+
+def _area_ranges(args: argparse.Namespace) -> tuple[tuple[str, float, float], ...] | None:
+
+    if not args.area_range:
+        return None
+    out = []
+    for text in args.area_range:
+        try:
+            name, rng = text.split("=")
+            lo, hi = (float(v) for v in rng.split(":"))
+        except ValueError:
+            raise CLIError(f"--area-range: expected NAME=LO:HI (areas in pixels), got {text!r}") from None
+        out.append((name, lo, hi))
+    return tuple(out)
+
+
+def eval_settings(args: argparse.Namespace) -> Any:
+    """The :class:`EvalSettings` the flags ask for."""
+    from cvserve.models.evaluation.params import EvalSettings
+
+    try:
+        return EvalSettings(
+            max_dets=_numbers(args, "max_dets", int),  # type: ignore[arg-type]
+            iou_thrs=_numbers(args, "iou_thrs", float),
+            area_ranges=_area_ranges(args),
+            img_ids=_numbers(args, "img_ids", int),
+            cat_ids=_numbers(args, "cat_ids", int),
+            use_cats=not args.class_agnostic,
+            segm_area=args.segm_area,
+            engine=args.engine,
+            renumber_ids=args.renumber_ids,
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def _check_args(args: argparse.Namespace) -> None:
-    from cvserve.cli.common import CLIError
 
     if args.results and args.model:
         raise CLIError("--results and --model exclude each other: evaluate a file, or run a model")
+    coco_only = ("max_dets", "iou_thrs", "area_range", "img_ids", "cat_ids", "class_agnostic", "renumber_ids")
+    if args.lvis and (
+        any(getattr(args, n) for n in coco_only) or args.engine != "numpy" or args.segm_area != "mask"
+    ):
+        raise CLIError("--lvis evaluates with LVISEval's own parameters; COCO parameter flags do not apply")
     if not args.results and not args.model:
         raise CLIError("give --results (with --gt) to evaluate a file, or --model to run a model")
     if args.results and not args.gt:
@@ -164,14 +261,37 @@ class _Runner:
 def _evaluate_file(
     args: argparse.Namespace, out: Path, results: Any, extra: dict[str, Any]
 ) -> dict[str, Any]:
-    from cvserve.models.evaluation.coco import evaluate_loaded
+    from cvserve.models.evaluation.coco import evaluate_loaded, zero_id_count
     from cvserve.models.evaluation.coco_io import parse_ground_truth, parse_results
     from cvserve.models.evaluation.report import write_coco_report
 
+    settings = eval_settings(args)
     gt = extra.pop("_gt", None) or parse_ground_truth(args.gt)
     types = tuple(dict.fromkeys(args.iou_type)) if args.iou_type else None
     dets = parse_results(results, gt, types)
-    metrics, arrays = evaluate_loaded(gt, dets, types)
+    zero_ids = zero_id_count(gt)
+    if zero_ids and not settings.renumber_ids:
+        print(
+            f"warning: {args.gt}: {zero_ids} ground-truth annotation(s) have id 0; pycocotools (and so these "
+            "figures) count a detection matched to one as a false positive; --renumber-ids renumbers the "
+            "annotations from 1 for the corrected figures",
+            file=sys.stderr,
+        )
+    arrays: dict[str, Any]
+    if args.lvis:
+        from cvserve.models.evaluation.lvis import evaluate_lvis
+
+        metrics, arrays = evaluate_lvis(gt, dets, types or dets.iou_types), {}  # no curves for LVIS
+        extra = {**extra, "lvis": True}
+    else:
+        metrics, arrays = evaluate_loaded(gt, dets, types, settings)
+    if args.errors:
+        extra = {
+            **extra,
+            "errors": _error_analysis(
+                args, out, gt, dets, tuple(t for t in metrics if t in ("bbox", "segm"))
+            ),
+        }
     report = {
         "task": "instance",
         "ground_truth": str(Path(args.gt).resolve()),
@@ -179,15 +299,45 @@ def _evaluate_file(
         "num_images": len(gt.image_ids),
         "num_detections": len(dets.entries),
         "units": "fractions in [0, 1] as pycocotools reports them; -1 where undefined (no ground truth)",
+        "parameters": {"lvis": "LVISEval defaults: 300 detections per image, IoU 0.50:0.95"}
+        if args.lvis
+        else settings.to_json(tuple(metrics)),
+        "annotation_ids": {
+            "zero": zero_ids,
+            "renumbered_from_1": settings.renumber_ids,
+            "figures": "corrected: renumbered from 1"
+            if settings.renumber_ids and zero_ids
+            else "as pycocotools computes them",
+        },
         **extra,
         "metrics": metrics,
     }
-    write_coco_report(out, report, arrays, gt.cat_names, plots=not args.no_plots)
+    write_coco_report(out, report, arrays, gt.cat_names, plots=not (args.no_plots or args.lvis))
     return report
 
 
+def _error_analysis(
+    args: argparse.Namespace, out: Path, gt: Any, dets: Any, types: tuple[str, ...]
+) -> dict[str, Any]:
+    """TIDE's breakdown and the COCO API's analyze layers (AP per layer; curves as PNGs)."""
+    from cvserve.models.evaluation.analyze import LAYERS, analyze
+    from cvserve.models.evaluation.params import EvalParams
+    from cvserve.models.evaluation.plots import plot_analyze
+    from cvserve.models.evaluation.tide import tide_errors
+
+    errors = tide_errors(gt, dets, types)
+    for t in types:
+        layers = analyze(gt, dets, t, renumber_ids=args.renumber_ids)
+        valid = layers[0, 0] > -1
+        errors[t]["analyze_AP"] = {
+            name: float(layers[i][:, valid].mean()) if valid.any() else -1.0 for i, name in enumerate(LAYERS)
+        }
+        if not args.no_plots:
+            plot_analyze(layers, LAYERS, gt.cat_names, EvalParams.for_type(t).rec_thrs, out, f"analyze_{t}")
+    return errors
+
+
 def _run_model(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from cvserve.cli.common import CLIError
     from cvserve.models.evaluation.coco_io import parse_ground_truth
     from cvserve.models.evaluation.inference import instance_results, semantic_confusion
     from cvserve.models.evaluation.report import write_semantic_report
@@ -243,7 +393,6 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cvserve.cli.common import CLIError
     from cvserve.models.evaluation.errors import EvaluationInputError
     from cvserve.models.evaluation.report import default_out_dir
 
