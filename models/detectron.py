@@ -37,7 +37,7 @@ from models.fusion import fuse_conv_batch_norm, use_channels_last
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.threads import forward_threads
-from models.training.options import auto_device, resolve_device
+from models.device import auto_device, resolve_device
 from models.types import Prediction, Task
 
 __all__ = ["DetectronModel", "build_detectron_model", "load_config"]

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from models.device import DEVICE_HELP, is_device
 from models.types import Task
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "parse_spec",
 ]
 
-DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 PRECISIONS = ("fp32", "fp16", "bf16")
 # ``max_batch_size: auto`` tries batch sizes up to this many images.
 AUTO_BATCH_LIMIT = 8
@@ -163,8 +163,8 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
             f"{where}.task: must be one of {', '.join(t.value for t in Task)}, got {raw.get('task')!r}"
         ) from None
     device = str(raw.get("device", "auto"))
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise RepositoryError(f"{where}.device: must be {DEVICES_HELP}, got {device!r}")
+    if not is_device(device):
+        raise RepositoryError(f"{where}.device: must be {DEVICE_HELP}, got {device!r}")
     precision = str(raw.get("precision", "fp32"))
     if precision not in PRECISIONS:
         raise RepositoryError(f"{where}.precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")

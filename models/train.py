@@ -46,7 +46,8 @@ from models.fusion import use_channels_last
 from models.roi_align import use_gather_roi_align
 from models.training.history import MetricsHistory
 from models.training.monitor import ProgressLog, Selection
-from models.training.options import TrainOptions, add_train_options, options_from_args, resolve_device
+from models.device import resolve_device
+from models.training.options import TrainOptions, add_train_options, options_from_args
 from models.training.parallel import ProcessGroup, broadcast_object, mean_over_ranks, rank_device
 from models.training.solver import build_lr_scheduler, build_optimizer, train_step
 from models.training.validation import dataset_classes, evaluate

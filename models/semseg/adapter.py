@@ -40,7 +40,7 @@ from models.registry import register_builder
 from models.repository import ModelSpec
 from models.semseg.config import add_semseg_config
 from models.threads import forward_threads
-from models.training.options import auto_device
+from models.device import auto_device
 from models.types import Prediction, SemanticMap, Task
 
 __all__ = ["SemanticSegmentationModel", "load_semseg_config"]

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
+from models.device import cuda_status
 from models.threads import cpu_cores
 
 __all__ = ["ProcessGroup", "broadcast_object", "mean_over_ranks", "rank_device", "threads_per_process"]
@@ -63,9 +64,11 @@ def check_devices(device: str, processes: int) -> None:
             raise ValueError(
                 f"training on {processes} processes takes device 'cuda' (one GPU per rank), not {device!r}"
             )
-        if processes > torch.cuda.device_count():
+        gpus = cuda_status().device_count
+        if processes > gpus:
             raise ValueError(
-                f"{processes} processes need {processes} GPUs; {torch.cuda.device_count()} present"
+                f"{processes} processes need {processes} GPUs; {gpus} present"
+                " (one training process per GPU: pass --processes <= the GPU count)"
             )
 
 
