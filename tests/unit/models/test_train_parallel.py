@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,13 @@ from models.configs import tiny_instance_config
 from models.data.datasets import register_coco_split
 from models.data.synthetic import CATEGORIES, generate_dataset
 from models.train import TrainOptions, evaluate, train
-from models.training.parallel import ProcessGroup, check_devices, rank_device, threads_per_process
+from models.training.parallel import (
+    ProcessGroup,
+    check_devices,
+    collective_timeout,
+    rank_device,
+    threads_per_process,
+)
 from tests.fixtures import parallel_targets
 
 # -- the process group ---------------------------------------------------------------------------
@@ -44,6 +52,27 @@ def test_an_error_in_the_caller_stops_the_other_ranks() -> None:
         raise KeyError("caller's own")
     assert all(not p.is_alive() for p in group._children)
     assert not dist.is_initialized()
+
+
+def test_a_rank_that_dies_stops_the_others_at_once() -> None:
+    # The caller waits on rank 2, which never sends: only the watchdog, which kills every
+    # rank when one dies, can end the wait before the collective timeout.
+    group = ProcessGroup(3, "cpu", [], parallel_targets.die_or_hang, ())
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"training process 1 died \(exit code 3\)"), group:
+        dist.recv(torch.zeros(1), src=2)
+    assert time.monotonic() - start < 60
+    assert all(not p.is_alive() for p in group._children)
+    assert not dist.is_initialized()
+
+
+def test_the_collective_timeout_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert collective_timeout() == timedelta(minutes=10)
+    monkeypatch.setenv("CVSERVE_COLLECTIVE_TIMEOUT_S", "90")
+    assert collective_timeout() == timedelta(seconds=90)
+    monkeypatch.setenv("CVSERVE_COLLECTIVE_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="CVSERVE_COLLECTIVE_TIMEOUT_S must be a number of seconds > 0"):
+        collective_timeout()
 
 
 def test_devices_and_options_are_checked() -> None:
