@@ -33,11 +33,11 @@ from models.base import VisionModel
 from models.checkpoint import META_KEY
 from models.configs import config_file
 from models.detectron_outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
+from models.device import auto_device, resolve_device
 from models.fusion import fuse_conv_batch_norm, use_channels_last
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.threads import forward_threads
-from models.device import auto_device, resolve_device
 from models.types import Prediction, Task
 
 __all__ = ["DetectronModel", "build_detectron_model", "load_config"]

@@ -111,7 +111,7 @@ def cuda_status() -> CudaStatus:
     driver = _driver_version()
     problem = ""
     if not available and driver is not None:
-        note = " ".join(str(w.message).split()) if caught else ""
+        note = " ".join(str(caught[-1].message).split()) if caught else ""
         problem = _diagnose(torch.version.cuda, driver, note)
     return CudaStatus(available, count, torch.version.cuda, driver, problem)
 
@@ -124,7 +124,7 @@ def warn_if_cuda_unusable() -> str:
     return problem
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(problem: str) -> None:
     logger.warning("CUDA present but unusable: %s; running on the CPU", problem)
 

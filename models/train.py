@@ -42,11 +42,11 @@ from torch.nn.parallel import DistributedDataParallel
 from models import configs as _configs  # noqa: F401  (registers this project's backbone and ROI heads)
 from models.checkpoint import save_checkpoint
 from models.data.augment import build_augmentations
+from models.device import resolve_device
 from models.fusion import use_channels_last
 from models.roi_align import use_gather_roi_align
 from models.training.history import MetricsHistory
 from models.training.monitor import ProgressLog, Selection
-from models.device import resolve_device
 from models.training.options import TrainOptions, add_train_options, options_from_args
 from models.training.parallel import ProcessGroup, broadcast_object, mean_over_ranks, rank_device
 from models.training.solver import build_lr_scheduler, build_optimizer, train_step

@@ -71,7 +71,11 @@ def run_splitting_on_oom(
     release_memory()
     if len(payloads) == 1:
         logger.warning("%s: out of memory on a single image (%s)", name, outcome)
-        return [ModelOutOfMemoryError(f"model {name!r}: out of memory on this image; retry later or send it smaller")]
+        return [
+            ModelOutOfMemoryError(
+                f"model {name!r}: out of memory on this image; retry later or send it smaller"
+            )
+        ]
     half = len(payloads) // 2
     logger.warning(
         "%s: out of memory on a batch of %d (%s), retrying as %d + %d",

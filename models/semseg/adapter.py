@@ -35,12 +35,12 @@ from detectron2.modeling import build_model as build_d2_model
 from models.base import VisionModel
 from models.checkpoint import META_KEY
 from models.configs import config_file
+from models.device import auto_device
 from models.fusion import fuse_conv_batch_norm, use_channels_last
 from models.registry import register_builder
 from models.repository import ModelSpec
 from models.semseg.config import add_semseg_config
 from models.threads import forward_threads
-from models.device import auto_device
 from models.types import Prediction, SemanticMap, Task
 
 __all__ = ["SemanticSegmentationModel", "load_semseg_config"]

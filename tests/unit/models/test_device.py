@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from models import device as dev
 from models.training.parallel import check_devices
 
 Simulate = Callable[..., None]
-DRIVER_TEXT = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {v}  Release Build  (dvs-builder@U16)\n"
+DRIVER_TEXT = (
+    "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {v}  Release Build  (dvs-builder@U16)\n"
+)
 
 
 @pytest.fixture
@@ -75,14 +78,30 @@ def test_an_old_driver_is_named_in_a_warning_and_auto_falls_back(
         assert dev.resolve_device("auto") == "cpu"
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1  # once per process
-    assert "CUDA present but unusable: driver 535.104.05, this torch (CUDA 13.0) needs >= 580.65" in warnings[0]
-    with pytest.raises(ValueError, match="CUDA present but unusable: driver 535.104.05"):
+    assert (
+        "CUDA present but unusable: driver 535.104.05, this torch (CUDA 13.0) needs >= 580.65" in warnings[0]
+    )
+    with pytest.raises(ValueError, match=r"CUDA present but unusable: driver 535\.104\.05"):
         dev.resolve_device("cuda")
 
 
-def test_a_driver_new_enough_but_no_device_is_still_explained(simulate: Simulate) -> None:
+def test_a_driver_new_enough_but_no_device_is_explained_with_torchs_words(
+    simulate: Simulate, monkeypatch: pytest.MonkeyPatch
+) -> None:
     simulate(0, driver="590.10", torch_cuda="13.0")
-    assert "driver 590.10, torch built for CUDA 13.0" in dev.cuda_status().problem
+    assert dev.cuda_status().problem == "driver 590.10, torch built for CUDA 13.0: no usable device"
+
+    def unavailable() -> bool:
+        warnings.warn(
+            "CUDA initialization: Unexpected error from cudaGetDeviceCount().\n Error 802", stacklevel=1
+        )
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", unavailable)
+    assert dev.cuda_status().problem == (
+        "driver 590.10, torch built for CUDA 13.0: "
+        "CUDA initialization: Unexpected error from cudaGetDeviceCount(). Error 802"
+    )
 
 
 def test_a_cpu_only_torch_with_a_driver(simulate: Simulate) -> None:
@@ -130,7 +149,12 @@ def test_check_devices_counts_the_gpus(simulate: Simulate) -> None:
 
 @pytest.mark.parametrize(("gpus", "processes", "device"), [(0, 2, "cpu"), (1, 1, "cuda"), (2, 2, "cuda")])
 def test_the_demo_trains_on_as_many_processes_as_gpus(
-    simulate: Simulate, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gpus: int, processes: int, device: str
+    simulate: Simulate,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    gpus: int,
+    processes: int,
+    device: str,
 ) -> None:
     import models.train
     from models.demo import DEMO_SCALE

@@ -35,7 +35,7 @@ class FakeGpuModel:
     def __call__(self, items: list[int]) -> list[int]:
         self.alive_at_retry.append(sum(ref() is not None for ref in self.held))
         self.sizes.append(len(items))
-        activations = Activations()  # noqa: F841  (alive in this frame when it raises)
+        activations = Activations()
         self.held.append(weakref.ref(activations))
         if len(items) > self.fits or self.huge & set(items):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
