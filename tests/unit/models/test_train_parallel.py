@@ -106,8 +106,9 @@ def test_two_process_training_is_deterministic_and_evaluates_rank_0s_weights(
 ) -> None:
     cfg = tiny_instance_config(len(CATEGORIES), input_size=64)
     options = TrainOptions(
-        max_iter=4, warmup_iters=1, batch_size=4, eval_period=2, num_workers=0, log_period=1, processes=2
-    )
+        max_iter=4, warmup_iters=1, batch_size=4, eval_period=2, num_workers=0, log_period=1, processes=2,
+        device="cpu",
+    )  # fmt: skip
     runs = [
         train(
             cfg,
