@@ -37,8 +37,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-from models.device import cuda_status
-from models.threads import cpu_cores
+from cvserve.models import compat
+from cvserve.models.device import cuda_status
+from cvserve.models.threads import cpu_cores
 
 __all__ = [
     "ProcessGroup",
@@ -172,6 +173,12 @@ def _abort_collectives() -> None:
             abort()
 
 
+def _qualified(fn: Callable[..., Any]) -> str:
+    if "<" in fn.__qualname__ or fn.__module__ == "__main__":
+        raise ValueError(f"{fn!r}: a spawned rank runs a module-level function of an importable module")
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
 def _child(
     rank: int,
     world: int,
@@ -180,7 +187,7 @@ def _child(
     threads: int,
     snapshot: list[tuple[str, list[dict[str, Any]], dict[str, Any]]],
     modules: list[str],
-    target: Callable[..., Any],
+    target: str,
     args: tuple[Any, ...],
     errors: Any,
     parent: int,
@@ -189,12 +196,17 @@ def _child(
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
     code = 0
     try:
+        # The target travels as "module:name" and is imported only after the detectron2
+        # compatibility layer: unpickling a function would import its module first.
+        compat.apply()
+        module_name, _, name = target.partition(":")
+        run = getattr(importlib.import_module(module_name), name)
         for module in modules:
             with contextlib.suppress(ImportError):  # e.g. a test file pytest imported by path
                 importlib.import_module(module)
         _register(snapshot)
         _init(rendezvous, rank, world, device)
-        target(rank, *args)
+        run(rank, *args)
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         code = 1
@@ -260,7 +272,7 @@ class ProcessGroup:
             common = (self.processes, rendezvous, self.device, self.threads, snapshot, modules)
             p = ctx.Process(
                 target=_child,
-                args=(rank, *common, self._target, self._args, self._errors, os.getpid()),
+                args=(rank, *common, _qualified(self._target), self._args, self._errors, os.getpid()),
                 daemon=True,
             )
             p.start()

@@ -2,7 +2,7 @@
 
 A :class:`Predictor` maps batches of :class:`WorkItem` to journal records and yields
 each batch's records as soon as it completes, in any order. The in-process and server
-predictors run batches in a thread pool; the Ray predictor (``service.ray_annotate``)
+predictors run batches in a thread pool; the Ray predictor (``cvserve.annotation.ray_engine``)
 runs them on a pool of Ray actors.
 """
 
@@ -17,9 +17,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from models.base import VisionModel
-from models.types import Prediction, Task
-from service.annotation.worker import LoadedImage, RenderOptions, WorkItem, process_batch
+from cvserve.annotation.worker import LoadedImage, RenderOptions, WorkItem, process_batch
+from cvserve.models.base import VisionModel
+from cvserve.models.types import Prediction, Task
 
 __all__ = [
     "LocalPredictor",
@@ -135,22 +135,20 @@ class LocalPredictor(ThreadedPredictor):
 
     @classmethod
     def from_repository(cls, repository: str, name: str, concurrency: int = 2) -> LocalPredictor:
-        """Build and load model ``name`` of a repository YAML, batching as its spec says.
+        """Build and load model ``name`` of a repository YAML, batching as its spec says (``auto``: measured).
 
         Raises:
             models.repository.RepositoryError: the file is invalid.
             KeyError: the repository has no model ``name``.
         """
-        from models.registry import build_model
-        from models.repository import load_repository
+        from cvserve.models.batching import load_for_inference
+        from cvserve.models.repository import load_repository
 
         specs = {s.name: s for s in load_repository(repository)}
         if name not in specs:
             raise KeyError(f"{repository}: no model named {name!r} (available: {', '.join(sorted(specs))})")
-        model = build_model(specs[name])
-        model.load()
-        model.mark_ready()
-        return cls(model, concurrency, specs[name].max_batch_size)
+        model, spec = load_for_inference(specs[name])
+        return cls(model, concurrency, spec.max_batch_size)
 
     def _forward(self, images: Sequence[LoadedImage]) -> list[Prediction | Exception]:
         arrays = [img.array for img in images]
@@ -210,7 +208,7 @@ class ServerPredictor(ThreadedPredictor):
     ) -> None:
         super().__init__(concurrency)
         if client is None:
-            from service.client import Client
+            from cvserve.client.client import Client
 
             client = Client(address, timeout=timeout, root_certificates=root_certificates, token=token)
         self.client = client

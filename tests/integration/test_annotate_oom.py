@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.annotate import AnnotateJob, annotate
-from service.annotation.predictors import ServerPredictor
+from cvserve.annotation.job import AnnotateJob, annotate
+from cvserve.annotation.predictors import ServerPredictor
 from tests.integration.test_reliability_faults import scripted_server
 
 TAGS = [60, 61, 62, 63, 64, 65]
@@ -29,7 +29,7 @@ def _write_images(folder: Path) -> None:
 def test_an_image_out_of_memory_is_retried_and_a_hopeless_one_fails_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("service.annotation.predictors.time.sleep", lambda s: None)
+    monkeypatch.setattr("cvserve.annotation.predictors.time.sleep", lambda s: None)
     _write_images(tmp_path / "in")
     tries: Counter[int] = Counter()
     lock = threading.Lock()

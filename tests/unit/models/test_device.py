@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import device as dev
-from models.training.parallel import check_devices
+from cvserve.models import device as dev
+from cvserve.models.training.parallel import check_devices
 
 Simulate = Callable[..., None]
 DRIVER_TEXT = (
@@ -73,7 +73,7 @@ def test_an_old_driver_is_named_in_a_warning_and_auto_falls_back(
     simulate: Simulate, caplog: pytest.LogCaptureFixture
 ) -> None:
     simulate(0, driver="535.104.05", torch_cuda="13.0")
-    with caplog.at_level(logging.WARNING, logger="models.device"):
+    with caplog.at_level(logging.WARNING, logger="cvserve.models.device"):
         assert dev.resolve_device("auto") == "cpu"
         assert dev.resolve_device("auto") == "cpu"
     warnings = [r.getMessage() for r in caplog.records]
@@ -111,7 +111,7 @@ def test_a_cpu_only_torch_with_a_driver(simulate: Simulate) -> None:
 
 def test_no_driver_no_problem(simulate: Simulate, caplog: pytest.LogCaptureFixture) -> None:
     simulate(0)
-    with caplog.at_level(logging.WARNING, logger="models.device"):
+    with caplog.at_level(logging.WARNING, logger="cvserve.models.device"):
         assert dev.warn_if_cuda_unusable() == ""
     assert not caplog.records
 
@@ -156,13 +156,13 @@ def test_the_demo_trains_on_as_many_processes_as_gpus(
     processes: int,
     device: str,
 ) -> None:
-    import models.train
-    from models.demo import DEMO_SCALE
-    from models.demo_stages import DemoBuild, _train_instance
+    import cvserve.models.training.engine as engine
+    from cvserve.models.demo.build import DEMO_SCALE
+    from cvserve.models.demo.stages import DemoBuild, _train_instance
 
     simulate(gpus, driver="580.95.05" if gpus else None)
     seen = []
-    monkeypatch.setattr(models.train, "train", lambda cfg, options, **kw: seen.append(options) or _Result())
+    monkeypatch.setattr(engine, "train", lambda cfg, options, **kw: seen.append(options) or _Result())
     build = DemoBuild(tmp_path, 0, DEMO_SCALE, lambda line: None, {"train": "t", "val": "v"}, {})
     _train_instance(build)
     (options,) = seen
