@@ -10,8 +10,10 @@ process; ``cvserve info`` shows the same diagnosis.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,8 @@ __all__ = [
     "data_parallel_processes",
     "device_index",
     "is_device",
+    "is_out_of_memory",
+    "release_device_memory",
     "resolve_device",
     "warn_if_cuda_unusable",
 ]
@@ -174,3 +178,23 @@ def data_parallel_processes(device: str, cpu_processes: int, batch_size: int) ->
         return cpu_processes
     gpus = cuda_status().device_count if device == "cuda" else 1
     return max(n for n in range(1, max(1, gpus) + 1) if batch_size % n == 0)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the host or a CUDA device running out of memory."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # only code that uses torch can raise its OOM
+    return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
+
+
+def release_device_memory() -> None:
+    """Collect garbage (a failed pass's frames may sit in cycles), then return CUDA's cached blocks.
+
+    Call it outside any ``except`` block: while one is open its traceback keeps the failed
+    pass's tensors alive.
+    """
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -12,34 +12,17 @@ activations, so the halves would run out of memory too.
 
 from __future__ import annotations
 
-import gc
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from cvserve.errors import ModelOutOfMemoryError
+from cvserve.models.device import is_out_of_memory, release_device_memory
 
-__all__ = ["is_out_of_memory", "release_memory", "run_splitting_on_oom"]
+__all__ = ["run_splitting_on_oom"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is the host or a CUDA device running out of memory."""
-    if isinstance(error, MemoryError):
-        return True
-    torch = sys.modules.get("torch")  # only a model that uses torch can raise its OOM
-    return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
-
-
-def release_memory() -> None:
-    """Collect the failed batch's garbage, then hand cached CUDA blocks back to the driver."""
-    gc.collect()  # frames of the failed pass may sit in reference cycles
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _attempt(handler: Callable[[list[T]], Sequence[Any]], payloads: list[T]) -> list[Any] | str:
@@ -68,7 +51,7 @@ def run_splitting_on_oom(
     outcome = _attempt(handler, payloads)
     if not isinstance(outcome, str):
         return outcome
-    release_memory()
+    release_device_memory()
     if len(payloads) == 1:
         logger.warning("%s: out of memory on a single image (%s)", name, outcome)
         return [

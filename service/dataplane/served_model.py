@@ -26,7 +26,7 @@ from cvserve.dataplane.model_state import ModelState, ModelStats, ModelStatus, O
 from cvserve.errors import ModelNotReadyError
 from cvserve.metrics import Metrics
 from cvserve.models.base import VisionModel
-from cvserve.models.batching import synthetic_image, tune_batch_size
+from cvserve.models.batching import busy_image, tune_batch_size
 from cvserve.models.repository import ModelSpec
 
 __all__ = ["ServedModel", "run_in_pool"]
@@ -161,10 +161,19 @@ class ServedModel:
         return batcher
 
     async def _warm_up(self) -> None:
+        """A full batch of busy images through the whole path before any traffic.
+
+        Kernels, cuDNN's algorithm search and the caching allocator meet the largest batch
+        now rather than on the first requests; an image that does not fit even alone fails
+        the load here.
+        """
         side = self._config.warmup_image_size
-        outcome = await self.run_image(synthetic_image(side, side), None)
-        if outcome.error is not None:
-            raise RuntimeError(f"warm-up inference failed: {outcome.error}") from outcome.error
+        image = busy_image(side, side)
+        count = min(self.spec.max_batch_size, self.spec.max_queue)
+        outcomes = await asyncio.gather(*(self.run_image(image, None) for _ in range(count)))
+        errors = [o.error for o in outcomes if o.error is not None]
+        if errors:
+            raise RuntimeError(f"warm-up inference failed: {errors[0]}") from errors[0]
 
     def _on_batch(self, report: BatchReport) -> None:
         stats = self.stats

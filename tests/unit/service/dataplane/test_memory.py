@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from cvserve.dataplane.batcher import Batcher
-from cvserve.dataplane.memory import is_out_of_memory, run_splitting_on_oom
+from cvserve.dataplane.memory import run_splitting_on_oom
 from cvserve.errors import ModelOutOfMemoryError
+from cvserve.models.device import is_out_of_memory
 
 
 class Activations:
