@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -64,6 +66,26 @@ def test_a_rank_that_dies_stops_the_others_at_once() -> None:
     assert time.monotonic() - start < 60
     assert all(not p.is_alive() for p in group._children)
     assert not dist.is_initialized()
+
+
+def test_ranks_end_when_the_calling_process_is_gone() -> None:
+    code = "from cvserve.models import compat; compat.apply(); from tests.fixtures import parallel_targets as t; t.orphan_a_rank()"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    pid = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid), f"rank 1 (pid {pid}) outlived the process that started it"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 def test_the_collective_timeout_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
