@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from cvserve.models.demo.build import (
 )
 from cvserve.models.evaluation.coco import evaluate_coco
 from cvserve.models.evaluation.coco_io import parse_ground_truth
-from cvserve.models.evaluation.inference import in_process_predictor, instance_results, semantic_confusion
+from cvserve.models.evaluation.inference import PredictFiles, instance_results, semantic_confusion
 from cvserve.models.evaluation.semantic import semantic_metrics
 from cvserve.models.repository import ModelSpec, default_repository_path, load_repository
 from cvserve.models.types import Instance, Prediction
@@ -166,6 +166,15 @@ def test_the_segmenter_on_the_device_agrees_with_the_cpu(demo: Demo, device: str
 
 
 def _rgb(path: Path) -> np.ndarray:
-    from cvserve.models.evaluation.inference import load_rgb
+    import cv2
 
-    return load_rgb(path)
+    return np.ascontiguousarray(cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1])
+
+
+def in_process_predictor(model: VisionModel) -> PredictFiles:
+    """Predict image files with ``model`` in this process."""
+
+    def predict(paths: Sequence[Path]) -> list[Prediction]:
+        return model.predict_batch([_rgb(p) for p in paths])
+
+    return predict
