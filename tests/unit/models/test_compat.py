@@ -100,9 +100,7 @@ def test_map_dataset_falls_back_when_its_mapper_skips_an_item() -> None:
     from detectron2.data.common import DatasetFromList, MapDataset
 
     def fresh() -> MapDataset:
-        return MapDataset(
-            DatasetFromList([1, 2, 3, None], copy=False), lambda x: x * 2 if x is not None else None
-        )
+        return MapDataset(DatasetFromList([1, 2, 3, None], copy=False), lambda x: x * 2 if x is not None else None)
 
     ds = fresh()
     assert (ds[0], ds[1], ds[2]) == (2, 4, 6)
