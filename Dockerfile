@@ -9,6 +9,10 @@
 #   docker build -t cvserve .
 #   docker run --gpus all -p 8001:8001 -p 8002:8002 cvserve
 #   docker run --gpus all -v $PWD/repo:/models -p 8001:8001 cvserve --models /models/models.yaml
+#
+# The default torch is the registry's CUDA 13 build (NVIDIA driver >= 580). For an older
+# driver pick a CUDA 12 build (see README, "GPU hosts"):
+#   docker build --build-arg CVSERVE_TORCH_VARIANT=cu126 -t cvserve .
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -26,6 +30,10 @@ RUN apt-get update \
 WORKDIR /opt/cvserve
 COPY --chown=cvserve:cvserve . .
 USER cvserve
+# Passed to scripts/bootstrap.sh as environment variables (empty: the registry's build).
+ARG CVSERVE_TORCH_VARIANT=""
+ARG CVSERVE_TORCH_INDEX=""
+ARG CVSERVE_TORCH_REQUIREMENTS=""
 RUN bash scripts/bootstrap.sh
 
 # The embedded demo models (built from synthetic data; a few minutes on a GPU, ~12 on a

@@ -8,7 +8,7 @@ Models:
         ``model.pth``; build it with ``cvserve demo build``), at its own score threshold.
         Fed synthetic shapes images (:func:`make_images` with ``shapes=True``), the
         kind it was trained on, so it finds what it would find in use.
-    ``tiny``: the demo's config (``models/configs/tiny_mask_rcnn.yaml``, 256 px short
+    ``tiny``: the demo's config (``models/instance/tiny_mask_rcnn.yaml``, 256 px short
         side) with random weights.
     ``r50``: model-zoo R50-FPN Mask R-CNN, random weights, ``MIN_SIZE_TEST`` 480.
     ``fake``: the weight-free fake detector (the serving path alone).
@@ -51,26 +51,30 @@ class BenchModel:
     weights_note: str  # "random" or where trained weights came from
     options: dict[str, Any]
 
-    def cfg(self) -> Any:
+    def cfg(self, device: str = "cpu") -> Any:
         """The detectron2 config ``DefaultPredictor`` uses, with the server's options applied."""
         from cvserve.models.instance.adapter import load_config
 
         cfg = load_config(str(self.config_path))
         cfg.MODEL.WEIGHTS = str(self.weights_path or "")
-        cfg.MODEL.DEVICE = "cpu"
+        cfg.MODEL.DEVICE = device
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = self.options["score_threshold"]
         cfg.TEST.DETECTIONS_PER_IMAGE = self.options["max_detections"]
         return cfg
 
     def spec(
-        self, max_batch_size: int | str = 1, max_wait_ms: float = 0.0, instances: int | str = 1
+        self,
+        max_batch_size: int | str = 1,
+        max_wait_ms: float = 0.0,
+        instances: int | str = 1,
+        device: str = "cpu",
     ) -> dict[str, Any]:
         """A repository entry for this model."""
         entry: dict[str, Any] = {
             "name": self.name,
             "task": "instance",
             "config": str(self.config_path),
-            "device": "cpu",
+            "device": device,
             "max_batch_size": max_batch_size,
             "max_wait_ms": max_wait_ms,
             "max_queue": 256,
@@ -118,7 +122,7 @@ def prepare_model(kind: str, workdir: Path) -> BenchModel:
         cfg = load_config(str(config))
         threshold = float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
     elif kind == "tiny":
-        cfg = load_config(str(ROOT / "models/configs/tiny_mask_rcnn.yaml"))
+        cfg = load_config(str(ROOT / "models/instance/tiny_mask_rcnn.yaml"))
         threshold = 0.2  # random weights: every class scores about 1/6
     else:
         cfg = load_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")

@@ -3,7 +3,7 @@
 Generates small synthetic images, then annotates them with each engine and prints one
 row per (model, engine). Models: the weight-free fake detector (measures the pipeline:
 reading, decoding, journal, outputs) and, with ``--real``, the tiny Mask R-CNN of
-``models/configs/tiny_mask_rcnn.yaml`` with random weights (a real network's cost).
+``models/instance/tiny_mask_rcnn.yaml`` with random weights (a real network's cost).
 
 ``images/s`` is for the whole run, including, for Ray, starting the actors and loading
 the model in each (Ray's own start-up, ``ray.init``, is not counted); ``steady/s`` is the
@@ -59,7 +59,7 @@ def write_repository(path: Path, real: bool, fake_ms: float) -> list[ModelSpec]:
             {
                 "name": "tiny-maskrcnn",
                 "task": "instance",
-                "config": str(ROOT / "models/configs/tiny_mask_rcnn.yaml"),
+                "config": str(ROOT / "models/instance/tiny_mask_rcnn.yaml"),
                 "max_batch_size": 1,
                 "max_wait_ms": 0,
                 # Random weights score every proposal alike: cap the detections at a realistic count.

@@ -19,6 +19,7 @@ predictor rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import tempfile
@@ -36,15 +37,32 @@ from cvserve.metrics import STAGES
 
 
 class PredictorLoop:
-    """``DefaultPredictor`` called in a loop in this process over the benchmark's images."""
+    """``DefaultPredictor`` called in a loop in this process over the benchmark's images.
 
-    def __init__(self, model: _common.BenchModel, images: list[Any]) -> None:
+    On a GPU at ``precision`` fp16 / bf16 each call runs under ``torch.autocast``, as the
+    server's adapter does, and its detections are copied to the host (as the server's are
+    before encoding), so both sides finish the same work.
+    """
+
+    def __init__(
+        self, model: _common.BenchModel, images: list[Any], device: str = "cpu", precision: str = "fp32"
+    ) -> None:
+        import torch
         from detectron2.engine import DefaultPredictor
 
-        self.predictor = DefaultPredictor(model.cfg())
+        self.predictor = DefaultPredictor(model.cfg(device))
         self.bgr = [img[:, :, ::-1].copy() for img in images]
-        self.predictor(self.bgr[0])  # warm-up
+        self.on_gpu = device.startswith("cuda")
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if self.on_gpu and dtype else None
+        self._call(self.bgr[0])  # warm-up
         self.next = 0
+
+    def _call(self, image: Any) -> None:
+        with self.autocast() if self.autocast else contextlib.nullcontext():
+            out = self.predictor(image)
+        if self.on_gpu:
+            out["instances"].to("cpu")  # waits for the GPU, like the server's copy to the host
 
     def run(self, requests: int) -> tuple[float, list[float]]:
         """Wall seconds and per-call latencies of ``requests`` calls."""
@@ -52,7 +70,7 @@ class PredictorLoop:
         start = time.perf_counter()
         for _ in range(requests):
             t = time.perf_counter()
-            self.predictor(self.bgr[self.next % len(self.bgr)])
+            self._call(self.bgr[self.next % len(self.bgr)])
             self.next += 1
             latencies.append(time.perf_counter() - t)
         return time.perf_counter() - start, latencies

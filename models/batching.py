@@ -15,7 +15,14 @@ throughput at a larger batch only adds latency. The search stops at the first si
 does not improve, so a CPU pays for two sizes, not all of them.
 
 The measurement is injected (``measure(size) -> seconds per forward``), so the choice
-is unit-tested with a given cost per image and no clock.
+is unit-tested with a given cost per image and no clock. A size that runs out of memory
+measures as infinitely slow: the search ends there and the load goes on with the best
+size that fitted.
+
+On a GPU the search goes up to :data:`GPU_AUTO_BATCH_LIMIT` images (a CPU stops after a
+size or two anyway). The images are busy scenes (:func:`busy_image`): many edges and
+objects, so the detection heads and mask pasting cost what they cost on real photos, not
+what they cost on an empty image.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -32,10 +40,14 @@ from typing import Any
 import numpy as np
 
 from cvserve.models.base import VisionModel
+from cvserve.models.device import is_out_of_memory, release_device_memory
 from cvserve.models.repository import ModelSpec
 
 __all__ = [
+    "GPU_AUTO_BATCH_LIMIT",
     "BatchDecision",
+    "auto_batch_limit",
+    "busy_image",
     "candidate_sizes",
     "choose_batch_size",
     "forward_timer",
@@ -45,6 +57,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# ``max_batch_size: auto`` on a GPU tries batch sizes up to this many images.
+GPU_AUTO_BATCH_LIMIT = 32
 
 
 @dataclass(frozen=True)
@@ -129,17 +144,58 @@ def forward_timer(model: Any, image: Any, *, repeats: int = 3) -> Callable[[int]
     """
     sample = model.preprocess(image)
 
-    def measure(size: int) -> float:
+    def passes(size: int) -> list[float] | None:
+        """The timed passes, or None when the batch does not fit in memory."""
         batch = [sample] * size
-        model.forward(batch)  # first pass at a new shape allocates; not representative
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.forward(batch)
-            times.append(time.perf_counter() - start)
+        try:
+            model.forward(batch)  # first pass at a new shape allocates; not representative
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model.forward(batch)
+                times.append(time.perf_counter() - start)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            return None  # the failed pass's tensors are freed with this frame
+        return times
+
+    def measure(size: int) -> float:
+        times = passes(size)
+        if times is None:
+            release_device_memory()
+            logger.info("a batch of %d ran out of memory while measuring: not a candidate", size)
+            return math.inf
         return statistics.median(times)
 
     return measure
+
+
+def auto_batch_limit(spec: ModelSpec, device: str) -> int:
+    """The largest batch ``max_batch_size: auto`` tries on ``device``."""
+    return (
+        max(spec.max_batch_size, GPU_AUTO_BATCH_LIMIT) if device.startswith("cuda") else spec.max_batch_size
+    )
+
+
+def busy_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A deterministic cluttered scene: textured background, dozens of filled rectangles and discs.
+
+    Detectors propose and keep many more boxes on it than on :func:`synthetic_image`, so a
+    batch-size measurement pays for the detection heads and mask pasting as on real photos.
+    """
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 96, (height, width, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(48):
+        colour = rng.integers(64, 256, 3, dtype=np.uint8)
+        cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+        r = int(rng.integers(max(4, min(height, width) // 40), max(8, min(height, width) // 8)))
+        if rng.random() < 0.5:
+            image[max(0, cy - r) : cy + r, max(0, cx - r) : cx + r] = colour
+        else:
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = colour
+    return image
 
 
 def synthetic_image(height: int, width: int) -> np.ndarray:
@@ -158,8 +214,10 @@ def tune_batch_size(model: VisionModel, spec: ModelSpec) -> ModelSpec:
     """
     if spec.batching != "auto":
         return spec
-    measure = forward_timer(model, synthetic_image(480, 640))
-    decision = choose_batch_size(measure, candidate_sizes(spec.max_batch_size))
+    measure = forward_timer(model, busy_image(480, 640))
+    decision = choose_batch_size(measure, candidate_sizes(auto_batch_limit(spec, str(model.device))))
+    if math.isinf(decision.per_image_s[decision.size]):
+        raise MemoryError(f"model {spec.name!r}: a single image runs out of memory on {model.device}")
     logger.info("model %s on %s: batching auto chose %s", spec.name, model.device, decision.describe())
     return dataclasses.replace(spec, max_batch_size=decision.size)
 

@@ -8,6 +8,7 @@ Example ``models.yaml``::
         config: instance/config.yaml      # model-zoo name, YAML file or LazyConfig .py
         weights: instance/model_final.pth # .pth, model-zoo .pkl, or detectron2:// URL
         device: auto                      # auto | cpu | cuda | cuda:N
+        # devices: [cuda:0, cuda:1]       # instead of device: a copy of the model on each GPU
         precision: fp32                   # fp32 | fp16 | bf16 (fp16/bf16 autocast on CUDA)
         max_batch_size: 4                 # or auto: measured at load time on the device
         max_wait_ms: 5
@@ -28,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from cvserve.models.device import DEVICE_HELP, is_device
 from cvserve.models.types import Task
 
 __all__ = [
@@ -39,7 +41,6 @@ __all__ = [
     "parse_spec",
 ]
 
-DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 PRECISIONS = ("fp32", "fp16", "bf16")
 # ``max_batch_size: auto`` tries batch sizes up to this many images.
 AUTO_BATCH_LIMIT = 8
@@ -50,6 +51,7 @@ _KNOWN_FIELDS = {
     "weights",
     "version",
     "device",
+    "devices",
     "precision",
     "max_batch_size",
     "max_wait_ms",
@@ -74,7 +76,9 @@ class ModelSpec:
         config: detectron2 config: model-zoo name, YAML path or LazyConfig ``.py`` path.
         weights: checkpoint path (``.pth``/``.pkl``) or ``detectron2://`` URL; empty for none.
         version: version string reported to clients.
-        device: ``auto`` picks ``cuda`` when available, else ``cpu``.
+        device: ``auto`` picks ``cuda`` when available, else ``cpu``; with ``devices``, the first.
+        devices: GPUs (``cuda:N``) that each hold a copy of the model, ``instances`` batches
+            at once on each (Triton's ``instance_group`` with ``gpus``); empty: ``device`` alone.
         precision: compute precision on CUDA; the CPU always runs fp32.
         max_batch_size: most images in one forward pass (with ``batching: auto``, the
             largest size the server tries at load time before it picks one).
@@ -106,6 +110,7 @@ class ModelSpec:
     handler: str = ""
     batching: str = "fixed"
     instances: int | str = 1
+    devices: tuple[str, ...] = ()
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -162,9 +167,10 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
         raise RepositoryError(
             f"{where}.task: must be one of {', '.join(t.value for t in Task)}, got {raw.get('task')!r}"
         ) from None
-    device = str(raw.get("device", "auto"))
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise RepositoryError(f"{where}.device: must be {DEVICES_HELP}, got {device!r}")
+    devices = _parse_devices(raw, where)
+    device = devices[0] if devices else str(raw.get("device", "auto"))
+    if not is_device(device):
+        raise RepositoryError(f"{where}.device: must be {DEVICE_HELP}, got {device!r}")
     precision = str(raw.get("precision", "fp32"))
     if precision not in PRECISIONS:
         raise RepositoryError(f"{where}.precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -200,7 +206,28 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
         handler=handler,
         batching=batching,
         instances=instances,
+        devices=devices,
     )
+
+
+def _parse_devices(raw: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """The ``devices`` list of an entry: distinct ``cuda:N`` strings; empty when absent."""
+    if "devices" not in raw:
+        return ()
+    if "device" in raw:
+        raise RepositoryError(f"{where}: give device or devices, not both")
+    value = raw["devices"]
+    if not isinstance(value, list) or not value:
+        raise RepositoryError(
+            f"{where}.devices: must be a non-empty list such as [cuda:0, cuda:1], got {value!r}"
+        )
+    devices = tuple(str(d) for d in value)
+    for d in devices:
+        if not (is_device(d) and d.startswith("cuda:")):
+            raise RepositoryError(f"{where}.devices: each entry must be cuda:N, got {d!r}")
+    if len(set(devices)) != len(devices):
+        raise RepositoryError(f"{where}.devices: {', '.join(devices)} names a GPU twice")
+    return devices
 
 
 def load_repository(path: str | os.PathLike[str]) -> list[ModelSpec]:

@@ -35,7 +35,7 @@ class ServerConfig:
         grace_period_s: on SIGTERM/SIGINT, how long in-flight requests get to finish.
         log_format: ``text`` or ``json`` (one JSON object per line).
         warmup: run a synthetic image through each model before reporting it ready.
-        warmup_image_size: side of the square warm-up image.
+        warmup_image_size: side of the square warm-up images (a full batch of them runs).
         max_stream_inflight: most items of one stream processed concurrently.
         tls_cert_file: PEM certificate chain; with ``tls_key_file`` serves TLS.
         tls_key_file: PEM private key.
@@ -57,7 +57,7 @@ class ServerConfig:
     grace_period_s: float = 10.0
     log_format: str = "text"
     warmup: bool = True
-    warmup_image_size: int = 64
+    warmup_image_size: int = 512
     max_stream_inflight: int = 32
     tls_cert_file: str | None = None
     tls_key_file: str | None = None

@@ -18,6 +18,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelNotReadyError",
+    "ModelOutOfMemoryError",
     "NotSupportedError",
     "QueueFullError",
     "ServerDrainingError",
@@ -96,6 +97,12 @@ class ServerDrainingError(ServiceError):
 
 class QueueFullError(ServiceError):
     """The model's batch queue is full."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ModelOutOfMemoryError(ServiceError):
+    """One image ran out of device or host memory even alone; retrying later may succeed."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -85,6 +85,19 @@ class Metrics:
             registry=r,
         )
 
+        self.instances = Gauge(
+            "cvserve_model_instances",
+            "Batches a model runs at once on each device (Triton's instance_group)",
+            ["model", "device"],
+            registry=r,
+        )
+        self.device_batches = Counter(
+            "cvserve_device_batches",
+            "Forward passes run, by model and device",
+            ["model", "device"],
+            registry=r,
+        )
+
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         """Count one finished RPC."""
         self.requests.labels(method, code).inc()
@@ -112,6 +125,15 @@ class Metrics:
     def set_max_batch_size(self, model: str, size: int, policy: str) -> None:
         """Publish the batch size ``model`` runs with and how it was chosen (``auto`` / ``fixed``)."""
         self.max_batch_size.labels(model, policy).set(size)
+
+    def set_instances(self, model: str, devices: tuple[str, ...], per_device: int) -> None:
+        """Publish where ``model``'s copies run and how many batches each runs at once."""
+        for device in devices:
+            self.instances.labels(model, device).set(per_device)
+
+    def observe_device_batch(self, model: str, device: str) -> None:
+        """Count one forward pass of ``model`` on ``device``."""
+        self.device_batches.labels(model, device).inc()
 
     def track_queue_depth(self, model: str, depth: Callable[[], float]) -> None:
         """Read the queue depth of ``model`` from ``depth()`` at every scrape."""

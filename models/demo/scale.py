@@ -35,6 +35,8 @@ class DemoScale:
     # time (benchmarks/README.md).
     # The detector trains data-parallel: 2 single-thread processes of 4 images each moved
     # 1.3x the images per second of one 2-thread process (benchmarks/train_speed.py).
+    # That is the CPU's count; on CUDA the build runs one process per GPU (at most as many as
+    # divide the batch: models.device.data_parallel_processes), the same 8 images per step.
     instance_iters: int = 700
     instance_eval_period: int = 350
     instance_batch_size: int = 8

@@ -77,14 +77,18 @@ def _options(build: DemoBuild, iters: int, eval_period: int, **kw: Any) -> Any:
 
 def _train_instance(build: DemoBuild) -> Any:
     from cvserve.models.data.synthetic import CATEGORIES
+    from cvserve.models.device import data_parallel_processes, resolve_device
     from cvserve.models.instance.config import tiny_instance_config
     from cvserve.models.training.engine import train
 
     s = build.scale
+    # The process count follows the device: the recipe's CPU processes, or one per GPU.
+    device = resolve_device("auto")
+    processes = data_parallel_processes(device, s.processes, s.instance_batch_size)
     _stage(
         build,
         f"training the instance model ({s.instance_iters} iterations of {s.instance_batch_size} images"
-        f" on {s.processes} process{'es' if s.processes > 1 else ''})",
+        f" on {processes} process{'es' if processes > 1 else ''}, {device})",
     )
     cfg = tiny_instance_config(
         len(CATEGORIES), input_size=s.instance_test_size, train_sizes=s.instance_train_sizes
@@ -99,8 +103,9 @@ def _train_instance(build: DemoBuild) -> Any:
         optimizer=s.instance_optimizer,
         lr=s.instance_lr,
         weight_decay=s.instance_weight_decay,
-        processes=s.processes,
-        num_workers=0 if s.processes > 1 else s.num_workers,
+        processes=processes,
+        device=device,
+        num_workers=0 if processes > 1 else s.num_workers,
     )
     result = train(
         cfg,
@@ -112,7 +117,8 @@ def _train_instance(build: DemoBuild) -> Any:
     build.report["instance"] = {
         "iterations": s.instance_iters,
         "batch_size": s.instance_batch_size,
-        "processes": s.processes,
+        "processes": processes,
+        "device": device,
         "best_val": result.best_metric,
     }
     return result

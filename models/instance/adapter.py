@@ -28,6 +28,7 @@ from detectron2.structures import Instances
 
 from cvserve.models.base import VisionModel
 from cvserve.models.checkpoint import META_KEY
+from cvserve.models.device import auto_device, resolve_device
 from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import config_file
 from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
@@ -35,7 +36,6 @@ from cvserve.models.registry import register_builder
 from cvserve.models.repository import ModelSpec
 from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
 from cvserve.models.threads import forward_threads
-from cvserve.models.training.options import auto_device, resolve_device
 from cvserve.models.types import Prediction, Task
 
 __all__ = ["DetectronModel", "build_detectron_model", "load_config"]

@@ -32,6 +32,7 @@ from detectron2.modeling import build_model as build_d2_model
 
 from cvserve.models.base import VisionModel
 from cvserve.models.checkpoint import META_KEY
+from cvserve.models.device import auto_device
 from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import config_file
 from cvserve.models.registry import register_builder
@@ -39,10 +40,9 @@ from cvserve.models.repository import ModelSpec
 from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
 from cvserve.models.semseg.config import add_semseg_config
 from cvserve.models.threads import forward_threads
-from cvserve.models.training.options import auto_device
 from cvserve.models.types import Prediction, SemanticMap, Task
 
-__all__ = ["SemanticSegmentationModel", "load_semseg_config"]
+__all__ = ["SemanticSegmentationModel", "labels_from_logits", "load_semseg_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,13 @@ class SemanticSegmentationModel(VisionModel):
         if self._format == "BGR":
             resized = resized[:, :, ::-1]
         tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        return {"image": tensor, "height": int(resized.shape[0]), "width": int(resized.shape[1])}
+        size = (int(image.shape[0]), int(image.shape[1]))
+        return {
+            "image": tensor,
+            "height": int(resized.shape[0]),
+            "width": int(resized.shape[1]),
+            "size": size,
+        }
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.startswith("cuda") and self.spec.precision in ("fp16", "bf16"):
@@ -173,21 +179,40 @@ class SemanticSegmentationModel(VisionModel):
         return contextlib.nullcontext()
 
     def forward(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
-        """One batched forward; returns ``(C, h, w)`` float logits on the CPU at each resized size."""
+        """One batched forward.
+
+        On a GPU returns each image's ``(H, W)`` label map, upsampled and argmaxed there (only
+        the small integer map crosses to the host); on the CPU its ``(C, h, w)`` float logits
+        at the resized size, left to :meth:`postprocess` in the shared pool.
+        """
         if self.model is None:
             raise RuntimeError(f"model {self.name!r} is not loaded")
         with torch.inference_mode(), self._autocast(), forward_threads(self.device):
             outputs = self.model(list(inputs))
+            if self.device.startswith("cuda"):
+                return [
+                    labels_from_logits(o["sem_seg"], i["size"]).cpu()
+                    for o, i in zip(outputs, inputs, strict=True)
+                ]
         return [o["sem_seg"].float().cpu() for o in outputs]
 
     def postprocess(self, raw: torch.Tensor, image_size: tuple[int, int]) -> Prediction:
-        """Upsample logits to ``image_size`` and take the per-pixel argmax."""
-        logits = F.interpolate(raw[None], size=image_size, mode="bilinear", align_corners=False)[0]
-        labels = logits.argmax(dim=0).numpy()
-        labels = labels.astype(np.uint8 if raw.shape[0] <= 256 else np.int32)
+        """The label map of ``image_size``: as computed on the GPU, or from the CPU's logits."""
+        labels_t = raw if raw.ndim == 2 else labels_from_logits(raw, image_size)
+        labels = labels_t.numpy()
         return Prediction(
             image_size=image_size, semantic=SemanticMap(labels=labels, class_names=self.class_names)
         )
+
+
+def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(C, h, w)`` logits -> ``(H, W)`` class labels at ``size``, on the logits' device.
+
+    Upsampled bilinearly in float32 (fp16 logits are widened first), argmax per pixel;
+    uint8 when the classes fit, else int32.
+    """
+    up = F.interpolate(logits.float()[None], size=size, mode="bilinear", align_corners=False)[0]
+    return up.argmax(dim=0).to(torch.uint8 if logits.shape[0] <= 256 else torch.int32)
 
 
 @register_builder(Task.SEMANTIC)

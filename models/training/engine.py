@@ -39,13 +39,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cvserve.models.checkpoint import save_checkpoint
 from cvserve.models.data.augment import build_augmentations
+from cvserve.models.device import resolve_device
 from cvserve.models.fusion import use_channels_last
 from cvserve.models.instance import config as _configs  # noqa: F401  (registers this project's backbone and ROI heads)
 from cvserve.models.instance.roi_align import use_gather_roi_align
 from cvserve.models.training.history import MetricsHistory
 from cvserve.models.training.launch import LauncherEnvironment, joined_process_group, launcher_environment
 from cvserve.models.training.monitor import ProgressLog, Selection
-from cvserve.models.training.options import TrainOptions, add_train_options, options_from_args, resolve_device
+from cvserve.models.training.options import TrainOptions, add_train_options, options_from_args
 from cvserve.models.training.parallel import ProcessGroup, broadcast_object, mean_over_ranks, rank_device
 from cvserve.models.training.solver import build_lr_scheduler, build_optimizer, train_step
 from cvserve.models.training.validation import dataset_classes, evaluate

@@ -10,9 +10,7 @@ __all__ = [
     "SCHEDULES",
     "TrainOptions",
     "add_train_options",
-    "auto_device",
     "options_from_args",
-    "resolve_device",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -203,31 +201,3 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     if values.get("scale_jitter") is not None:
         values["scale_jitter"] = tuple(values["scale_jitter"])
     return TrainOptions(**values)
-
-
-def auto_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a CUDA device is present, else ``cpu``; others unchanged, unchecked."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a CUDA device is present, else ``cpu``; others pass through checked.
-
-    Raises:
-        ValueError: a malformed device string, or CUDA requested where none is present.
-    """
-    import torch
-
-    if device == "auto":
-        return auto_device(device)
-    if device == "cpu":
-        return device
-    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but no CUDA device is available")
-        return device
-    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")

@@ -24,6 +24,8 @@ import queue
 import shutil
 import sys
 import tempfile
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
@@ -37,15 +39,40 @@ import torch.multiprocessing as mp
 from detectron2.utils import comm
 
 from cvserve.models import compat
+from cvserve.models.device import cuda_status
 from cvserve.models.threads import cpu_cores
 
-__all__ = ["ProcessGroup", "broadcast_object", "mean_over_ranks", "rank_device", "threads_per_process"]
+__all__ = [
+    "ProcessGroup",
+    "broadcast_object",
+    "collective_timeout",
+    "mean_over_ranks",
+    "rank_device",
+    "threads_per_process",
+]
 
 logger = logging.getLogger(__name__)
 
-# A rank that waits longer than this in a collective gives up (another rank hung or died).
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# A rank that waits longer than this in a collective gives up (another rank hung). A rank
+# that dies is noticed sooner: the caller's watchdog stops the group within a second.
+# CVSERVE_COLLECTIVE_TIMEOUT_S overrides it (e.g. for evaluations that keep ranks apart).
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 _JOIN_SECONDS = 60.0
+_WATCH_SECONDS = 0.5
+
+
+def collective_timeout() -> timedelta:
+    """How long a rank waits in a collective: ``CVSERVE_COLLECTIVE_TIMEOUT_S`` or 10 minutes."""
+    value = os.environ.get("CVSERVE_COLLECTIVE_TIMEOUT_S", "")
+    if not value:
+        return COLLECTIVE_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise ValueError(f"CVSERVE_COLLECTIVE_TIMEOUT_S must be a number of seconds > 0, got {value!r}")
+    return timedelta(seconds=seconds)
 
 
 def threads_per_process(processes: int) -> int:
@@ -65,9 +92,11 @@ def check_devices(device: str, processes: int) -> None:
             raise ValueError(
                 f"training on {processes} processes takes device 'cuda' (one GPU per rank), not {device!r}"
             )
-        if processes > torch.cuda.device_count():
+        gpus = cuda_status().device_count
+        if processes > gpus:
             raise ValueError(
-                f"{processes} processes need {processes} GPUs; {torch.cuda.device_count()} present"
+                f"{processes} processes need {processes} GPUs; {gpus} present"
+                " (one training process per GPU: pass --processes <= the GPU count)"
             )
 
 
@@ -126,8 +155,23 @@ def _init(rendezvous: str, rank: int, world: int, device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.set_device(rank_device(device, rank))
     dist.init_process_group(
-        backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
+        backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=collective_timeout()
     )
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this rank when the calling process is gone (a rank in NCCL would wait for it)."""
+    while os.getppid() == parent:
+        time.sleep(_WATCH_SECONDS)
+    os._exit(1)
+
+
+def _abort_collectives() -> None:
+    """Break this process's pending collectives (NCCL waits for a dead peer; gloo notices)."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if dist.is_initialized() and dist.get_backend() == "nccl" and abort is not None:
+        with contextlib.suppress(Exception):
+            abort()
 
 
 def _qualified(fn: Callable[..., Any]) -> str:
@@ -146,8 +190,10 @@ def _child(
     modules: list[str],
     target: str,
     errors: Any,
+    parent: int,
 ) -> None:
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
     code = 0
     try:
         # The target travels as "module:name" and is imported only after the detectron2
@@ -216,6 +262,8 @@ class ProcessGroup:
         self._errors: Any = None
         self._tmp: Path | None = None
         self._threads_before = torch.get_num_threads()
+        self._watching = threading.Event()
+        self.died: tuple[int, int | None] | None = None  # (rank, exit code) of a rank that died
 
     def __enter__(self) -> ProcessGroup:
         ctx = mp.get_context("spawn")
@@ -228,12 +276,14 @@ class ProcessGroup:
             common = (self.processes, rendezvous, self.device, self.threads, payload, modules)
             p = ctx.Process(
                 target=_child,
-                args=(rank, *common, _qualified(self._target), self._errors),
+                args=(rank, *common, _qualified(self._target), self._errors, os.getpid()),
                 daemon=True,
             )
             p.start()
             self._children.append(p)
         logger.info("training on %d processes (%d thread(s) each)", self.processes, self.threads)
+        self._watching.set()
+        threading.Thread(target=self._watch, daemon=True, name="rank-watch").start()
         try:
             torch.set_num_threads(self.threads)
             _init(rendezvous, 0, self.processes, self.device)
@@ -241,6 +291,23 @@ class ProcessGroup:
             self._stop()
             raise
         return self
+
+    def _watch(self) -> None:
+        """Stop every rank as soon as one dies: the others would wait for it in a collective."""
+        while self._watching.is_set():
+            dead = [
+                (rank, p.exitcode) for rank, p in enumerate(self._children, 1) if p.exitcode not in (None, 0)
+            ]
+            if dead:
+                rank, code = dead[0]
+                logger.error("training process %d exited with code %s; stopping the others", rank, code)
+                self.died = (rank, code)
+                for p in self._children:
+                    if p.is_alive():
+                        p.kill()
+                _abort_collectives()
+                return
+            time.sleep(_WATCH_SECONDS)
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -254,6 +321,11 @@ class ProcessGroup:
         if failure is not None:
             rank, trace = failure
             raise RuntimeError(f"training process {rank} failed:\n{trace}") from exc
+        if self.died is not None:
+            rank, code = self.died
+            raise RuntimeError(
+                f"training process {rank} died (exit code {code}) without a report; the others were stopped"
+            ) from exc
         if exc is None and any(p.exitcode != 0 for p in self._children):
             codes = {i + 1: p.exitcode for i, p in enumerate(self._children)}
             raise RuntimeError(f"a training process did not finish cleanly (exit codes by rank: {codes})")
@@ -265,6 +337,7 @@ class ProcessGroup:
             return None
 
     def _stop(self) -> None:
+        self._watching.clear()
         if dist.is_initialized():
             dist.destroy_process_group()
         comm._get_global_gloo_group.cache_clear()  # detectron2 caches the group of a destroyed world

@@ -179,10 +179,16 @@ def _code_name(error: Exception) -> str:
     return str(getattr(code, "name", code) or "UNKNOWN").upper()
 
 
+def _image_out_of_memory(error: Exception) -> bool:
+    """Whether the server refused one image as too large for its memory (not a full queue)."""
+    return "out of memory" in str(getattr(error, "message", "") or error)
+
+
 class ServerPredictor(ThreadedPredictor):
     """Sends images to a cvserve server, ``concurrency`` requests in flight; the server
     batches them. Overload and transient unavailability are retried with backoff; an
-    image the server rejects as invalid fails alone; anything else stops the run.
+    image the server rejects as invalid fails alone, and so does one that still runs out
+    of the server's memory by itself after the retries; anything else stops the run.
     """
 
     PER_IMAGE_CODES = frozenset({"INVALID_ARGUMENT"})
@@ -246,6 +252,8 @@ class ServerPredictor(ThreadedPredictor):
                 if code in self.PER_IMAGE_CODES:
                     return e
                 if code not in self.RETRY_CODES or attempt == self.retries:
+                    if code == "RESOURCE_EXHAUSTED" and _image_out_of_memory(e):
+                        return e  # this image does not fit on the server's device: skip it alone
                     raise PredictorError(
                         f"{self.address}: {e} (finished images are kept; rerun the same command to resume)"
                     ) from e

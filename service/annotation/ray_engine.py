@@ -21,7 +21,15 @@ from cvserve.annotation.predictors import LocalPredictor, ModelInfo, Predictor
 from cvserve.annotation.worker import RenderOptions, WorkItem, process_batch
 from cvserve.models.repository import ModelSpec
 
-__all__ = ["RAY_INSTALL_HINT", "AnnotateActor", "RayPredictor", "RayUnavailableError", "import_ray"]
+__all__ = [
+    "RAY_INSTALL_HINT",
+    "ActorPlacement",
+    "AnnotateActor",
+    "RayPredictor",
+    "RayUnavailableError",
+    "import_ray",
+    "plan_actors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +54,57 @@ def import_ray() -> Any:
             f"the Ray engine needs Ray Data, install it with: {RAY_INSTALL_HINT} ({e})"
         ) from None
     return ray
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorPlacement:
+    """How the actor pool sits on the cluster.
+
+    Attributes:
+        num_actors: size of the actor pool.
+        gpus_per_actor: GPUs Ray reserves for each actor (0: none; fractions share a GPU).
+        device: the device each actor's model uses. Ray makes an actor see only the GPUs
+            reserved for it, numbered from 0, so every CUDA model runs on ``cuda``.
+    """
+
+    num_actors: int
+    gpus_per_actor: float
+    device: str
+
+
+def plan_actors(
+    device: str,
+    cluster_gpus: float,
+    cluster_cpus: float,
+    num_actors: int | None,
+    gpus_per_actor: float | None,
+) -> ActorPlacement:
+    """Place the actors of a model whose repository entry says ``device``.
+
+    ``cpu`` reserves no GPU; ``auto`` one GPU per actor when the cluster has GPUs, else
+    none; ``cuda`` / ``cuda:N`` one GPU per actor (the index is Ray's to choose). By
+    default one actor per GPU share, or one per two CPUs without GPUs.
+
+    Raises:
+        ValueError: GPUs asked of a ``cpu`` model, a CUDA model on a cluster without GPUs,
+            or more GPUs per actor than the cluster has.
+    """
+    if device == "cpu" and gpus_per_actor:
+        raise ValueError(f"device cpu uses no GPU, but {gpus_per_actor:g} GPU(s) per actor were asked for")
+    if device.startswith("cuda") and cluster_gpus <= 0:
+        raise ValueError(f"device {device} needs GPUs, and the Ray cluster has none")
+    if gpus_per_actor is None:
+        gpus_per_actor = 0.0 if device == "cpu" or cluster_gpus <= 0 else 1.0
+    if gpus_per_actor > cluster_gpus:
+        raise ValueError(
+            f"{gpus_per_actor:g} GPU(s) per actor asked for; the Ray cluster has {cluster_gpus:g}"
+        )
+    if device.startswith("cuda") and gpus_per_actor == 0:
+        raise ValueError(f"device {device} needs a GPU per actor; gpus_per_actor is 0")
+    if num_actors is None:
+        shares = int(cluster_gpus // gpus_per_actor) if gpus_per_actor else int(cluster_cpus) // 2
+        num_actors = max(1, shares)
+    return ActorPlacement(num_actors, float(gpus_per_actor), "cuda" if gpus_per_actor else "cpu")
 
 
 def _model_info(spec: ModelSpec) -> ModelInfo:
@@ -83,14 +142,16 @@ class RayPredictor(Predictor):
         spec: the model to run (every actor builds it from this spec).
         address: Ray cluster address (``auto``, ``ray://host:10001``); None starts a
             local Ray, unless Ray is already initialised in this process.
-        num_actors: size of the actor pool; default one per GPU group when the cluster
-            has GPUs, else one per two CPUs (at least one).
-        gpus_per_actor: GPUs reserved per actor; default 1 when the cluster has GPUs, else 0.
+        num_actors: size of the actor pool; default one per GPU group when the actors
+            use GPUs, else one per two CPUs (at least one).
+        gpus_per_actor: GPUs reserved per actor; default 0 for ``device: cpu``, else 1
+            when the cluster has GPUs (see :func:`plan_actors`).
         init_kwargs: extra ``ray.init`` arguments when this predictor starts Ray.
 
     Raises:
         RayUnavailableError: Ray Data is not installed.
-        ValueError: ``num_actors`` < 1 or ``gpus_per_actor`` < 0.
+        ValueError: ``num_actors`` < 1, ``gpus_per_actor`` < 0, or a placement the
+            cluster cannot give (:func:`plan_actors`).
     """
 
     def __init__(
@@ -110,16 +171,27 @@ class RayPredictor(Predictor):
         self._owns_ray = not self._ray.is_initialized()
         if self._owns_ray:
             self._ray.init(address=address, **(init_kwargs or {"include_dashboard": False}))
-        self.spec = spec
-        self.info = _model_info(spec)
-        resources = self._ray.cluster_resources()
-        gpus = float(resources.get("GPU", 0))
-        self.gpus_per_actor = float(gpus_per_actor) if gpus_per_actor is not None else (1.0 if gpus else 0.0)
-        if num_actors is None:
-            per_gpu = int(gpus // self.gpus_per_actor) if self.gpus_per_actor else 0
-            num_actors = max(1, per_gpu if self.gpus_per_actor else int(resources.get("CPU", 1)) // 2)
-        self.num_actors = num_actors
-        logger.info("Ray: %d actor(s), %.2g GPU(s) each", self.num_actors, self.gpus_per_actor)
+        try:
+            resources = self._ray.cluster_resources()
+            placement = plan_actors(
+                spec.device,
+                float(resources.get("GPU", 0)),
+                float(resources.get("CPU", 1)),
+                num_actors,
+                gpus_per_actor,
+            )
+            self.info = _model_info(spec)
+        except BaseException:
+            self.close()
+            raise
+        self.spec = dataclasses.replace(spec, device=placement.device)  # what each actor builds
+        self.num_actors, self.gpus_per_actor = placement.num_actors, placement.gpus_per_actor
+        logger.info(
+            "Ray: %d actor(s), %.2g GPU(s) each, model on %s",
+            self.num_actors,
+            self.gpus_per_actor,
+            placement.device,
+        )
 
     def map_batches(
         self, batches: Iterable[Sequence[WorkItem]], render: RenderOptions

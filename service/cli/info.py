@@ -30,14 +30,16 @@ def collect(models: str | None = None) -> dict[str, Any]:
     import torchvision
 
     from cvserve.models import compat as _compat
+    from cvserve.models.device import cuda_status
     from cvserve.models.repository import default_repository_path
 
     _compat.apply()
     import detectron2
 
+    cuda = cuda_status()
     devices = []
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
+    if cuda.available:
+        for i in range(cuda.device_count):
             props = torch.cuda.get_device_properties(i)
             devices.append(
                 {"index": i, "name": props.name, "memory_gib": round(props.total_memory / 2**30, 2)}
@@ -53,8 +55,10 @@ def collect(models: str | None = None) -> dict[str, Any]:
         "detectron2": detectron2.__version__,
         "detectron2_distribution": dist,
         "detectron2_native_ops": _compat.has_native_ops(),
-        "cuda_available": torch.cuda.is_available(),
+        "cuda_available": cuda.available,
         "cuda_devices": devices,
+        "nvidia_driver": cuda.driver,
+        "cuda_problem": cuda.problem,
         "grpcio": grpc.__version__,
         "model_repository": repo,
     }
@@ -67,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     build = "with C++ ops (_C)" if info["detectron2_native_ops"] else "pure Python, without C++ ops (_C)"
     cuda = "yes" if info["cuda_available"] else "no"
+    if info["cuda_problem"]:
+        cuda = f"no: CUDA present but unusable ({info['cuda_problem']})"
+    elif info["nvidia_driver"]:
+        cuda += f" (NVIDIA driver {info['nvidia_driver']})"
     print(f"python       {info['python']} ({info['platform']})")
     print(f"torch        {info['torch']} (built for CUDA {info['torch_cuda_build']})")
     print(f"torchvision  {info['torchvision']}")

@@ -208,6 +208,9 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger(__name__).info(
                 "malloc tuning not applied (not glibc, or refused); using defaults"
             )
+    from cvserve.models.device import warn_if_cuda_unusable
+
+    warn_if_cuda_unusable()  # "CUDA present but unusable: driver X, this torch needs >= Y"
     repository = _repository(args.models)
     try:
         specs = load_repository(repository)

@@ -11,7 +11,8 @@ Failure contract:
     * the handler may return an exception instance in place of a result: only that
       item's future fails (Triton);
     * if the handler raises, every item of that batch fails with the exception (Ray),
-      except out-of-memory on a batch of more than one, which is retried as two halves;
+      except out-of-memory, which retries the batch as two halves down to single items;
+      an item out of memory alone fails with ``ModelOutOfMemoryError`` (RESOURCE_EXHAUSTED);
     * a handler returning the wrong number of results fails the whole batch;
     * items whose deadline passed while queued fail with ``DeadlineExceededError`` and
       are never run; cancelled requests leave the queue at once.
@@ -23,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -31,6 +31,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from cvserve.dataplane.memory import run_splitting_on_oom
 from cvserve.errors import DeadlineExceededError, QueueFullError, ServerDrainingError
 
 __all__ = ["BatchHandlerError", "BatchReport", "Batcher", "ItemTiming"]
@@ -78,19 +79,6 @@ class _Item:
     enqueued: float
     deadline: float | None
     timing: ItemTiming = field(default_factory=ItemTiming)
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, MemoryError):
-        return True
-    torch = sys.modules.get("torch")  # only a model that uses torch can raise its OOM
-    return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
-
-
-def _release_cuda_cache() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class Batcher(Generic[T, R]):
@@ -291,22 +279,8 @@ class Batcher(Generic[T, R]):
             self._on_batch(BatchReport(size=len(batch), queue_s=queue_s, compute_s=compute_s, failed=failed))
 
     def _call(self, payloads: list[T]) -> list[Any]:
-        """Run the handler (worker thread); halve and retry a multi-item batch on out-of-memory."""
-        try:
-            results = list(self._handler(payloads))
-        except Exception as e:
-            if len(payloads) > 1 and _is_out_of_memory(e):
-                half = len(payloads) // 2
-                logger.warning(
-                    "%s: out of memory on a batch of %d, retrying as %d + %d",
-                    self.name,
-                    len(payloads),
-                    half,
-                    len(payloads) - half,
-                )
-                _release_cuda_cache()
-                return self._call(payloads[:half]) + self._call(payloads[half:])
-            raise
+        """Run the handler (worker thread); out of memory splits the batch (:mod:`cvserve.dataplane.memory`)."""
+        results = run_splitting_on_oom(self._handler, payloads, self.name)
         if len(results) != len(payloads):
             raise BatchHandlerError(
                 f"{self.name}: batch handler returned {len(results)} results for {len(payloads)} items"

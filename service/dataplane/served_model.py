@@ -23,10 +23,11 @@ import numpy as np
 from cvserve.config import ServerConfig
 from cvserve.dataplane.batcher import Batcher, BatchReport, ItemTiming
 from cvserve.dataplane.model_state import ModelState, ModelStats, ModelStatus, Outcome
+from cvserve.dataplane.replicas import ReplicaSet, build_replicas
 from cvserve.errors import InvalidImageError, ModelNotReadyError
 from cvserve.metrics import Metrics
 from cvserve.models.base import VisionModel
-from cvserve.models.batching import synthetic_image, tune_batch_size
+from cvserve.models.batching import busy_image, tune_batch_size
 from cvserve.models.errors import InputSizeError
 from cvserve.models.repository import ModelSpec
 
@@ -67,7 +68,8 @@ class ServedModel:
         self.spec = spec
         self.state: str = ModelState.LOADING
         self.error = ""
-        self.model: VisionModel | None = None
+        self.model: VisionModel | None = None  # the first copy (pre- / post-processing)
+        self.replicas: ReplicaSet | None = None
         self.batcher: Batcher[Any, Any] | None = None
         self.executor: ThreadPoolExecutor | None = None
         self.stats = ModelStats()
@@ -85,7 +87,7 @@ class ServedModel:
             state=self.state,
             error=self.error,
             class_names=tuple(model.class_names) if model is not None else (),
-            device=str(model.device) if model is not None else "",
+            device=",".join(self.replicas.devices) if self.replicas is not None else "",
         )
 
     def start_loading(self) -> asyncio.Task[None]:
@@ -108,15 +110,18 @@ class ServedModel:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            self.model = await loop.run_in_executor(self.executor, self._build_and_load)
+            models = await loop.run_in_executor(self.executor, build_replicas, spec, self._builder)
+            self.model = models[0]
             if spec.batching == "auto":
                 self.spec = await loop.run_in_executor(self.executor, self._tune_batch_size)
             instances = resolve_instances(self.spec, self.model.device, self.model.shares_cpu_threads)
             self.spec = dataclasses.replace(self.spec, instances=instances)
-            if instances > 1:
+            self.replicas = replicas = ReplicaSet(models, instances, self._on_device_batch)
+            if replicas.slots > 1:
                 self.executor.shutdown(wait=False)
-                self.executor = ThreadPoolExecutor(instances, thread_name_prefix=f"model-{spec.name}")
+                self.executor = ThreadPoolExecutor(replicas.slots, thread_name_prefix=f"model-{spec.name}")
             if self._metrics is not None:
+                self._metrics.set_instances(spec.name, replicas.devices, instances)
                 self._metrics.set_max_batch_size(spec.name, self.spec.max_batch_size, spec.batching)
             self.batcher = self._make_batcher()
             if self._config.warmup:
@@ -127,17 +132,13 @@ class ServedModel:
             await self.set_state(ModelState.FAILED, f"{type(e).__name__}: {e}")
             return
         self.stats = ModelStats()  # warm-up is not traffic
-        self.model.mark_ready()
+        for model in replicas.models:
+            model.mark_ready()
         logger.info(
             "model %s v%s ready in %.2f s (%s instance(s), max_batch_size %d)",
             spec.name, spec.version, time.monotonic() - started, self.spec.instances, self.spec.max_batch_size,
         )  # fmt: skip
         await self.set_state(ModelState.READY)
-
-    def _build_and_load(self) -> VisionModel:
-        model = self._builder(self.spec)
-        model.load()
-        return model
 
     def _tune_batch_size(self) -> ModelSpec:
         """The spec with the measured fastest ``max_batch_size`` (model thread, at load time)."""
@@ -145,27 +146,40 @@ class ServedModel:
         return tune_batch_size(self.model, self.spec)
 
     def _make_batcher(self) -> Batcher[Any, Any]:
-        assert self.model is not None and self.executor is not None
+        assert self.replicas is not None and self.executor is not None
         name = self.spec.name
         batcher: Batcher[Any, Any] = Batcher(
-            self.model.forward,
+            self.replicas.forward,
             max_batch_size=self.spec.max_batch_size,
             max_wait_ms=self.spec.max_wait_ms,
             max_queue=self.spec.max_queue,
             executor=self.executor,
             name=name,
             on_batch=self._on_batch,
-            concurrency=int(self.spec.instances),
+            concurrency=self.replicas.slots,
         )
         if self._metrics is not None:
             self._metrics.track_queue_depth(name, lambda: batcher.depth)
         return batcher
 
     async def _warm_up(self) -> None:
+        """A full batch of busy images through the whole path before any traffic.
+
+        Kernels, cuDNN's algorithm search and the caching allocator meet the largest batch
+        now rather than on the first requests; an image that does not fit even alone fails
+        the load here.
+        """
         side = self._config.warmup_image_size
-        outcome = await self.run_image(synthetic_image(side, side), None)
-        if outcome.error is not None:
-            raise RuntimeError(f"warm-up inference failed: {outcome.error}") from outcome.error
+        image = busy_image(side, side)
+        count = min(self.spec.max_batch_size, self.spec.max_queue)
+        outcomes = await asyncio.gather(*(self.run_image(image, None) for _ in range(count)))
+        errors = [o.error for o in outcomes if o.error is not None]
+        if errors:
+            raise RuntimeError(f"warm-up inference failed: {errors[0]}") from errors[0]
+
+    def _on_device_batch(self, device: str) -> None:
+        if self._metrics is not None and self.state == ModelState.READY:  # warm-up is not traffic
+            self._metrics.observe_device_batch(self.spec.name, device)
 
     def _on_batch(self, report: BatchReport) -> None:
         stats = self.stats
@@ -185,9 +199,9 @@ class ServedModel:
             await self.batcher.close()
         if self.executor is not None:
             self.executor.shutdown(wait=False)
-        if self.model is not None:
-            self.model.mark_ready(False)
-        self.model, self.batcher, self.executor = None, None, None
+        for model in self.replicas.models if self.replicas is not None else ():
+            model.mark_ready(False)
+        self.model, self.replicas, self.batcher, self.executor = None, None, None, None
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record one image's time in a serving stage, once the model serves traffic."""

@@ -8,6 +8,7 @@ from cvserve._proto.inference import grpc_service_pb2 as pb
 from cvserve._proto.inference import model_config_pb2 as mc
 from cvserve.dataplane.plane import Duration, ModelState, ModelStats, ModelStatus
 from cvserve.kserve.tensors import TensorSpec, input_spec, output_specs
+from cvserve.models.device import device_index
 from cvserve.models.types import Task
 
 __all__ = [
@@ -74,7 +75,9 @@ def model_config(status: ModelStatus) -> mc.ModelConfig:
     if isinstance(spec.instances, int):  # resolved once loaded; "auto" before
         on_gpu = (status.device or spec.device).startswith("cuda")
         kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
-        config.instance_group.append(mc.ModelInstanceGroup(count=spec.instances, kind=kind))
+        # Triton counts instances per listed GPU, as the entry's ``devices`` do.
+        gpus = [device_index(d) for d in spec.devices]
+        config.instance_group.append(mc.ModelInstanceGroup(count=spec.instances, kind=kind, gpus=gpus))
     if status.task is Task.INSTANCE:
         config.parameters["masks"].string_value = "COCO RLE compressed counts, ASCII, of an image_size mask"
     return config

@@ -241,16 +241,30 @@ class TestOutOfMemory:
         succeeded = [b for b in model.batches if len(b) == 1]
         assert sorted(t for (t,) in succeeded) == tags  # then every image alone, exactly once
 
-    def test_out_of_memory_on_a_single_image_fails_it_and_serving_goes_on(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize(
+        "error",
+        [MemoryError, lambda: torch.cuda.OutOfMemoryError("CUDA out of memory")],
+        ids=["host", "cuda"],
+    )
+    def test_out_of_memory_on_a_single_image_fails_it_and_serving_goes_on(
+        self, tmp_path: Path, error: Any
+    ) -> None:
         def fail(inputs: Sequence[np.ndarray]) -> Exception | None:
-            return MemoryError() if any(int(img[0, 0, 0]) == 66 for img in inputs) else None
+            return error() if any(int(img[0, 0, 0]) == 66 for img in inputs) else None
 
-        server, _ = scripted_server(tmp_path, fail, max_batch_size=1)
-        with server as srv, Client(srv.address, timeout=10) as client:
-            with pytest.raises(ClientError) as info:
-                client.detect(tagged(66), model="det")
-            assert info.value.code is grpc.StatusCode.INTERNAL and info.value.message == "internal error"
-            assert client.detect(tagged(67), model="det").instances
+        server, model = scripted_server(
+            tmp_path, fail, max_batch_size=4, max_wait_ms=300, options={"delay_ms": 20}
+        )
+        tags = [66, 67, 68, 69]
+        with server as srv, Client(srv.address, timeout=10) as client, ThreadPoolExecutor(4) as pool:
+            futures = {t: pool.submit(client.detect, tagged(t), model="det") for t in tags}
+            outcomes = {t: f.exception() for t, f in futures.items()}
+            assert client.detect(tagged(70), model="det").instances
+        huge = outcomes.pop(66)
+        assert isinstance(huge, ClientError) and huge.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "out of memory on this image" in huge.message  # retryable, and says why
+        assert all(e is None for e in outcomes.values())  # the rest of its batch was answered
+        assert max(len(b) for b in model.batches) > 1
 
 
 class TestSigterm:

@@ -145,7 +145,7 @@ def test_train_instance_on_two_processes(data: tuple[dict, Path], tmp_path: Path
         "--train-json": splits["train"].instances_json, "--train-images": splits["train"].images,
         "--val-json": splits["val"].instances_json, "--val-images": splits["val"].images,
         "--config": config, "--out": out, "--max-iter": 2, "--warmup-iters": 1, "--batch-size": 4,
-        "--eval-period": 2, "--log-period": 1, "--num-workers": 0, "--processes": 2,
+        "--eval-period": 2, "--log-period": 1, "--num-workers": 0, "--processes": 2, "--device": "cpu",
     }  # fmt: skip
     proc = _cvserve("train", "instance", *[str(x) for kv in flags.items() for x in kv])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -133,3 +133,66 @@ def test_in_process_runs_measure_auto_as_the_server_does(monkeypatch: pytest.Mon
     fixed, calls[:] = dataclasses.replace(spec, batching="fixed", max_batch_size=3), []
     assert batch_policy.load_for_inference(fixed)[1].max_batch_size == 3
     assert calls == []
+
+
+class ClockedGpuModel:
+    """A fake model on ``cuda:0`` whose forward advances a fake clock by its cost and runs out
+    of memory (``torch.cuda.OutOfMemoryError``) above ``fits`` images."""
+
+    device = "cuda:0"
+
+    def __init__(self, per_image_ms: dict[int, float], fits: int) -> None:
+        self.per_image_ms, self.fits, self.now, self.sizes = per_image_ms, fits, 0.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def preprocess(self, image: object) -> object:
+        return image
+
+    def forward(self, batch: list[object]) -> list[object]:
+        import torch
+
+        self.sizes.append(len(batch))
+        if len(batch) > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        self.now += len(batch) * self.per_image_ms[len(batch)] / 1000
+        return batch
+
+
+GPU_COSTS = {1: 20.0, 2: 11.0, 4: 6.0, 8: 4.0, 16: 3.0, 32: 2.5}
+AUTO = ModelSpec(
+    name="auto", task=Task.INSTANCE, config="-", max_batch_size=AUTO_BATCH_LIMIT, batching="auto"
+)
+
+
+def test_on_a_gpu_auto_searches_beyond_8_and_stops_at_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ClockedGpuModel(GPU_COSTS, fits=16)
+    monkeypatch.setattr(batch_policy.time, "perf_counter", model.clock)
+    tuned = batch_policy.tune_batch_size(model, AUTO)  # type: ignore[arg-type]
+    assert tuned.max_batch_size == 16  # cheapest image among the sizes that fit; loading went on
+    assert max(model.sizes) == 32  # 32 was tried once, ran out of memory, and was dropped
+    assert batch_policy.auto_batch_limit(AUTO, "cuda:0") == batch_policy.GPU_AUTO_BATCH_LIMIT == 32
+    assert batch_policy.auto_batch_limit(AUTO, "cpu") == AUTO_BATCH_LIMIT == 8
+
+
+def test_out_of_memory_measures_as_infinitely_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ClockedGpuModel(GPU_COSTS, fits=2)
+    monkeypatch.setattr(batch_policy.time, "perf_counter", model.clock)
+    measure = batch_policy.forward_timer(model, batch_policy.busy_image(48, 64))
+    assert measure(2) == pytest.approx(0.022)
+    assert measure(4) == float("inf")
+
+
+def test_a_model_that_cannot_fit_one_image_fails_to_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ClockedGpuModel(GPU_COSTS, fits=0)
+    monkeypatch.setattr(batch_policy.time, "perf_counter", model.clock)
+    with pytest.raises(MemoryError, match="a single image runs out of memory on cuda:0"):
+        batch_policy.tune_batch_size(model, AUTO)  # type: ignore[arg-type]
+
+
+def test_the_measurement_image_is_busy_and_deterministic() -> None:
+    a, b = batch_policy.busy_image(480, 640), batch_policy.busy_image(480, 640)
+    assert a.shape == (480, 640, 3) and a.dtype.name == "uint8" and (a == b).all()
+    colours = {tuple(c) for c in a.reshape(-1, 3)[::97]}
+    assert len(colours) > 1000  # textured, unlike the smooth warm-up ramp

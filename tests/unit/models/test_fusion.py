@@ -89,7 +89,12 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _served(config: Path, weights: Path, **options: object) -> DetectronModel:
     spec = ModelSpec(
-        name="tiny", task=Task.INSTANCE, config=str(config), weights=str(weights), options=options
+        name="tiny",
+        task=Task.INSTANCE,
+        config=str(config),
+        weights=str(weights),
+        device="cpu",
+        options=options,
     )
     model = DetectronModel(spec)
     model.load()

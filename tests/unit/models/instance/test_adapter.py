@@ -38,8 +38,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[CfgNode, Path, Path]
 
 
 def _spec(config: Path, weights: Path | str, **options: object) -> ModelSpec:
+    # Pinned to the CPU: these tests assert CPU facts (channels-last by default, agreement
+    # with a CPU DefaultPredictor), which a GPU host would otherwise not run.
     return ModelSpec(
-        name="tiny", task=Task.INSTANCE, config=str(config), weights=str(weights), options=options
+        name="tiny",
+        task=Task.INSTANCE,
+        config=str(config),
+        weights=str(weights),
+        device="cpu",
+        options=options,
     )
 
 

@@ -16,6 +16,7 @@ from cvserve.models.build import build_model
 from cvserve.models.registry import MODEL_REGISTRY
 from cvserve.models.repository import ModelSpec
 from cvserve.models.semseg import SemanticSegmentationModel
+from cvserve.models.semseg.adapter import labels_from_logits
 from cvserve.models.types import Task
 
 from .conftest import NUM_CLASSES
@@ -140,3 +141,35 @@ def test_channels_last_gives_the_same_labels(seg_cfg: CfgNode, tmp_path: Path) -
     assert np.array_equal(
         nhwc.postprocess(a, (40, 72)).semantic.labels, nchw.postprocess(b, (40, 72)).semantic.labels
     )
+
+
+def test_the_gpu_path_gives_the_cpu_labels(seg_cfg: CfgNode, tmp_path: Path) -> None:
+    # On a GPU, forward upsamples and argmaxes on the device and returns label maps; the same
+    # code, run here on CPU tensors by naming a CUDA device after loading, must agree with the
+    # CPU path (logits out of forward, labels in postprocess).
+    config, weights = _write_model(seg_cfg, tmp_path, {"__cvserve__": {"class_names": NAMES}})
+    model = build_model(_spec(config, weights))
+    model.load()
+    rng = np.random.default_rng(1)
+    images = [
+        rng.integers(0, 255, (50, 90, 3), dtype=np.uint8),
+        rng.integers(0, 255, (77, 41, 3), dtype=np.uint8),
+    ]
+    inputs = [model.preprocess(img) for img in images]
+    on_cpu = model.forward(inputs)
+    assert all(raw.ndim == 3 and raw.dtype == torch.float32 for raw in on_cpu)  # logits
+    model.device = "cuda:0"
+    on_device = model.forward(inputs)
+    for img, raw, labels in zip(images, on_cpu, on_device, strict=True):
+        assert labels.shape == img.shape[:2] and labels.dtype == torch.uint8  # only labels leave the device
+        cpu_pred = model.postprocess(raw, img.shape[:2])
+        gpu_pred = model.postprocess(labels, img.shape[:2])
+        assert cpu_pred.semantic is not None and gpu_pred.semantic is not None
+        np.testing.assert_array_equal(cpu_pred.semantic.labels, gpu_pred.semantic.labels)
+
+
+def test_labels_from_logits_picks_int32_beyond_256_classes() -> None:
+    logits = torch.zeros(300, 4, 4)
+    logits[299] = 1.0
+    labels = labels_from_logits(logits, (8, 6))
+    assert labels.dtype == torch.int32 and labels.shape == (8, 6) and bool((labels == 299).all())

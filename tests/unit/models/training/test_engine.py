@@ -253,7 +253,9 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SplitPaths]:
 
 
 def _quick(**overrides: object) -> TrainOptions:
-    base: dict = dict(max_iter=3, warmup_iters=1, batch_size=2, eval_period=3, num_workers=0, log_period=1)
+    base: dict = dict(
+        max_iter=3, warmup_iters=1, batch_size=2, eval_period=3, num_workers=0, log_period=1, device="cpu"
+    )
     return TrainOptions(**{**base, **overrides})
 
 

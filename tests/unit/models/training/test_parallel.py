@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,13 @@ from cvserve.models.data.datasets import register_coco_split
 from cvserve.models.data.synthetic import CATEGORIES, generate_dataset
 from cvserve.models.instance.config import tiny_instance_config
 from cvserve.models.training.engine import TrainOptions, evaluate, train
-from cvserve.models.training.parallel import ProcessGroup, check_devices, rank_device, threads_per_process
+from cvserve.models.training.parallel import (
+    ProcessGroup,
+    check_devices,
+    collective_timeout,
+    rank_device,
+    threads_per_process,
+)
 from tests.fixtures import parallel_targets
 
 # -- the process group ---------------------------------------------------------------------------
@@ -46,6 +56,47 @@ def test_an_error_in_the_caller_stops_the_other_ranks() -> None:
     assert not dist.is_initialized()
 
 
+def test_a_rank_that_dies_stops_the_others_at_once() -> None:
+    # The caller waits on rank 2, which never sends: only the watchdog, which kills every
+    # rank when one dies, can end the wait before the collective timeout.
+    group = ProcessGroup(3, "cpu", [], parallel_targets.die_or_hang, ())
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"training process 1 died \(exit code 3\)"), group:
+        dist.recv(torch.zeros(1), src=2)
+    assert time.monotonic() - start < 60
+    assert all(not p.is_alive() for p in group._children)
+    assert not dist.is_initialized()
+
+
+def test_ranks_end_when_the_calling_process_is_gone() -> None:
+    code = "from cvserve.models import compat; compat.apply(); from tests.fixtures import parallel_targets as t; t.orphan_a_rank()"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    pid = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid), f"rank 1 (pid {pid}) outlived the process that started it"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_the_collective_timeout_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert collective_timeout() == timedelta(minutes=10)
+    monkeypatch.setenv("CVSERVE_COLLECTIVE_TIMEOUT_S", "90")
+    assert collective_timeout() == timedelta(seconds=90)
+    monkeypatch.setenv("CVSERVE_COLLECTIVE_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="CVSERVE_COLLECTIVE_TIMEOUT_S must be a number of seconds > 0"):
+        collective_timeout()
+
+
 def test_devices_and_options_are_checked() -> None:
     assert rank_device("cpu", 1) == "cpu" and rank_device("cuda", 1) == "cuda:1"
     with pytest.raises(ValueError, match="one GPU per rank"):
@@ -77,8 +128,9 @@ def test_two_process_training_is_deterministic_and_evaluates_rank_0s_weights(
 ) -> None:
     cfg = tiny_instance_config(len(CATEGORIES), input_size=64)
     options = TrainOptions(
-        max_iter=4, warmup_iters=1, batch_size=4, eval_period=2, num_workers=0, log_period=1, processes=2
-    )
+        max_iter=4, warmup_iters=1, batch_size=4, eval_period=2, num_workers=0, log_period=1, processes=2,
+        device="cpu",
+    )  # fmt: skip
     runs = [
         train(
             cfg,

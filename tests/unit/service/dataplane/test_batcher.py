@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cvserve.dataplane.batcher import Batcher, BatchHandlerError, BatchReport, ItemTiming
-from cvserve.errors import DeadlineExceededError, QueueFullError, ServerDrainingError
+from cvserve.errors import DeadlineExceededError, ModelOutOfMemoryError, QueueFullError, ServerDrainingError
 
 
 class Recorder:
@@ -175,7 +175,7 @@ def test_out_of_memory_on_single_item_fails_it() -> None:
 
     async def main():
         b = Batcher(oom, max_batch_size=1, max_wait_ms=0, max_queue=4)
-        with pytest.raises(MemoryError):
+        with pytest.raises(ModelOutOfMemoryError, match="out of memory on this image"):
             await b.submit(1)
         await b.close()
 

@@ -70,7 +70,7 @@ def test_warm_up_runs_the_whole_path_before_ready_and_is_not_counted() -> None:
         dp = plane(spec("det"))
         await dp.start()
         await dp.wait_loaded(10)
-        assert dp.model_object("det").batch_sizes == [1]  # the warm-up forward
+        assert dp.model_object("det").batch_sizes == [4]  # the warm-up: one full batch
         assert dp.stats("det").inference_count == 0
         no_warmup = plane(spec("det"), warmup=False)
         await no_warmup.start()
