@@ -20,6 +20,7 @@ __all__ = [
     "ModelNotReadyError",
     "NotSupportedError",
     "QueueFullError",
+    "RepositoryFileError",
     "ServerDrainingError",
     "ServiceError",
     "UnauthenticatedError",
@@ -108,6 +109,12 @@ class DeadlineExceededError(ServiceError):
 
 class ModelLoadError(ServiceError):
     """Loading a model at run time failed."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class RepositoryFileError(ServiceError):
+    """The model repository file cannot be read or does not validate; nothing was changed."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 
