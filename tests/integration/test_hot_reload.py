@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -41,7 +45,9 @@ def write_entry(directory: Path, scale: float, **fields: object) -> Path:
     """The repository: one fake detector whose "weights" set its score scale."""
     (directory / "det.pth").write_text(json.dumps({"score_scale": scale}))
     entry = {"name": "det", "task": "instance", "config": "fake", "handler": FAKE, "weights": "det.pth"}
-    entry.update({"max_batch_size": 4, "max_wait_ms": 5, "options": {"delay_ms": 20, "preprocess_ms": 10}}, **fields)
+    entry.update(
+        {"max_batch_size": 4, "max_wait_ms": 5, "options": {"delay_ms": 20, "preprocess_ms": 10}}, **fields
+    )
     path = directory / "models.yaml"
     path.write_text(yaml.safe_dump({"models": [entry]}))
     return path
@@ -187,3 +193,66 @@ def test_poll_mode_applies_changes_by_itself_under_load(repository: Path) -> Non
 def _scaled(srv: ServerThread) -> bool:
     model = srv.dataplane.model_object("det")
     return model is not None and getattr(model, "options", {}).get("score_scale") == 0.5
+
+
+def _serve_cli(repository: Path, *extra: str) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """``cvserve serve`` on a free port: the process, its address and its log lines (kept reading)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "cvserve", "serve", "--models", str(repository), "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", "0", "--no-metrics", *extra],
+        env={**os.environ, "PYTHONPATH": path},
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    for line in proc.stderr:
+        lines.append(line)
+        if match := re.search(r"serving on port (\d+)", line):
+            threading.Thread(target=lambda: lines.extend(proc.stderr or ()), daemon=True).start()
+            return proc, f"127.0.0.1:{match.group(1)}", lines
+    raise AssertionError(f"server exited with {proc.wait()} before serving: {''.join(lines)}")
+
+
+def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition never met"
+        time.sleep(0.05)
+
+
+def test_sighup_applies_the_file_and_an_invalid_file_is_logged(repository: Path) -> None:
+    proc, address, log = _serve_cli(repository)
+    try:
+        triton = tc.InferenceServerClient(address)
+        _until(lambda: triton.is_model_ready("det"))
+        repository.write_text("models: [{name: det, task: instance}]")  # no config
+        proc.send_signal(signal.SIGHUP)
+        _until(lambda: any("models[0].config: required" in line for line in log))
+        assert triton.is_model_ready("det")
+
+        write_entry(repository.parent, 0.5)
+        text = yaml.safe_load(repository.read_text())
+        text["models"].append({"name": "seg", "task": "semantic", "config": "fake", "handler": FAKE})
+        repository.write_text(yaml.safe_dump(text))
+        proc.send_signal(signal.SIGHUP)
+        _until(lambda: triton.is_model_ready("seg"))
+        _until(
+            lambda: float(triton.infer("det", [uint8_input(scene())]).as_numpy("scores").max()) < BASE_SCORE
+        )
+        assert any("SIGHUP: 2 change(s) applied" in line for line in log)
+        triton.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+
+
+def test_poll_interval_must_be_positive(repository: Path) -> None:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "cvserve", "serve", "--models", str(repository), "--poll-repository", "0"]
+    done = subprocess.run(
+        cmd, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "--poll-repository: must be > 0 when set, got 0.0" in done.stderr
