@@ -18,6 +18,7 @@ from cvserve.config import ServerConfig
 from cvserve.dataplane.plane import DataPlane, ModelState
 from cvserve.dataplane.repository import Change, file_source
 from cvserve.errors import ModelLoadError, ModelNotFoundError, RepositoryFileError, VersionNotFoundError
+from cvserve.metrics import Metrics
 from cvserve.models.repository import load_repository
 from tests.fixtures.fake_models import build_fake
 
@@ -28,9 +29,10 @@ def write(path: Path, *models: dict[str, Any]) -> Path:
     return path
 
 
-def plane(path: Path) -> DataPlane:
+def plane(path: Path, metrics: Metrics | None = None) -> DataPlane:
     config = ServerConfig(worker_threads=2, warmup_image_size=8)
-    return DataPlane(load_repository(path), config, builder=build_fake, source=file_source(path))
+    specs = load_repository(path)
+    return DataPlane(specs, config, builder=build_fake, source=file_source(path), metrics=metrics)
 
 
 def image() -> np.ndarray:
@@ -49,8 +51,8 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-async def started(path: Path) -> DataPlane:
-    dp = plane(path)
+async def started(path: Path, metrics: Metrics | None = None) -> DataPlane:
+    dp = plane(path, metrics)
     await dp.start()
     await dp.wait_loaded(10)
     return dp
@@ -216,9 +218,13 @@ def test_versions_follow_the_policy(tmp_path: Path) -> None:
     entry = {"name": "det", "task": "instance", "weights": "det", "version_policy": {"latest": 2}}
     path = write(tmp_path / "models.yaml", entry)
 
+    metrics = Metrics()
+    ready = metrics.registry.get_sample_value
+
     async def main() -> None:
-        dp = await started(path)
+        dp = await started(path, metrics)
         assert [(m.version, m.ready) for m in dp.models()] == [("1", True), ("2", True)]
+        assert ready("cvserve_model_ready", {"model": "det", "version": "1"}) == 1.0
         full = await score(dp, version="1")
         assert await score(dp) == await score(dp, version="2") == pytest.approx(full * 0.5, abs=1e-6)
         (outcome,) = await dp.infer_timed("det", [image()])
@@ -235,6 +241,9 @@ def test_versions_follow_the_policy(tmp_path: Path) -> None:
         assert await score(dp) == pytest.approx(full * 0.25, abs=1e-6)
         with pytest.raises(VersionNotFoundError):
             await dp.infer("det", [image()], version="1")
+        assert ready("cvserve_model_ready", {"model": "det", "version": "1"}) is None  # gauge removed
+        assert ready("cvserve_model_ready", {"model": "det", "version": "3"}) == 1.0
+        assert ready("cvserve_queue_depth", {"model": "det", "version": "3"}) == 0.0
         await dp.close()
 
     run(main())
