@@ -121,7 +121,7 @@ def stage_means(before: dict[str, float], after: dict[str, float], model: str) -
     """Mean seconds per image in each stage between two scrapes."""
     out = {}
     for stage in STAGES:
-        labels = f'{{model="{model}",stage="{stage}"}}'
+        labels = f'{{model="{model}",stage="{stage}",version="1"}}'
         count = delta(before, after, f"cvserve_stage_seconds_count{labels}")
         total = delta(before, after, f"cvserve_stage_seconds_sum{labels}")
         out[stage] = total / count if count else float("nan")
@@ -204,9 +204,11 @@ def run_sweep(
             before = server.scrape()
             wall, latencies = load(server.address, model.name, payloads, c, max(args.requests, 2 * c))
             after = server.scrape()
-        batches = delta(before, after, f'cvserve_batch_size_count{{model="{model.name}"}}')
-        mean_batch = delta(before, after, f'cvserve_batch_size_sum{{model="{model.name}"}}') / max(batches, 1)
-        chosen = after.get(f'cvserve_max_batch_size{{model="{model.name}",policy="auto"}}')
+        batches = delta(before, after, f'cvserve_batch_size_count{{model="{model.name}",version="1"}}')
+        mean_batch = delta(
+            before, after, f'cvserve_batch_size_sum{{model="{model.name}",version="1"}}'
+        ) / max(batches, 1)
+        chosen = after.get(f'cvserve_max_batch_size{{model="{model.name}",policy="auto",version="1"}}')
         label = f"auto (chose {chosen:.0f})" if size == "auto" and chosen else size
         print(f"{row(label, wall, latencies, reference)}  {mean_batch:6.2f}", flush=True)
 

@@ -15,12 +15,25 @@ Example ``models.yaml``::
         instances: auto                   # forward passes at once; auto: 1 on a GPU, 1 per core on a CPU
         max_queue: 64
 
+Model versions follow Triton's repository: ``weights`` may name a directory of numbered
+version folders (``detector/1/model_final.pth``, ``detector/2/model_final.pth``), and
+``version_policy`` picks which of them are served, as Triton's ``version_policy`` does::
+
+      - name: detector
+        task: instance
+        config: detector/config.yaml
+        weights: detector/                  # numbered version folders, one checkpoint each
+        version_policy: {latest: 2}         # or {specific: [1, 3]}, or all; default {latest: 1}
+
+A single checkpoint is one version: ``version`` (default 1). Versions are positive integers.
+
 Relative paths resolve against the directory of the YAML file. Every error names the
 file and the field that is wrong.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,7 +72,11 @@ _KNOWN_FIELDS = {
     "options",
     "handler",
     "instances",
+    "version_policy",
 }
+CHECKPOINT_SUFFIXES = (".pth", ".pkl", ".pt")
+# The checkpoint a version folder holds when it has several files (detectron2's trainer name).
+DEFAULT_CHECKPOINT = "model_final.pth"
 
 
 class RepositoryError(ValueError):
@@ -75,7 +92,8 @@ class ModelSpec:
         task: what it predicts.
         config: detectron2 config: model-zoo name, YAML path or LazyConfig ``.py`` path.
         weights: checkpoint path (``.pth``/``.pkl``) or ``detectron2://`` URL; empty for none.
-        version: version string reported to clients.
+        version: the version reported to clients (a positive integer, as text); for a
+            versioned entry, the newest version its policy serves.
         device: ``auto`` picks ``cuda`` when available, else ``cpu``; with ``devices``, the first.
         devices: GPUs (``cuda:N``) that each hold a copy of the model, ``instances`` batches
             at once on each (Triton's ``instance_group`` with ``gpus``); empty: ``device`` alone.
@@ -94,6 +112,9 @@ class ModelSpec:
             instance count; the weights are shared), or ``auto``: 1 on a GPU, one per
             CPU core (up to 4) on a CPU, where the passes share the cores' threads
             (see :mod:`cvserve.models.threads`).
+        versions: for an entry whose ``weights`` is a directory of version folders, the
+            versions its ``version_policy`` serves, oldest first, each with its checkpoint;
+            empty for a single-checkpoint entry (one version, ``version``).
     """
 
     name: str
@@ -111,6 +132,15 @@ class ModelSpec:
     batching: str = "fixed"
     instances: int | str = 1
     devices: tuple[str, ...] = ()
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+    def version_specs(self) -> list[ModelSpec]:
+        """One spec per served version (oldest first), each with its own checkpoint."""
+        if not self.versions:
+            return [self]
+        return [
+            dataclasses.replace(self, version=v, weights=w, versions={}) for v, w in self.versions.items()
+        ]
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -191,12 +221,16 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
     weights = raw.get("weights", "") or ""
     if not isinstance(weights, str):
         raise RepositoryError(f"{where}.weights: must be a string path or URL")
+    weights = _resolve(weights, base)
+    version, versions = _versions(raw, where, weights)
+    if versions:
+        weights = versions[version]
     return ModelSpec(
         name=name,
         task=task,
         config=_resolve(req_str("config"), base),
-        weights=_resolve(weights, base),
-        version=str(raw.get("version", "1")),
+        weights=weights,
+        version=version,
         device=device,
         precision=precision,
         max_batch_size=pos_number("max_batch_size", 1, integer=True),
@@ -207,6 +241,7 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
         batching=batching,
         instances=instances,
         devices=devices,
+        versions=versions,
     )
 
 
@@ -228,6 +263,83 @@ def _parse_devices(raw: Mapping[str, Any], where: str) -> tuple[str, ...]:
     if len(set(devices)) != len(devices):
         raise RepositoryError(f"{where}.devices: {', '.join(devices)} names a GPU twice")
     return devices
+
+
+def _positive_int(value: Any) -> int | None:
+    """``value`` as a positive integer (``3`` or ``"3"``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _versions(raw: dict[str, Any], where: str, weights: str) -> tuple[str, dict[str, str]]:
+    """The served version and, for a directory of version folders, each served version's checkpoint."""
+    policy = raw.get("version_policy")
+    if not (weights and Path(weights).is_dir()):
+        if policy is not None:
+            raise RepositoryError(
+                f"{where}.version_policy: needs weights to be a directory of numbered version folders"
+            )
+        version = _positive_int(raw.get("version", 1))
+        if version is None:
+            raise RepositoryError(f"{where}.version: must be a positive integer, got {raw.get('version')!r}")
+        return str(version), {}
+    if "version" in raw:
+        raise RepositoryError(
+            f"{where}.version: not allowed when weights is a directory of version folders "
+            "(the folders' numbers are the versions; choose them with version_policy)"
+        )
+    found = sorted(int(p.name) for p in Path(weights).iterdir() if p.is_dir() and _positive_int(p.name))
+    if not found:
+        raise RepositoryError(
+            f"{where}.weights: directory {weights} has no numbered version folders (1/, 2/ ...)"
+        )
+    served = _apply_policy(policy, found, f"{where}.version_policy")
+    versions = {str(v): _checkpoint(Path(weights) / str(v), f"{where}.weights") for v in served}
+    return str(served[-1]), versions
+
+
+def _apply_policy(policy: Any, found: list[int], where: str) -> list[int]:
+    """The versions of ``found`` (ascending) that Triton's ``version_policy`` ``policy`` serves."""
+    usage = "must be {latest: N}, {specific: [versions]} or all"
+    if policy is None:
+        return found[-1:]
+    if policy == "all" or policy == {"all": {}} or policy == {"all": None}:
+        return found
+    if not isinstance(policy, dict) or len(policy) != 1:
+        raise RepositoryError(f"{where}: {usage}, got {policy!r}")
+    ((kind, value),) = policy.items()
+    if kind == "latest":
+        count = _positive_int(value)
+        if count is None:
+            raise RepositoryError(f"{where}.latest: must be a positive integer, got {value!r}")
+        return found[-count:]
+    if kind == "specific":
+        listed = [_positive_int(v) for v in value] if isinstance(value, list) and value else [None]
+        wanted = {v for v in listed if v is not None}
+        if len(wanted) != len(set(listed)):
+            raise RepositoryError(f"{where}.specific: must be a non-empty list of positive integers")
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise RepositoryError(f"{where}.specific: no version folder for {missing}; found {found}")
+        return sorted(wanted)
+    raise RepositoryError(f"{where}: {usage}, got {policy!r}")
+
+
+def _checkpoint(folder: Path, where: str) -> str:
+    """The checkpoint a version folder holds: ``model_final.pth``, or its only checkpoint file."""
+    if (folder / DEFAULT_CHECKPOINT).is_file():
+        return str(folder / DEFAULT_CHECKPOINT)
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+    if len(found) != 1:
+        what = "no checkpoint" if not found else f"{len(found)} checkpoints"
+        raise RepositoryError(
+            f"{where}: version folder {folder} holds {what}; it needs {DEFAULT_CHECKPOINT} or exactly one "
+            f"file ending {', '.join(CHECKPOINT_SUFFIXES)}"
+        )
+    return str(found[0])
 
 
 def load_repository(path: str | os.PathLike[str]) -> list[ModelSpec]:

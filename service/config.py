@@ -45,6 +45,8 @@ class ServerConfig:
             ``authorization: Bearer <token>`` metadata.
         auth_health: also require the token for ``grpc.health.v1.Health`` (by default
             probes stay open: they carry no credentials and reveal only serving status).
+        poll_repository_s: re-read the repository file this often and apply its changes
+            (Triton's poll mode); None: only on request (load RPCs, SIGHUP).
     """
 
     host: str = "[::]"
@@ -64,6 +66,7 @@ class ServerConfig:
     tls_client_ca_file: str | None = None
     auth_token: str | None = None
     auth_health: bool = False
+    poll_repository_s: float | None = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, what: str) -> None:
@@ -90,6 +93,9 @@ class ServerConfig:
             "given only with tls_cert_file and tls_key_file (mutual TLS needs TLS)",
         )
         check(self.auth_token is None or bool(self.auth_token), "auth_token", "non-empty when set")
+        check(
+            self.poll_repository_s is None or self.poll_repository_s > 0, "poll_repository_s", "> 0 when set"
+        )
 
     @property
     def address(self) -> str:

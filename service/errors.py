@@ -21,6 +21,7 @@ __all__ = [
     "ModelOutOfMemoryError",
     "NotSupportedError",
     "QueueFullError",
+    "RepositoryFileError",
     "ServerDrainingError",
     "ServiceError",
     "UnauthenticatedError",
@@ -115,6 +116,12 @@ class DeadlineExceededError(ServiceError):
 
 class ModelLoadError(ServiceError):
     """Loading a model at run time failed."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class RepositoryFileError(ServiceError):
+    """The model repository file cannot be read or does not validate; nothing was changed."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 

@@ -2,10 +2,14 @@
 
 A private :class:`~prometheus_client.CollectorRegistry` rather than the global one lets
 several servers live in one process (tests) without clashing registrations.
+
+Per-model series carry Triton's two labels, ``model`` and ``version``: the served version
+the image ran on (each version of a model is a model of its own to the batcher).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -45,56 +49,61 @@ class Metrics:
         self.inferences = Counter(
             "cvserve_inferences",
             "Images inferred, by model and outcome (ok / error)",
-            ["model", "outcome"],
+            ["model", "version", "outcome"],
             registry=r,
         )
         self.queue_latency = Histogram(
             "cvserve_queue_latency_seconds",
             "Time an image waited in its model's batch queue",
-            ["model"],
+            ["model", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_latency = Histogram(
             "cvserve_inference_latency_seconds",
             "Duration of one batched forward pass",
-            ["model"],
+            ["model", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
-            "cvserve_batch_size", "Images per forward pass", ["model"], buckets=_BATCH_BUCKETS, registry=r
+            "cvserve_batch_size",
+            "Images per forward pass",
+            ["model", "version"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "cvserve_queue_depth", "Images waiting in a model's batch queue", ["model"], registry=r
+            "cvserve_queue_depth", "Images waiting in a model's batch queue", ["model", "version"], registry=r
         )
         self.model_ready = Gauge(
-            "cvserve_model_ready", "1 when the model serves, else 0", ["model"], registry=r
+            "cvserve_model_ready", "1 when the model serves, else 0", ["model", "version"], registry=r
         )
         self.stage_latency = Histogram(
             "cvserve_stage_seconds",
             "Per-image time in each stage (decode, preprocess, queue, inference, postprocess, encode)",
-            ["model", "stage"],
+            ["model", "version", "stage"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.max_batch_size = Gauge(
             "cvserve_max_batch_size",
             "Largest batch the model's batcher forms; policy=auto when measured at warm-up",
-            ["model", "policy"],
+            ["model", "version", "policy"],
             registry=r,
         )
 
         self.instances = Gauge(
             "cvserve_model_instances",
             "Batches a model runs at once on each device (Triton's instance_group)",
-            ["model", "device"],
+            ["model", "version", "device"],
             registry=r,
         )
+        self._devices: dict[tuple[str, str], tuple[str, ...]] = {}  # instances published, to forget
         self.device_batches = Counter(
             "cvserve_device_batches",
             "Forward passes run, by model and device",
-            ["model", "device"],
+            ["model", "version", "device"],
             registry=r,
         )
 
@@ -104,43 +113,63 @@ class Metrics:
         self.request_latency.labels(method).observe(seconds)
 
     def observe_batch(
-        self, model: str, size: int, queue_s: tuple[float, ...], compute_s: float, failed: bool
+        self,
+        model: str,
+        version: str,
+        size: int,
+        queue_s: tuple[float, ...],
+        compute_s: float,
+        failed: bool,
     ) -> None:
-        """Record one executed batch."""
-        self.batch_size.labels(model).observe(size)
-        self.inference_latency.labels(model).observe(compute_s)
-        queue, queue_stage = self.queue_latency.labels(model), self.stage_latency.labels(model, "queue")
-        inference_stage = self.stage_latency.labels(model, "inference")
+        """Record one executed batch of ``model`` at ``version``."""
+        self.batch_size.labels(model, version).observe(size)
+        self.inference_latency.labels(model, version).observe(compute_s)
+        queue = self.queue_latency.labels(model, version)
+        queue_stage = self.stage_latency.labels(model, version, "queue")
+        inference_stage = self.stage_latency.labels(model, version, "inference")
         for q in queue_s:
             queue.observe(q)
             queue_stage.observe(q)
             # The forward's cost shared by the images of the batch: stages then add up per image.
             inference_stage.observe(compute_s / size)
-        self.inferences.labels(model, "error" if failed else "ok").inc(size)
+        self.inferences.labels(model, version, "error" if failed else "ok").inc(size)
 
-    def observe_stage(self, model: str, stage: str, seconds: float) -> None:
+    def observe_stage(self, model: str, version: str, stage: str, seconds: float) -> None:
         """Record the time one image spent in ``stage`` (one of :data:`STAGES`)."""
-        self.stage_latency.labels(model, stage).observe(seconds)
+        self.stage_latency.labels(model, version, stage).observe(seconds)
 
-    def set_max_batch_size(self, model: str, size: int, policy: str) -> None:
+    def set_max_batch_size(self, model: str, version: str, size: int, policy: str) -> None:
         """Publish the batch size ``model`` runs with and how it was chosen (``auto`` / ``fixed``)."""
-        self.max_batch_size.labels(model, policy).set(size)
+        self.max_batch_size.labels(model, version, policy).set(size)
 
-    def set_instances(self, model: str, devices: tuple[str, ...], per_device: int) -> None:
+    def set_instances(self, model: str, version: str, devices: tuple[str, ...], per_device: int) -> None:
         """Publish where ``model``'s copies run and how many batches each runs at once."""
         for device in devices:
-            self.instances.labels(model, device).set(per_device)
+            self.instances.labels(model, version, device).set(per_device)
+        self._devices[(model, version)] = devices
 
-    def observe_device_batch(self, model: str, device: str) -> None:
+    def observe_device_batch(self, model: str, version: str, device: str) -> None:
         """Count one forward pass of ``model`` on ``device``."""
-        self.device_batches.labels(model, device).inc()
+        self.device_batches.labels(model, version, device).inc()
 
-    def track_queue_depth(self, model: str, depth: Callable[[], float]) -> None:
-        """Read the queue depth of ``model`` from ``depth()`` at every scrape."""
-        self.queue_depth.labels(model).set_function(depth)
+    def track_queue_depth(self, model: str, version: str, depth: Callable[[], float]) -> None:
+        """Read the queue depth of ``model`` at ``version`` from ``depth()`` at every scrape."""
+        self.queue_depth.labels(model, version).set_function(depth)
 
-    def set_ready(self, model: str, ready: bool) -> None:
-        self.model_ready.labels(model).set(1 if ready else 0)
+    def set_ready(self, model: str, version: str, ready: bool) -> None:
+        self.model_ready.labels(model, version).set(1 if ready else 0)
+
+    def forget_version(self, model: str, version: str) -> None:
+        """Drop the gauges of a version no longer served (counters and histograms stay)."""
+        for gauge in (self.queue_depth, self.model_ready):
+            with contextlib.suppress(KeyError):  # never published
+                gauge.remove(model, version)
+        for policy in ("auto", "fixed"):
+            with contextlib.suppress(KeyError):
+                self.max_batch_size.remove(model, version, policy)
+        for device in self._devices.pop((model, version), ()):
+            with contextlib.suppress(KeyError):
+                self.instances.remove(model, version, device)
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> tuple[Any, int]:
         """Serve ``/metrics`` over HTTP in a daemon thread.

@@ -91,6 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--auth-health", action="store_true", help="require the token for health checks too (default: open)"
     )
+    parser.add_argument(
+        "--poll-repository",
+        type=float,
+        metavar="SECONDS",
+        help="re-read the repository file every SECONDS and apply its changes: new entries load, "
+        "changed ones reload without a failed request, removed ones unload (default: only on "
+        "SIGHUP and the load RPCs)",
+    )
 
 
 # ServerConfig field -> the flag that sets it, for error messages.
@@ -103,6 +111,7 @@ _FLAGS = {
     "grace_period_s": "--grace-period",
     "tls_key_file": "--tls-key",
     "tls_client_ca_file": "--tls-client-ca",
+    "poll_repository_s": "--poll-repository",
 }
 
 
@@ -181,6 +190,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
             tls_client_ca_file=args.tls_client_ca,
             auth_token=token,
             auth_health=args.auth_health,
+            poll_repository_s=args.poll_repository,
         )
     except ValueError as e:
         message = str(e)
@@ -218,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     try:
         servicers = [add_kserve_servicer]  # the Open Inference Protocol beside cvserve.v1
-        return asyncio.run(run_server(config, specs, servicers=servicers))
+        return asyncio.run(run_server(config, specs, servicers=servicers, repository=repository))
     except RuntimeError as e:
         if "cannot bind" in str(e):
             raise CLIError(str(e)) from None

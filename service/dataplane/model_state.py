@@ -89,8 +89,10 @@ class ModelStatus:
 
 @dataclass(frozen=True)
 class Outcome:
-    """The result of one image: a prediction or the error it failed with, plus timing."""
+    """The result of one image: a prediction or the error it failed with, plus timing and the
+    version of the model that ran it."""
 
     prediction: Prediction | None
     error: BaseException | None
     timing: ItemTiming
+    version: str = ""

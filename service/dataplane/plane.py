@@ -11,11 +11,15 @@ everything else happens here, as in KServe's ``DataPlane``:
   draining), then runs each image: preprocess in the shared CPU pool, forward through
   the model's :class:`~cvserve.dataplane.batcher.Batcher` on the model's single thread,
   postprocess in the shared pool;
-* :meth:`load` / :meth:`unload` change what is served at run time, by repository name
-  only (never a path a client sent);
+* :meth:`load` / :meth:`unload` / :meth:`reload_repository` change what is served at
+  run time, by repository name only (never a path a client sent), re-reading the
+  repository each time (:mod:`cvserve.dataplane.repository`); a reload swaps in the new
+  version without failing a request (:mod:`cvserve.dataplane.versions`);
+* each served version of a model is a :class:`~cvserve.dataplane.served_model.ServedModel` of its
+  own (Triton's model versions); a request without a version gets the newest ready one;
 * per-model :class:`ModelStats` follow the Open Inference Protocol's statistics.
 
-Each model's own lifecycle, thread, batcher and statistics live in its
+Each model version's own lifecycle, thread, batcher and statistics live in its
 :class:`~cvserve.dataplane.served_model.ServedModel`; this module adds what spans models.
 
 Deadlines are absolute ``time.monotonic()`` values.
@@ -34,21 +38,27 @@ import numpy as np
 
 from cvserve.config import ServerConfig
 from cvserve.dataplane.model_state import Duration, ModelState, ModelStats, ModelStatus, Outcome
+from cvserve.dataplane.repository import Change, IndexEntry, RepositorySource, RepositorySync
 from cvserve.dataplane.served_model import ServedModel, run_in_pool
-from cvserve.errors import (
-    ModelLoadError,
-    ModelNotFoundError,
-    ModelNotReadyError,
-    ServerDrainingError,
-    VersionNotFoundError,
-)
+from cvserve.dataplane.versions import ServedVersions
+from cvserve.errors import ModelNotFoundError, ModelNotReadyError, ServerDrainingError
 from cvserve.metrics import Metrics
 from cvserve.models.base import VisionModel
 from cvserve.models.build import build_model
 from cvserve.models.repository import ModelSpec
 from cvserve.models.types import Prediction
 
-__all__ = ["DataPlane", "Duration", "ModelState", "ModelStats", "ModelStatus", "Outcome"]
+__all__ = [
+    "Change",
+    "DataPlane",
+    "Duration",
+    "IndexEntry",
+    "ModelState",
+    "ModelStats",
+    "ModelStatus",
+    "Outcome",
+    "RepositorySource",
+]
 
 logger = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -72,6 +82,8 @@ class DataPlane:
         builder: builds an unloaded model from a spec (``cvserve.models.registry.build_model``).
         cpu_pool: the shared pool for decoding / pre- / post-processing; by default one
             of ``config.worker_threads`` threads owned by the data plane.
+        source: re-reads the repository for :meth:`load` and :meth:`reload_repository`
+            (:func:`cvserve.dataplane.repository.file_source`); by default ``specs`` again.
     """
 
     def __init__(
@@ -82,30 +94,40 @@ class DataPlane:
         metrics: Metrics | None = None,
         builder: Callable[[ModelSpec], VisionModel] = build_model,
         cpu_pool: Executor | None = None,
+        source: RepositorySource | None = None,
     ) -> None:
         self.config = config or ServerConfig()
         self._metrics = metrics
+        self._builder = builder
         self._own_pool = cpu_pool is None
         self._pool = cpu_pool or ThreadPoolExecutor(
             self.config.worker_threads, thread_name_prefix="cvserve-cpu", initializer=_helper_thread
         )
-        self._entries: dict[str, ServedModel] = {}
+        specs = list(specs)
+        self._entries: dict[str, ServedVersions] = {}
         for spec in specs:
             if spec.name in self._entries:
                 raise ValueError(f"duplicate model name {spec.name!r}")
-            self._entries[spec.name] = ServedModel(
-                spec,
-                config=self.config,
-                metrics=metrics,
-                builder=builder,
-                pool=self._pool,
-                notify=self._notify,
-            )
+            self._entries[spec.name] = self._new_entry(spec)
+        self._sync = RepositorySync(source or (lambda: specs), self._entries, self._new_entry, self._notify)
         self._listeners: list[Listener] = []
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def _new_entry(self, spec: ModelSpec) -> ServedVersions:
+        return ServedVersions(spec, self._served_model, self._metrics)
+
+    def _served_model(self, spec: ModelSpec) -> ServedModel:
+        return ServedModel(
+            spec,
+            config=self.config,
+            metrics=self._metrics,
+            builder=self._builder,
+            pool=self._pool,
+            notify=self._notify,
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -116,51 +138,64 @@ class DataPlane:
     async def start(self) -> None:
         """Start loading every model in the background and return at once."""
         for entry in self._entries.values():
-            if entry.loading is None and entry.state == ModelState.LOADING:
-                entry.start_loading()
-            if self._metrics is not None:
-                self._metrics.set_ready(entry.spec.name, False)
+            for model in entry.versions.values():
+                if model.loading is None and model.state == ModelState.LOADING:
+                    model.start_loading()
+        self._publish_readiness()
 
     async def wait_loaded(self, timeout: float | None = None) -> None:
         """Wait until no model is loading any more (ready or failed)."""
-        tasks = [e.loading for e in self._entries.values() if e.loading is not None and not e.loading.done()]
+        tasks = [t for e in self._entries.values() for t in e.loading_tasks()]
         if tasks:
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout)
 
     async def _notify(self) -> None:
+        self._publish_readiness()
         for listener in self._listeners:
             await listener()
 
+    def _publish_readiness(self) -> None:
+        if self._metrics is not None:
+            for entry in self._entries.values():
+                for model in entry.versions.values():
+                    self._metrics.set_ready(*model.labels, model.state == ModelState.READY)
+
     async def load(self, name: str) -> ModelStatus:
-        """Load (or finish loading) a model of the repository by name.
+        """Load or reload a model of the repository by name, re-reading the repository.
+
+        A model already serving keeps serving until its new load is ready; when nothing
+        changed it is left alone.
+
+        Returns:
+            The status of the version a request without a version now gets.
 
         Raises:
+            RepositoryFileError: the repository cannot be read or is invalid; nothing changed.
             ModelNotFoundError: ``name`` is not in the repository.
             ModelLoadError: loading failed; the message holds the error.
         """
-        entry = self._entry(name)
-        if entry.state == ModelState.READY:
-            return entry.status()
-        loading = entry.loading
-        if loading is None or loading.done():
-            loading = entry.start_loading()
-        await asyncio.shield(loading)
-        if entry.state != ModelState.READY:
-            raise ModelLoadError(f"model {name!r} failed to load: {entry.error}")
-        return entry.status()
+        entry = await self._sync.load(name)
+        return entry.select(None).status()
 
-    async def unload(self, name: str) -> ModelStatus:
-        """Stop serving a model: refuse new requests, finish queued ones, free it.
+    async def unload(self, name: str) -> None:
+        """Stop serving a model: refuse new requests, finish those holding it, free it.
 
         Raises:
-            ModelNotFoundError: ``name`` is not in the repository.
+            ModelNotFoundError: ``name`` is not served nor in the repository.
         """
-        entry = self._entry(name)
-        if entry.loading is not None and not entry.loading.done():
-            await asyncio.shield(entry.loading)
-        await entry.set_state(ModelState.UNLOADED)
-        await entry.teardown()
-        return entry.status()
+        await self._sync.unload(name)
+
+    async def reload_repository(self) -> list[Change]:
+        """Re-read the repository and apply every change (new, changed and removed entries).
+
+        Raises:
+            RepositoryFileError: the repository cannot be read or is invalid; nothing changed.
+        """
+        return await self._sync.reload()
+
+    def repository_index(self) -> list[IndexEntry]:
+        """Every entry of the repository per version, with its state and why it is not ready."""
+        return self._sync.index()
 
     @property
     def draining(self) -> bool:
@@ -187,16 +222,17 @@ class DataPlane:
         """Free every model and the shared pool (after :meth:`drain`)."""
         self._draining = True
         for entry in self._entries.values():
-            if entry.loading is not None and not entry.loading.done():
-                # A load still running in its thread finishes there; nobody awaits it any more.
-                entry.loading.cancel()
-            await entry.teardown()
+            for model in entry.versions.values():
+                if model.loading is not None and not model.loading.done():
+                    # A load still running in its thread finishes there; nobody awaits it any more.
+                    model.loading.cancel()
+                await model.teardown()
         if self._own_pool:
             self._pool.shutdown(wait=False)
 
     # ---- lookup --------------------------------------------------------------------------------
 
-    def _entry(self, name: str) -> ServedModel:
+    def _entry(self, name: str) -> ServedVersions:
         try:
             return self._entries[name]
         except KeyError:
@@ -204,50 +240,59 @@ class DataPlane:
             raise ModelNotFoundError(f"unknown model {name!r}; served models: {known}") from None
 
     def models(self) -> list[ModelStatus]:
-        """Every model of the repository, in repository order."""
-        return [e.status() for e in self._entries.values()]
+        """Every served version of every model, in repository order, oldest version first."""
+        return [status for entry in self._entries.values() for status in entry.statuses()]
 
     def get(self, name: str, version: str | None = None) -> ModelStatus:
-        """One model's status.
+        """The status of ``version`` of a model (None: the version a request without one gets).
 
         Raises:
             ModelNotFoundError / VersionNotFoundError: no such model or version.
         """
-        entry = self._entry(name)
-        if version and version != entry.spec.version:
-            raise VersionNotFoundError(
-                f"model {name!r} has no version {version!r}; served version: {entry.spec.version!r}"
-            )
-        return entry.status()
+        return self._entry(name).select(version).status()
 
-    def is_ready(self, name: str) -> bool:
-        """True when ``name`` exists and serves (False for unknown names too)."""
+    def versions(self, name: str, ready: bool = True) -> list[str]:
+        """The versions of ``name`` served (``ready``: only the ready ones), oldest first.
+
+        Raises:
+            ModelNotFoundError: no such model.
+        """
+        return [s.version for s in self._entry(name).statuses() if s.ready or not ready]
+
+    def is_ready(self, name: str, version: str | None = None) -> bool:
+        """True when ``name`` (at ``version``, or any) exists and serves (False for unknown names too)."""
         entry = self._entries.get(name)
-        return entry is not None and entry.state == ModelState.READY and not self._draining
+        if entry is None or self._draining:
+            return False
+        model = entry.versions.get(version) if version else entry.select(None)
+        return model is not None and model.state == ModelState.READY
 
     def server_ready(self) -> bool:
         """True once no model is loading, at least one serves, and the server is not draining."""
-        entries = self._entries.values()
-        settled = all(e.state != ModelState.LOADING for e in entries)
-        return settled and not self._draining and any(e.state == ModelState.READY for e in entries)
+        models = [m for e in self._entries.values() for m in e.versions.values()]
+        settled = all(m.state != ModelState.LOADING for m in models)
+        return settled and not self._draining and any(m.state == ModelState.READY for m in models)
 
     def require_ready(self, name: str, version: str | None = None) -> ModelStatus:
         """Like :meth:`get`, but also raise ``ModelNotReadyError`` / ``ServerDrainingError``."""
-        status = self.get(name, version)
+        return self._ready_model(name, version).status()
+
+    def _ready_model(self, name: str, version: str | None) -> ServedModel:
+        model = self._entry(name).select(version)
         if self._draining:
             raise ServerDrainingError("server is shutting down; retry on another replica")
-        if status.state != ModelState.READY:
-            why = f": {status.error}" if status.error else ""
-            raise ModelNotReadyError(f"model {name!r} is not ready ({status.state}{why})")
-        return status
+        if model.state != ModelState.READY:
+            why = f": {model.error}" if model.error else ""
+            raise ModelNotReadyError(f"model {name!r} is not ready ({model.state}{why})")
+        return model
 
-    def model_object(self, name: str) -> VisionModel | None:
+    def model_object(self, name: str, version: str | None = None) -> VisionModel | None:
         """The loaded :class:`VisionModel` of ``name`` (None unless loaded), for in-process callers."""
-        return self._entry(name).model
+        return self._entry(name).select(version).model
 
-    def stats(self, name: str) -> ModelStats:
-        """A copy of ``name``'s statistics."""
-        return copy.deepcopy(self._entry(name).stats)
+    def stats(self, name: str, version: str | None = None) -> ModelStats:
+        """A copy of the statistics of ``name`` at ``version``."""
+        return copy.deepcopy(self._entry(name).select(version).stats)
 
     # ---- inference -----------------------------------------------------------------------------
 
@@ -255,9 +300,12 @@ class DataPlane:
         """Run ``fn(*args)`` in the shared CPU pool, carrying the caller's context (request id)."""
         return await run_in_pool(self._pool, fn, *args)
 
-    def observe_stage(self, name: str, stage: str, seconds: float) -> None:
+    def observe_stage(self, name: str, stage: str, seconds: float, version: str | None = None) -> None:
         """Record one image's time in a serving stage (see :data:`cvserve.metrics.STAGES`)."""
-        self._entries[name].observe_stage(stage, seconds)
+        entry = self._entries.get(name)
+        model = entry.versions.get(version) if entry is not None and version else None
+        if entry is not None:
+            (model or entry.select(None)).observe_stage(stage, seconds)
 
     async def infer(
         self,
@@ -287,13 +335,15 @@ class DataPlane:
         deadline: float | None = None,
     ) -> list[Outcome]:
         """Like :meth:`infer`, with each image's queue / inference timing."""
-        self.require_ready(name, version)
-        entry = self._entries[name]
+        model = self._ready_model(name, version)
+        # Held from here to the last stage: a reload frees this model only after the request.
+        model.hold()
         self._in_flight += 1
         self._idle.clear()
         try:
-            return list(await asyncio.gather(*(entry.run_image(img, deadline) for img in images)))
+            return list(await asyncio.gather(*(model.run_image(img, deadline) for img in images)))
         finally:
+            model.release()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()

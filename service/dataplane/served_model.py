@@ -1,9 +1,14 @@
 """One model of the repository as the data plane serves it: load, warm-up, batcher, statistics.
 
-A :class:`ServedModel` owns everything of a single model: its state, its own thread (the
-model runs only there), its :class:`~cvserve.dataplane.batcher.Batcher` and its :class:`ModelStats`.
-:class:`~cvserve.dataplane.plane.DataPlane` holds one per repository entry and adds what spans
-models: lookup, readiness, draining and the shared CPU pool.
+A :class:`ServedModel` owns everything of a single model version: its state, its own
+thread (the model runs only there), its :class:`~cvserve.dataplane.batcher.Batcher` and its
+:class:`ModelStats`. :class:`~cvserve.dataplane.plane.DataPlane` holds one per served version of
+each repository entry (see :mod:`cvserve.dataplane.versions`) and adds what spans models:
+lookup, readiness, draining and the shared CPU pool.
+
+Requests hold the model they run on (:meth:`ServedModel.hold`) from lookup to their last
+stage, so a model replaced by a reload is freed only once they are done
+(:meth:`ServedModel.wait_idle`).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class ServedModel:
         notify: Callable[[], Awaitable[None]],
     ) -> None:
         self.spec = spec
+        self.declared = spec  # as the repository gave it; ``spec`` gets tuned values at load
         self.state: str = ModelState.LOADING
         self.error = ""
         self.model: VisionModel | None = None  # the first copy (pre- / post-processing)
@@ -79,6 +85,28 @@ class ServedModel:
         self._builder = builder
         self._pool = pool
         self._notify = notify
+        self._holders = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """The model's metric labels: name and version (Triton's ``model`` / ``version``)."""
+        return self.spec.name, self.spec.version
+
+    def hold(self) -> None:
+        """Count one request running on this model (pair with :meth:`release`)."""
+        self._holders += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no request holds this model."""
+        await self._idle.wait()
 
     def status(self) -> ModelStatus:
         model = self.model
@@ -98,8 +126,6 @@ class ServedModel:
 
     async def set_state(self, state: str, error: str = "") -> None:
         self.state, self.error = state, error
-        if self._metrics is not None:
-            self._metrics.set_ready(self.spec.name, state == ModelState.READY)
         await self._notify()
 
     async def load(self) -> None:
@@ -121,8 +147,8 @@ class ServedModel:
                 self.executor.shutdown(wait=False)
                 self.executor = ThreadPoolExecutor(replicas.slots, thread_name_prefix=f"model-{spec.name}")
             if self._metrics is not None:
-                self._metrics.set_instances(spec.name, replicas.devices, instances)
-                self._metrics.set_max_batch_size(spec.name, self.spec.max_batch_size, spec.batching)
+                self._metrics.set_instances(*self.labels, replicas.devices, instances)
+                self._metrics.set_max_batch_size(*self.labels, self.spec.max_batch_size, spec.batching)
             self.batcher = self._make_batcher()
             if self._config.warmup:
                 await self._warm_up()
@@ -159,7 +185,7 @@ class ServedModel:
             concurrency=self.replicas.slots,
         )
         if self._metrics is not None:
-            self._metrics.track_queue_depth(name, lambda: batcher.depth)
+            self._metrics.track_queue_depth(*self.labels, lambda: batcher.depth)
         return batcher
 
     async def _warm_up(self) -> None:
@@ -179,7 +205,7 @@ class ServedModel:
 
     def _on_device_batch(self, device: str) -> None:
         if self._metrics is not None and self.state == ModelState.READY:  # warm-up is not traffic
-            self._metrics.observe_device_batch(self.spec.name, device)
+            self._metrics.observe_device_batch(*self.labels, device)
 
     def _on_batch(self, report: BatchReport) -> None:
         stats = self.stats
@@ -190,7 +216,7 @@ class ServedModel:
         stats.last_inference_ms = int(time.time() * 1000)
         if self._metrics is not None and self.state == ModelState.READY:  # warm-up is not traffic
             self._metrics.observe_batch(
-                self.spec.name, report.size, report.queue_s, report.compute_s, report.failed
+                *self.labels, report.size, report.queue_s, report.compute_s, report.failed
             )
 
     async def teardown(self) -> None:
@@ -206,7 +232,7 @@ class ServedModel:
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record one image's time in a serving stage, once the model serves traffic."""
         if self._metrics is not None and self.state == ModelState.READY:
-            self._metrics.observe_stage(self.spec.name, stage, seconds)
+            self._metrics.observe_stage(*self.labels, stage, seconds)
 
     async def run_image(self, image: np.ndarray, deadline: float | None) -> Outcome:
         """Preprocess in the shared pool, forward through the batcher, postprocess in the pool."""
@@ -229,9 +255,9 @@ class ServedModel:
             self.observe_stage("postprocess", seconds)
         except Exception as e:
             stats.failure.add(time.monotonic() - start)
-            return Outcome(None, e, timing)
+            return Outcome(None, e, timing, self.spec.version)
         stats.success.add(time.monotonic() - start)
-        return Outcome(prediction, None, timing)
+        return Outcome(prediction, None, timing, self.spec.version)
 
 
 def resolve_instances(spec: ModelSpec, device: str, shares_cpu_threads: bool) -> int:

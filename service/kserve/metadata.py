@@ -6,7 +6,7 @@ import json
 
 from cvserve._proto.inference import grpc_service_pb2 as pb
 from cvserve._proto.inference import model_config_pb2 as mc
-from cvserve.dataplane.plane import Duration, ModelState, ModelStats, ModelStatus
+from cvserve.dataplane.plane import Duration, IndexEntry, ModelState, ModelStats, ModelStatus
 from cvserve.kserve.tensors import TensorSpec, input_spec, output_specs
 from cvserve.models.device import device_index
 from cvserve.models.types import Task
@@ -39,11 +39,16 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
-def model_metadata(status: ModelStatus) -> pb.ModelMetadataResponse:
-    """``ModelMetadata``: the ``image`` input and the task's outputs, batch dimension first."""
+def model_metadata(status: ModelStatus, versions: list[str]) -> pb.ModelMetadataResponse:
+    """``ModelMetadata``: the ``image`` input and the task's outputs, batch dimension first.
+
+    Args:
+        status: the version described.
+        versions: the versions reported (Triton: the ready versions of the model).
+    """
     return pb.ModelMetadataResponse(
         name=status.name,
-        versions=[status.version],
+        versions=versions,
         platform=f"{PLATFORM}_{status.task.value}",
         inputs=[_tensor_metadata(input_spec())],
         outputs=[_tensor_metadata(s) for s in output_specs(status.task, len(status.class_names))],
@@ -106,11 +111,8 @@ def model_statistics(status: ModelStatus, stats: ModelStats) -> pb.ModelStatisti
     )
 
 
-def model_index(status: ModelStatus) -> pb.RepositoryIndexResponse.ModelIndex:
-    """A model's entry in ``RepositoryIndex``: Triton's state name and why it is not ready."""
-    reason = status.error if status.state == ModelState.FAILED else ""
-    if status.state == ModelState.UNLOADED:
-        reason = "unloaded"
+def model_index(entry: IndexEntry) -> pb.RepositoryIndexResponse.ModelIndex:
+    """A model version's entry in ``RepositoryIndex``: Triton's state name and the reason."""
     return pb.RepositoryIndexResponse.ModelIndex(
-        name=status.name, version=status.version, state=_INDEX_STATES[status.state], reason=reason
+        name=entry.name, version=entry.version, state=_INDEX_STATES[entry.state], reason=entry.reason
     )

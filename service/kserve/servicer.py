@@ -28,7 +28,7 @@ import numpy as np
 from cvserve._proto.inference import grpc_service_pb2 as pb
 from cvserve._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from cvserve.config import ServerConfig
-from cvserve.dataplane.plane import DataPlane, ModelStatus
+from cvserve.dataplane.plane import DataPlane, ModelState, ModelStatus
 from cvserve.errors import InvalidOptionError, NotSupportedError, ServiceError, status_of
 from cvserve.imaging import decode_image
 from cvserve.kserve.codec import read_inputs, write_output
@@ -89,11 +89,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: object) -> pb.ModelReadyResponse:
         """False for unknown models and versions too, so probes need no error handling."""
-        status = next((s for s in self._dp.models() if s.name == request.name), None)
-        ready = (
-            status is not None and request.version in ("", status.version) and self._dp.is_ready(request.name)
-        )
-        return pb.ModelReadyResponse(ready=ready)
+        return pb.ModelReadyResponse(ready=self._dp.is_ready(request.name, request.version or None))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: object
@@ -108,7 +104,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: object
     ) -> pb.ModelMetadataResponse:
-        return model_metadata(self._ready_model(request.name, request.version))
+        """The model's inputs and outputs; ``versions``: the one asked for, else every ready one."""
+        status = self._ready_model(request.name, request.version)
+        versions = [status.version] if request.version else self._dp.versions(status.name)
+        return model_metadata(status, versions)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: object) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=model_config(self._ready_model(request.name, request.version)))
@@ -116,13 +115,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: object
     ) -> pb.ModelStatisticsResponse:
-        """One model's statistics, or every model's when no name is given."""
-        if request.name:
-            statuses = [self._dp.get(request.name, request.version or None)]
+        """Per served version: of one version, of every version of one model, or of every model."""
+        if request.name and request.version:
+            statuses = [self._dp.get(request.name, request.version)]
+        elif request.name:
+            self._dp.get(request.name)  # NOT_FOUND for an unknown model
+            statuses = [s for s in self._dp.models() if s.name == request.name]
         else:
             statuses = self._dp.models()
         return pb.ModelStatisticsResponse(
-            model_stats=[model_statistics(s, self._dp.stats(s.name)) for s in statuses]
+            model_stats=[model_statistics(s, self._dp.stats(s.name, s.version)) for s in statuses]
         )
 
     # ---- model repository ----------------------------------------------------------------------
@@ -130,8 +132,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: object
     ) -> pb.RepositoryIndexResponse:
-        statuses = [s for s in self._dp.models() if not request.ready or s.ready]
-        return pb.RepositoryIndexResponse(models=[model_index(s) for s in statuses])
+        """Every entry of the repository file (re-read now) per version, with its state and reason."""
+        entries = [e for e in self._dp.repository_index() if not request.ready or e.state == ModelState.READY]
+        return pb.RepositoryIndexResponse(models=[model_index(e) for e in entries])
 
     @staticmethod
     def _repository_request(
@@ -152,14 +155,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: object
     ) -> pb.RepositoryModelLoadResponse:
-        """Load a model of the repository; returns once it is ready (or failed: FAILED_PRECONDITION)."""
+        """Load or reload a model of the repository file, re-read now; returns once it serves.
+
+        A changed model loads beside the version serving, which keeps serving until the new
+        one is ready (and when the new one fails: FAILED_PRECONDITION, nothing changes).
+        """
         await self._dp.load(self._repository_request(request, ()))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: object
     ) -> pb.RepositoryModelUnloadResponse:
-        """Unload a model: new requests fail UNAVAILABLE, queued ones finish first."""
+        """Unload every version of a model: new requests fail UNAVAILABLE, accepted ones finish first."""
         await self._dp.unload(self._repository_request(request, ("unload_dependents",)))
         return pb.RepositoryModelUnloadResponse()
 
@@ -207,17 +214,21 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         names, raw = parse_requested_outputs(request.outputs, output_names(status))
         batch = await self._dp.run_cpu(self._images, request, status.spec.max_queue)
         images = await self._decode(batch.images)
-        results = await self._dp.infer(
+        outcomes = await self._dp.infer_timed(
             status.name,
             images,
             version=request.model_version or None,
             deadline=_deadline(context, options.timeout_s),
         )
         # One failed image fails the request: a Triton response has no per-image status.
-        failure = next((r for r in results if isinstance(r, Exception)), None)
+        failure = next((o.error for o in outcomes if o.error is not None), None)
         if failure is not None:
             raise failure
-        predictions = [r for r in results if isinstance(r, Prediction)]
+        predictions = [o.prediction for o in outcomes if o.prediction is not None]
+        # The version that ran the images: a reload may have swapped it in since the lookup.
+        status = dataclasses.replace(
+            status, spec=dataclasses.replace(status.spec, version=outcomes[0].version)
+        )
         return await self._dp.run_cpu(
             self._response, request, status, predictions, options, names, raw, batch.batched
         )

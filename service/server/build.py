@@ -8,6 +8,10 @@ servicers (e.g. the Open Inference Protocol) join through ``servicers``: callabl
 ``add(grpc_server, dataplane) -> service names`` that register themselves and return the
 full names of their services for reflection and health.
 
+Given the repository file, the server re-reads it at run time: on the load RPCs, on
+:meth:`Server.reload_repository` (SIGHUP under ``run_server``) and, with
+``config.poll_repository_s``, every that many seconds (Triton's poll mode).
+
 ``run_server`` is what ``cvserve serve`` calls; :class:`ServerThread` runs a server on a
 background event loop for tests and for embedding in synchronous programs.
 """
@@ -15,7 +19,9 @@ background event loop for tests and for embedding in synchronous programs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +36,8 @@ from grpc_reflection.v1alpha import reflection
 from cvserve._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
 from cvserve.config import ServerConfig
 from cvserve.dataplane.plane import DataPlane
+from cvserve.dataplane.repository import file_source
+from cvserve.errors import RepositoryFileError
 from cvserve.imaging import set_decoder_pixel_limit
 from cvserve.metrics import Metrics
 from cvserve.models.repository import ModelSpec
@@ -69,6 +77,8 @@ class Server:
     service_names: tuple[str, ...]
     metrics_port: int | None = None
     _metrics_http: Any = field(default=None, repr=False)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+    _last_reload_error: str = field(default="", repr=False)
 
     async def start(self) -> None:
         """Start answering (health says NOT_SERVING) and load the models in the background."""
@@ -81,7 +91,36 @@ class Server:
                 self.config.metrics_port, self.config.metrics_host
             )
         await self.dataplane.start()
+        if self.config.poll_repository_s is not None:
+            self._spawn(self._poll(self.config.poll_repository_s))
         logger.info("serving on port %d", self.port)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _poll(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            await self.reload_repository("poll")
+
+    def request_reload(self, why: str) -> None:
+        """Start :meth:`reload_repository` in the background (for signal handlers)."""
+        self._spawn(self.reload_repository(why))
+
+    async def reload_repository(self, why: str = "reload") -> None:
+        """Apply the repository's changes; failures are logged (once while they persist), not raised."""
+        try:
+            changes = await self.dataplane.reload_repository()
+        except RepositoryFileError as e:
+            if e.message != self._last_reload_error:
+                logger.error("%s: %s", why, e.message)
+            self._last_reload_error = e.message
+            return
+        self._last_reload_error = ""
+        if why != "poll" or changes:
+            logger.info("%s: %d change(s) applied", why, len(changes))
 
     async def _update_health(self) -> None:
         dp = self.dataplane
@@ -95,6 +134,10 @@ class Server:
         """Stop accepting calls, let accepted ones finish for up to ``grace_s``, free everything."""
         grace = self.config.grace_period_s if grace_s is None else grace_s
         logger.info("shutting down (grace period %.1f s)", grace)
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.health.enter_graceful_shutdown()
         drain = asyncio.create_task(self.dataplane.drain(grace))
         await self.grpc_server.stop(grace)
@@ -137,6 +180,7 @@ def build_server(
     *,
     servicers: Sequence[AddServicer] = (),
     metrics: Metrics | None = None,
+    repository: str | os.PathLike[str] | None = None,
 ) -> tuple[Server, int]:
     """Build (not start) a server; call from inside the event loop that will run it.
 
@@ -147,6 +191,8 @@ def build_server(
             ``config.address``.
         servicers: extra ``add(grpc_server, dataplane) -> service names`` callables.
         metrics: metrics to feed (a new registry by default).
+        repository: the repository file ``specs`` were read from, re-read at run time to
+            load, reload and unload models; without it, loads use ``specs`` again.
 
     Returns:
         The server and the port it bound.
@@ -158,7 +204,8 @@ def build_server(
     if isinstance(specs_or_dataplane, DataPlane):
         dataplane = specs_or_dataplane
     else:
-        dataplane = DataPlane(specs_or_dataplane, config, metrics=metrics)
+        source = file_source(repository) if repository is not None else None
+        dataplane = DataPlane(specs_or_dataplane, config, metrics=metrics, source=source)
     grpc_server = grpc.aio.server(
         interceptors=[ServiceInterceptor(metrics, config.auth_token, auth_health=config.auth_health)],
         options=[
@@ -180,16 +227,22 @@ def build_server(
 
 
 async def run_server(
-    config: ServerConfig, specs: Sequence[ModelSpec], *, servicers: Sequence[AddServicer] = ()
+    config: ServerConfig,
+    specs: Sequence[ModelSpec],
+    *,
+    servicers: Sequence[AddServicer] = (),
+    repository: str | os.PathLike[str] | None = None,
 ) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully. Returns an exit code."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; SIGHUP applies the repository's
+    changes (with ``repository``, the file ``specs`` came from). Returns an exit code."""
     # Process-wide PIL setting, so only the serving process (not build_server) changes it.
     set_decoder_pixel_limit(config.max_image_pixels)
-    server, _ = build_server(config, specs, servicers=servicers)
+    server, _ = build_server(config, specs, servicers=servicers, repository=repository)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.request_reload, "SIGHUP")
     await server.start()
     await stop.wait()
     await server.stop()
@@ -213,8 +266,9 @@ class ServerThread:
         address: str = "127.0.0.1:0",
         *,
         servicers: Sequence[AddServicer] = (),
+        repository: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._args = (config, specs_or_dataplane, address, servicers)
+        self._args = (config, specs_or_dataplane, address, servicers, repository)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cvserve-server", daemon=True)
         self.server: Server | None = None
@@ -226,10 +280,10 @@ class ServerThread:
     def start(self, wait_loaded: bool = False, timeout: float = 60) -> ServerThread:
         """Start the server; with ``wait_loaded``, also wait until no model is loading."""
         self._thread.start()
-        config, specs, address, servicers = self._args
+        config, specs, address, servicers, repository = self._args
 
         async def build_and_start() -> Server:
-            server, _ = build_server(config, specs, address, servicers=servicers)
+            server, _ = build_server(config, specs, address, servicers=servicers, repository=repository)
             await server.start()
             return server
 

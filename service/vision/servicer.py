@@ -100,7 +100,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         def decode() -> Any:
             begun = time.perf_counter()
             array = codec.decode_request_image(image, max_pixels=self._config.max_image_pixels)
-            self._dp.observe_stage(status.name, "decode", time.perf_counter() - begun)
+            self._dp.observe_stage(status.name, "decode", time.perf_counter() - begun, version or None)
             return array
 
         array = await self._dp.run_cpu(decode)
@@ -122,11 +122,11 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
             response = codec.detect_response(
                 outcome.prediction,
                 model=status.name,
-                version=status.version,
+                version=outcome.version,
                 class_names=status.class_names,
                 options=options,
             )
-            self._dp.observe_stage(status.name, "encode", time.perf_counter() - begun)
+            self._dp.observe_stage(status.name, "encode", time.perf_counter() - begun, outcome.version)
             return response
 
         response = await self._dp.run_cpu(encode)
@@ -138,7 +138,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         status = self._model_for(request.model, request.model_version, Task.SEMANTIC, "Segment")
         outcome = await self._predict(status, request.model_version, request.image, deadline)
         response = await self._dp.run_cpu(
-            lambda: codec.segment_response(outcome.prediction, model=status.name, version=status.version)
+            lambda: codec.segment_response(outcome.prediction, model=status.name, version=outcome.version)
         )
         response.timing.CopyFrom(_timing(outcome.timing, started))
         return response  # type: ignore[no-any-return]
@@ -163,6 +163,32 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
             raise InvalidOptionError("name is required")
         return pb.GetModelResponse(
             model=model_info(self._dp.get(request.name, request.version or None), self._config)
+        )
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelResponse:
+        """Load or reload a model of the repository file, by name only."""
+        if not request.name:
+            raise InvalidOptionError("name is required")
+        await self._dp.load(request.name)
+        statuses = [s for s in self._dp.models() if s.name == request.name]
+        return pb.LoadModelResponse(models=[model_info(s, self._config) for s in statuses])
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        if not request.name:
+            raise InvalidOptionError("name is required")
+        await self._dp.unload(request.name)
+        return pb.UnloadModelResponse()
+
+    async def ReloadRepository(
+        self, request: pb.ReloadRepositoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadRepositoryResponse:
+        changes = await self._dp.reload_repository()
+        return pb.ReloadRepositoryResponse(
+            changes=[pb.RepositoryChange(name=c.name, action=c.action, error=c.error) for c in changes]
         )
 
     async def PredictStream(

@@ -8,11 +8,14 @@ build what a client sends, are refused.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
+from cvserve._proto.cvserve.v1 import vision_service_pb2 as vision_pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2_grpc as vision_grpc
 from cvserve._proto.inference import grpc_service_pb2 as pb
 from cvserve._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from cvserve.config import ServerConfig
@@ -104,3 +107,118 @@ def test_load_failure_unknown_name_and_path_overrides(client: tc.InferenceServer
         client.unload_model("nope")
     assert info.value.status() == "StatusCode.NOT_FOUND"
     assert client.is_model_ready("det")
+
+
+# ---- the repository file re-read at run time ---------------------------------------------------
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[tuple[ServerThread, Path]]:
+    """A server given its repository file, which the test rewrites."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    path = write_repository(tmp_path, [{"name": "det", "task": "instance", "version": "2"}])
+    config = ServerConfig(port=0, metrics_port=None, worker_threads=2)
+    specs = load_repository(path)
+    with ServerThread(config, specs, servicers=[add_kserve_servicer], repository=path).start(
+        wait_loaded=True
+    ) as srv:
+        yield srv, path
+
+
+def status_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_load_rereads_the_file_and_index_lists_every_entry(live: tuple[ServerThread, Path]) -> None:
+    srv, path = live
+    with grpc.insecure_channel(srv.address) as channel:
+        kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+        write_repository(
+            path.parent,
+            [{"name": "det", "task": "instance", "version": "2"}, {"name": "seg", "task": "semantic"}],
+        )
+        index = kserve.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models
+        assert [(m.name, m.version, m.state, m.reason) for m in index] == [
+            ("det", "2", "READY", ""),
+            ("seg", "1", "UNAVAILABLE", "not loaded: new in the repository"),
+        ]
+        kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="seg"), timeout=30)
+        assert kserve.ModelReady(pb.ModelReadyRequest(name="seg"), timeout=10).ready
+
+        # A new version of det: served, and the default for requests without a version.
+        write_repository(
+            path.parent,
+            [{"name": "det", "task": "instance", "version": "3"}, {"name": "seg", "task": "semantic"}],
+        )
+        kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="det"), timeout=30)
+        triton = tc.InferenceServerClient(srv.address)
+        assert triton.infer("det", [uint8_input(scene())]).get_response().model_version == "3"
+        assert triton.get_model_metadata("det").versions == ["3"]
+        assert not triton.is_model_ready("det", "2")
+        with pytest.raises(InferenceServerException) as info:
+            triton.infer("det", [uint8_input(scene())], model_version="2")
+        assert info.value.status() == "StatusCode.NOT_FOUND" and "served versions: 3" in info.value.message()
+        triton.close()
+
+
+def test_a_failed_reload_and_an_invalid_file_leave_the_model_serving(live: tuple[ServerThread, Path]) -> None:
+    srv, path = live
+    with grpc.insecure_channel(srv.address) as channel:
+        kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+        vision = vision_grpc.VisionServiceStub(channel)
+        write_repository(
+            path.parent, [{"name": "det", "task": "instance", "options": {"load_error": "bad weights"}}]
+        )
+        for call in (
+            lambda: kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="det"), timeout=30),
+            lambda: vision.LoadModel(vision_pb.LoadModelRequest(name="det"), timeout=30),
+        ):
+            code, message = status_of(call)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "bad weights" in message
+        (row,) = kserve.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models
+        assert row.state == "READY" and "reload failed, the previous load keeps serving" in row.reason
+        reload = vision.ReloadRepository(vision_pb.ReloadRepositoryRequest(), timeout=30)
+        assert list(reload.changes) == []  # the failed entry is retried once it changes
+
+        path.write_text("models: [{name: det, task: instance, config: fake, max_wait_ms: -1}]")
+        for call in (
+            lambda: kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="det"), timeout=30),
+            lambda: vision.LoadModel(vision_pb.LoadModelRequest(name="det"), timeout=30),
+            lambda: vision.ReloadRepository(vision_pb.ReloadRepositoryRequest(), timeout=30),
+        ):
+            code, message = status_of(call)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "models.yaml: models[0].max_wait_ms" in message and "nothing changed" in message
+        (row,) = kserve.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models
+        assert row.state == "READY" and "repository not applied" in row.reason
+        assert kserve.ModelReady(pb.ModelReadyRequest(name="det"), timeout=10).ready
+
+
+def test_vision_api_load_unload_and_reload(live: tuple[ServerThread, Path]) -> None:
+    srv, path = live
+    with grpc.insecure_channel(srv.address) as channel:
+        vision = vision_grpc.VisionServiceStub(channel)
+        for call in (
+            lambda: vision.LoadModel(vision_pb.LoadModelRequest(), timeout=10),
+            lambda: vision.UnloadModel(vision_pb.UnloadModelRequest(), timeout=10),
+        ):
+            assert status_of(call) == (grpc.StatusCode.INVALID_ARGUMENT, "name is required")
+        code, message = status_of(
+            lambda: vision.LoadModel(vision_pb.LoadModelRequest(name="../x"), timeout=10)
+        )
+        assert code == grpc.StatusCode.NOT_FOUND and "not in the repository" in message
+        code, _ = status_of(lambda: vision.UnloadModel(vision_pb.UnloadModelRequest(name="nope"), timeout=10))
+        assert code == grpc.StatusCode.NOT_FOUND
+
+        write_repository(path.parent, [{"name": "seg", "task": "semantic"}])
+        changes = vision.ReloadRepository(vision_pb.ReloadRepositoryRequest(), timeout=30).changes
+        assert [(c.name, c.action, c.error) for c in changes] == [("seg", "load", ""), ("det", "unload", "")]
+        assert [m.name for m in vision.ListModels(vision_pb.ListModelsRequest(), timeout=10).models] == [
+            "seg"
+        ]
+        vision.UnloadModel(vision_pb.UnloadModelRequest(name="seg"), timeout=30)
+        (info,) = vision.LoadModel(vision_pb.LoadModelRequest(name="seg"), timeout=30).models
+        assert info.ready and info.version == "1"

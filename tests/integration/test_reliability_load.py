@@ -55,7 +55,7 @@ class DepthSampler:
     def __init__(self, server: ServerThread, model: str) -> None:
         assert server.server is not None
         self._registry = server.server.metrics.registry
-        self._labels = {"model": model}
+        self._labels = {"model": model, "version": "1"}
         self._stop = threading.Event()
         self.samples = 0
         self.max_depth = 0.0

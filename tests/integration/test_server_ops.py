@@ -139,14 +139,14 @@ def test_metrics_endpoint_counts_requests_batches_and_errors(tmp_path: Path) -> 
     ok, bad = detect.format("OK"), detect.format("INVALID_ARGUMENT")
     assert _metric(after, "cvserve_requests_total", ok) == _metric(before, "cvserve_requests_total", ok) + 1
     assert _metric(after, "cvserve_requests_total", bad) == _metric(before, "cvserve_requests_total", bad) + 1
-    count = 'model="det"'
+    count = 'model="det",version="1"'
     assert _metric(after, "cvserve_batch_size_count", count) > _metric(
         before, "cvserve_batch_size_count", count
     )
     assert _metric(after, "cvserve_queue_latency_seconds_count", count) >= 1
     assert _metric(after, "cvserve_inference_latency_seconds_count", count) >= 1
     assert _metric(after, "cvserve_model_ready", count) == 1.0
-    assert re.search(r'^cvserve_queue_depth\{model="det"\} 0\.0$', after, re.M)
+    assert re.search(r'^cvserve_queue_depth\{model="det",version="1"\} 0\.0$', after, re.M)
     assert (
         _metric(after, "cvserve_request_latency_seconds_count", 'method="/cvserve.v1.VisionService/Detect"')
         == 2

@@ -115,8 +115,8 @@ def test_dataplane_runs_the_chosen_size_and_reports_it(monkeypatch: pytest.Monke
 
     asyncio.run(asyncio.wait_for(main(), 20))
     sample = metrics.registry.get_sample_value
-    assert sample("cvserve_max_batch_size", {"model": "auto", "policy": "auto"}) == 2
-    assert sample("cvserve_max_batch_size", {"model": "fixed", "policy": "fixed"}) == 3
+    assert sample("cvserve_max_batch_size", {"model": "auto", "version": "1", "policy": "auto"}) == 2
+    assert sample("cvserve_max_batch_size", {"model": "fixed", "version": "1", "policy": "fixed"}) == 3
 
 
 def test_in_process_runs_measure_auto_as_the_server_does(monkeypatch: pytest.MonkeyPatch) -> None:

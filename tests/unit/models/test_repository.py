@@ -104,3 +104,82 @@ def test_instances_default_fixed_and_auto(tmp_path: Path) -> None:
         "  - {name: d, task: instance, config: c, instances: auto}\n",
     )
     assert [s.instances for s in load_repository(path)] == [1, 3, "auto"]
+
+
+def version_folders(tmp_path: Path, *versions: int, name: str = "model_final.pth") -> Path:
+    root = tmp_path / "det"
+    for v in versions:
+        (root / str(v)).mkdir(parents=True)
+        (root / str(v) / name).write_bytes(b"")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("policy", "served"),
+    [
+        ("", ["3"]),  # Triton's default: latest 1
+        ("version_policy: {latest: 2}", ["2", "3"]),
+        ("version_policy: {latest: 9}", ["1", "2", "3"]),
+        ("version_policy: all", ["1", "2", "3"]),
+        ("version_policy: {all: {}}", ["1", "2", "3"]),
+        ("version_policy: {specific: [1, 3]}", ["1", "3"]),
+    ],
+)
+def test_version_folders_and_policies(tmp_path: Path, policy: str, served: list[str]) -> None:
+    root = version_folders(tmp_path, 1, 2, 3)
+    (tmp_path / "det" / "notes").mkdir()  # not a number: not a version
+    path = write(
+        tmp_path,
+        f"models:\n  - name: det\n    task: instance\n    config: c\n    weights: det/\n    {policy}\n",
+    )
+    (spec,) = load_repository(path)
+    assert list(spec.versions) == served
+    assert spec.version == served[-1] and spec.weights == str(root / served[-1] / "model_final.pth")
+    per_version = spec.version_specs()
+    assert [(s.version, s.weights) for s in per_version] == [
+        (v, str(root / v / "model_final.pth")) for v in served
+    ]
+    assert all(not s.versions for s in per_version)
+
+
+def test_a_single_checkpoint_is_one_version(tmp_path: Path) -> None:
+    path = write(tmp_path, "models:\n  - {name: a, task: instance, config: c, version: 4}\n")
+    (spec,) = load_repository(path)
+    assert (spec.version, spec.versions) == ("4", {})
+    assert spec.version_specs() == [spec]
+
+
+def test_a_version_folder_with_one_checkpoint_of_another_name(tmp_path: Path) -> None:
+    version_folders(tmp_path, 1, name="weights.pkl")
+    (spec,) = load_repository(
+        write(tmp_path, "models:\n  - {name: a, task: instance, config: c, weights: det}\n")
+    )
+    assert spec.weights == str(tmp_path / "det" / "1" / "weights.pkl")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ("version: two", r"models\[0\]\.version: must be a positive integer"),
+        ("version: 0", r"models\[0\]\.version: must be a positive integer"),
+        ("weights: w.pth, version_policy: all", r"version_policy: needs weights to be a directory"),
+        ("weights: det, version: 2", r"models\[0\]\.version: not allowed when weights is a directory"),
+        ("weights: det, version_policy: {latest: 0}", r"version_policy\.latest: must be a positive integer"),
+        ("weights: det, version_policy: {specific: [2, 7]}", r"specific: no version folder for \[7\]"),
+        ("weights: det, version_policy: {specific: []}", r"specific: must be a non-empty list"),
+        ("weights: det, version_policy: newest", r"version_policy: must be \{latest: N\}"),
+        ("weights: empty", r"weights: directory .*empty has no numbered version folders"),
+        ("weights: twice", r"version folder .*twice/1 holds 2 checkpoints"),
+    ],
+)
+def test_invalid_versions_are_named(tmp_path: Path, fields: str, message: str) -> None:
+    version_folders(tmp_path, 1, 2)
+    (tmp_path / "w.pth").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "twice" / "1").mkdir(parents=True)
+    for name in ("a.pth", "b.pth"):
+        (tmp_path / "twice" / "1" / name).write_bytes(b"")
+    path = write(tmp_path, f"models:\n  - {{name: a, task: instance, config: c, {fields}}}\n")
+    with pytest.raises(RepositoryError, match=message) as info:
+        load_repository(path)
+    assert str(path) in str(info.value)

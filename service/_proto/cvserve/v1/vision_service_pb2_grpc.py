@@ -60,6 +60,21 @@ class VisionServiceStub:
                 request_serializer=cvserve_dot_v1_dot_vision__service__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=cvserve_dot_v1_dot_vision__service__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/cvserve.v1.VisionService/LoadModel',
+                request_serializer=cvserve_dot_v1_dot_vision__service__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=cvserve_dot_v1_dot_vision__service__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/cvserve.v1.VisionService/UnloadModel',
+                request_serializer=cvserve_dot_v1_dot_vision__service__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=cvserve_dot_v1_dot_vision__service__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.ReloadRepository = channel.unary_unary(
+                '/cvserve.v1.VisionService/ReloadRepository',
+                request_serializer=cvserve_dot_v1_dot_vision__service__pb2.ReloadRepositoryRequest.SerializeToString,
+                response_deserializer=cvserve_dot_v1_dot_vision__service__pb2.ReloadRepositoryResponse.FromString,
+                _registered_method=True)
 
 
 class VisionServiceServicer:
@@ -102,6 +117,32 @@ class VisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Load a model of the repository file, re-read now: a new entry loads, a changed
+        entry (weights, config, options, batching) reloads beside the version serving,
+        which keeps serving until the new one is ready; an unchanged entry is left alone.
+        FAILED_PRECONDITION when the file is invalid or the load fails: nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload every version of a model: new requests fail UNAVAILABLE, those already
+        accepted finish first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadRepository(self, request, context):
+        """Re-read the repository file and apply every change: new entries load, changed
+        ones reload, removed ones unload (what SIGHUP and --poll-repository do).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +170,21 @@ def add_VisionServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=cvserve_dot_v1_dot_vision__service__pb2.GetModelRequest.FromString,
                     response_serializer=cvserve_dot_v1_dot_vision__service__pb2.GetModelResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=cvserve_dot_v1_dot_vision__service__pb2.LoadModelRequest.FromString,
+                    response_serializer=cvserve_dot_v1_dot_vision__service__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=cvserve_dot_v1_dot_vision__service__pb2.UnloadModelRequest.FromString,
+                    response_serializer=cvserve_dot_v1_dot_vision__service__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'ReloadRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadRepository,
+                    request_deserializer=cvserve_dot_v1_dot_vision__service__pb2.ReloadRepositoryRequest.FromString,
+                    response_serializer=cvserve_dot_v1_dot_vision__service__pb2.ReloadRepositoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +322,87 @@ class VisionService:
             '/cvserve.v1.VisionService/GetModel',
             cvserve_dot_v1_dot_vision__service__pb2.GetModelRequest.SerializeToString,
             cvserve_dot_v1_dot_vision__service__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvserve.v1.VisionService/LoadModel',
+            cvserve_dot_v1_dot_vision__service__pb2.LoadModelRequest.SerializeToString,
+            cvserve_dot_v1_dot_vision__service__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvserve.v1.VisionService/UnloadModel',
+            cvserve_dot_v1_dot_vision__service__pb2.UnloadModelRequest.SerializeToString,
+            cvserve_dot_v1_dot_vision__service__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cvserve.v1.VisionService/ReloadRepository',
+            cvserve_dot_v1_dot_vision__service__pb2.ReloadRepositoryRequest.SerializeToString,
+            cvserve_dot_v1_dot_vision__service__pb2.ReloadRepositoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -107,7 +107,8 @@ def test_a_model_on_two_gpus_spreads_requests_and_reports_its_placement() -> Non
     assert max(m.max_running for m in built) == 1  # one batch at a time on each
     sample = metrics.registry.get_sample_value
     counts = [
-        sample("cvserve_device_batches_total", {"model": "det", "device": d}) for d in ("cuda:0", "cuda:1")
+        sample("cvserve_device_batches_total", {"model": "det", "version": "1", "device": d})
+        for d in ("cuda:0", "cuda:1")
     ]
     assert all(c and c > 0 for c in counts)
-    assert sample("cvserve_model_instances", {"model": "det", "device": "cuda:1"}) == 1
+    assert sample("cvserve_model_instances", {"model": "det", "version": "1", "device": "cuda:1"}) == 1
