@@ -266,8 +266,13 @@ class DataPlane:
         *,
         version: str | None = None,
         deadline: float | None = None,
+        masks: bool = True,
+        image_sizes: Sequence[tuple[int, int] | None] | None = None,
     ) -> list[Prediction | Exception]:
         """Predict ``images`` (RGB uint8 ``(H, W, 3)``) with model ``name``.
+
+        ``masks=False`` skips instance masks; ``image_sizes`` gives the size each
+        prediction is in where an image was decoded at a reduced scale.
 
         Returns:
             One prediction, or the exception that image failed with, per image.
@@ -275,7 +280,9 @@ class DataPlane:
         Raises:
             ModelNotFoundError, VersionNotFoundError, ModelNotReadyError, ServerDrainingError.
         """
-        outcomes = await self.infer_timed(name, images, version=version, deadline=deadline)
+        outcomes = await self.infer_timed(
+            name, images, version=version, deadline=deadline, masks=masks, image_sizes=image_sizes
+        )
         return [o.prediction if o.error is None else o.error for o in outcomes]  # type: ignore[misc]
 
     async def infer_timed(
@@ -285,6 +292,8 @@ class DataPlane:
         *,
         version: str | None = None,
         deadline: float | None = None,
+        masks: bool = True,
+        image_sizes: Sequence[tuple[int, int] | None] | None = None,
     ) -> list[Outcome]:
         """Like :meth:`infer`, with each image's queue / inference timing."""
         self.require_ready(name, version)
@@ -292,7 +301,12 @@ class DataPlane:
         self._in_flight += 1
         self._idle.clear()
         try:
-            return list(await asyncio.gather(*(entry.run_image(img, deadline) for img in images)))
+            sizes = image_sizes or [None] * len(images)
+            runs = (
+                entry.run_image(img, deadline, masks=masks, image_size=size)
+                for img, size in zip(images, sizes, strict=True)
+            )
+            return list(await asyncio.gather(*runs))
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:

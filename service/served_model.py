@@ -85,6 +85,7 @@ class ServedModel:
             error=self.error,
             class_names=tuple(model.class_names) if model is not None else (),
             device=str(model.device) if model is not None else "",
+            precision=str(getattr(model, "precision", "")) if model is not None else "",
         )
 
     def start_loading(self) -> asyncio.Task[None]:
@@ -199,19 +200,36 @@ class ServedModel:
         if self._metrics is not None and self.state == ModelState.READY:
             self._metrics.observe_stage(self.spec.name, stage, seconds)
 
-    async def run_image(self, image: np.ndarray, deadline: float | None) -> Outcome:
-        """Preprocess in the shared pool, forward through the batcher, postprocess in the pool."""
+    async def run_image(
+        self,
+        image: np.ndarray,
+        deadline: float | None,
+        *,
+        masks: bool = True,
+        image_size: tuple[int, int] | None = None,
+    ) -> Outcome:
+        """Preprocess in the shared pool, forward through the batcher, postprocess in the pool.
+
+        Args:
+            image: RGB uint8 ``(H, W, 3)``.
+            deadline: absolute ``time.monotonic()`` deadline, if any.
+            masks: False when the request wants no instance masks (see
+                :meth:`~models.base.VisionModel.prepare`).
+            image_size: the size the prediction is in: the encoded image's own size when
+                ``image`` was decoded at a reduced scale; ``image``'s size when None.
+        """
         model, batcher, stats = self.model, self.batcher, self.stats
         timing = ItemTiming()
         start = time.monotonic()
         try:
             if model is None or batcher is None:
                 raise ModelNotReadyError(f"model {self.spec.name!r} is not loaded")
-            inputs, seconds = await run_in_pool(self._pool, _timed, model.preprocess, image)
+            prepare = functools.partial(model.prepare, masks=masks)
+            inputs, seconds = await run_in_pool(self._pool, _timed, prepare, image)
             stats.compute_input.add(seconds)
             self.observe_stage("preprocess", seconds)
             raw = await batcher.submit(inputs, deadline=deadline, timing=timing)
-            size = (int(image.shape[0]), int(image.shape[1]))
+            size = image_size or (int(image.shape[0]), int(image.shape[1]))
             prediction, seconds = await run_in_pool(self._pool, _timed, model.postprocess, raw, size)
             stats.compute_output.add(seconds)
             self.observe_stage("postprocess", seconds)

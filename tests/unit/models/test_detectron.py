@@ -37,9 +37,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[CfgNode, Path, Path]
     return cfg, config, weights
 
 
-def _spec(config: Path, weights: Path | str, **options: object) -> ModelSpec:
+def _spec(config: Path, weights: Path | str, precision: str = "fp32", **options: object) -> ModelSpec:
+    """fp32 unless asked: these tests compare with DefaultPredictor in fp32 (bf16: test_precision)."""
     return ModelSpec(
-        name="tiny", task=Task.INSTANCE, config=str(config), weights=str(weights), options=options
+        name="tiny",
+        task=Task.INSTANCE,
+        config=str(config),
+        weights=str(weights),
+        precision=precision,
+        options=options,
     )
 
 
