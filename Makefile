@@ -20,7 +20,7 @@ lint:
 	$(VENV)/bin/ruff format --check .
 
 typecheck:
-	$(VENV)/bin/mypy
+	$(VENV)/bin/python scripts/typecheck.py
 
 pytest:
 	$(VENV)/bin/python -m pytest $(ARGS)

@@ -53,7 +53,7 @@ class BenchModel:
 
     def cfg(self) -> Any:
         """The detectron2 config ``DefaultPredictor`` uses, with the server's options applied."""
-        from models.detectron import load_config
+        from cvserve.models.instance.adapter import load_config
 
         cfg = load_config(str(self.config_path))
         cfg.MODEL.WEIGHTS = str(self.weights_path or "")
@@ -88,8 +88,8 @@ def demo_instance_entry() -> tuple[Path, Path]:
     Raises:
         FileNotFoundError: the demo repository is not built.
     """
-    from models.demo import INSTANCE_NAME
-    from models.repository import default_repository_path, load_repository
+    from cvserve.models.demo.build import INSTANCE_NAME
+    from cvserve.models.repository import default_repository_path, load_repository
 
     path = default_repository_path()
     if not path.is_file():
@@ -104,15 +104,13 @@ def prepare_model(kind: str, workdir: Path) -> BenchModel:
     """Write ``kind``'s config and weights (see the module docstring) under ``workdir``."""
     import torch
 
-    import models  # noqa: F401  (detectron2 compatibility first)
-
     if kind == "fake":
         return BenchModel("fake", workdir / "none.yaml", None, "no weights", {})
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from models.data.synthetic import CATEGORIES
-    from models.detectron import load_config
+    from cvserve.models.data.synthetic import CATEGORIES
+    from cvserve.models.instance.adapter import load_config
 
     trained: Path | None = None
     if kind == "demo":
@@ -159,13 +157,13 @@ def make_images(n: int, height: int, width: int, seed: int = 0, *, shapes: bool 
     """``n`` RGB uint8 images.
 
     Noise with a few bright rectangles and discs (photo-like JPEG sizes), or with
-    ``shapes`` the demo dataset's scenes (:func:`models.data.synthetic.render_image`,
+    ``shapes`` the demo dataset's scenes (:func:`cvserve.models.data.synthetic.render_image`,
     seed ``1000 + seed``: not the demo's own splits).
     """
     import cv2
 
     if shapes:
-        from models.data.synthetic import render_image
+        from cvserve.models.data.synthetic import render_image
 
         rngs = (np.random.default_rng([1000 + seed, i]) for i in range(n))
         return [render_image(r, (height, width))[0] for r in rngs]
@@ -246,7 +244,7 @@ def serve(
     port, metrics_port = free_port(), free_port()
     log_path = workdir / f"server-{port}.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
-    command = [sys.executable, "-m", "service.cli", "serve", "--models", str(repo), "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "cvserve", "serve", "--models", str(repo), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--metrics-port", str(metrics_port), "--workers", str(workers)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -264,7 +262,7 @@ def serve(
 
 
 def _wait_ready(server: ServerProcess, names: list[str], timeout: float = 600.0) -> None:
-    from service.client import Client, ClientError
+    from cvserve.client.client import Client, ClientError
 
     deadline = time.monotonic() + timeout
     with Client(server.address, timeout=5) as client:

@@ -32,9 +32,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from models.repository import ModelSpec, load_repository  # noqa: E402
-from service.annotate import AnnotateJob, AnnotateSummary, annotate  # noqa: E402
-from service.annotation.predictors import LocalPredictor, Predictor, ServerPredictor  # noqa: E402
+from cvserve.annotation.job import AnnotateJob, AnnotateSummary, annotate  # noqa: E402
+from cvserve.annotation.predictors import LocalPredictor, Predictor, ServerPredictor  # noqa: E402
+from cvserve.models.repository import ModelSpec, load_repository  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: int) -> None:
@@ -107,7 +107,7 @@ def run_engine(
     elif engine == "server":
         inner = ServerPredictor(server.address, spec.name, concurrency=args.concurrency)
     else:
-        from service.ray_annotate import RayPredictor
+        from cvserve.annotation.ray_engine import RayPredictor
 
         inner = RayPredictor(spec, num_actors=args.num_actors)
     with Timed(inner) as predictor:
@@ -147,14 +147,14 @@ def start_backends(engines: list[str], specs: list[ModelSpec]) -> Any:
     """Start the server (returned) and Ray, as the engines need."""
     server = None
     if "ray" in engines:  # first: Ray's start-up times out on a machine busy with a server
-        from service.ray_annotate import import_ray
+        from cvserve.annotation.ray_engine import import_ray
 
         ray = import_ray()
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if "server" in engines:
-        from service.config import ServerConfig
-        from service.server import ServerThread
+        from cvserve.config import ServerConfig
+        from cvserve.server.build import ServerThread
 
         server = ServerThread(ServerConfig(port=0, metrics_port=None, worker_threads=2), specs)
         server.start(wait_loaded=True)

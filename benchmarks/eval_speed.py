@@ -27,9 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import models  # noqa: E402,F401
-from models.evaluation.coco import evaluate_loaded  # noqa: E402
-from models.evaluation.coco_io import parse_ground_truth, parse_results  # noqa: E402
+from cvserve.models.evaluation.coco import evaluate_loaded  # noqa: E402
+from cvserve.models.evaluation.coco_io import parse_ground_truth, parse_results  # noqa: E402
 from tests.fixtures.coco.synth import SynthConfig, make_dataset  # noqa: E402
 
 TYPES = ("bbox", "segm")

@@ -42,7 +42,7 @@ def fail_without_cuda(device: str) -> None:
 
 def with_device(model: _common.BenchModel, device: str, min_size: int) -> _common.BenchModel:
     """The same model with its config moved to ``device`` at short side ``min_size``."""
-    from models.detectron import load_config
+    from cvserve.models.instance.adapter import load_config
 
     cfg = load_config(str(model.config_path))
     cfg.MODEL.DEVICE = device
@@ -53,8 +53,8 @@ def with_device(model: _common.BenchModel, device: str, min_size: int) -> _commo
 
 def predictions(model: _common.BenchModel, device: str, precision: str, images: list[Any]) -> list[Any]:
     """In-process ``DetectronModel`` predictions (the server's adapter) at ``precision``."""
-    from models.detectron import DetectronModel
-    from models.repository import parse_spec
+    from cvserve.models.instance.adapter import DetectronModel
+    from cvserve.models.repository import parse_spec
 
     entry = {**model.spec(), "device": device, "precision": precision}
     adapter = DetectronModel(parse_spec(entry, "gpu_speed", model.config_path.parent))

@@ -24,7 +24,7 @@ import _common
 
 def send(address: str, model: str, payloads: list[bytes], count: int, threads: int) -> None:
     """``count`` Detect calls spread over ``threads`` client threads."""
-    from service.client import Client
+    from cvserve.client.client import Client
 
     def worker(n: int) -> None:
         with Client(address, timeout=120) as client:

@@ -19,8 +19,6 @@ import time
 
 import torch
 
-import models  # noqa: F401  (detectron2 compatibility first)
-
 
 def build(kind: str, size: int) -> torch.nn.Module:
     from detectron2 import model_zoo
@@ -30,7 +28,7 @@ def build(kind: str, size: int) -> torch.nn.Module:
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"))
     if kind == "tiny":
-        from models.configs import tiny_instance_config
+        from cvserve.models.instance.config import tiny_instance_config
 
         cfg = tiny_instance_config(5, input_size=size)
     cfg.MODEL.DEVICE = "cpu"

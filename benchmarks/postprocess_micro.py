@@ -7,7 +7,7 @@ For N detections on an HxW image (28x28 mask logits, boxes of realistic sizes), 
   and ``DefaultPredictor`` run) and all instances in one full-image call (the GPU path);
 * RLE encoding: ``mask.encode`` per instance against one call on the ``(H, W, N)`` stack;
 * paste + RLE as served: N full-image masks then one RLE call, against each mask pasted
-  and encoded inside its box (``models.detectron_outputs``, what ``DetectronModel`` runs);
+  and encoded inside its box (``cvserve.models.instance.outputs``, what ``DetectronModel`` runs);
 * polygons and PNG masks as ``service/codec.py`` builds them: per instance (decode the
   RLE, trace / encode the full image) against the codec's batched decode with contours
   traced inside each mask's box and bit-packed PNGs.
@@ -26,7 +26,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: F401  (detectron2 compatibility first)
 
 # isort: split
 
@@ -36,10 +35,10 @@ import torch
 from detectron2.layers.mask_ops import _do_paste_mask, paste_masks_in_image
 from pycocotools import mask as mask_util
 
-from models.detectron_outputs import box_rle, paste_rles
-from models.types import Instance, Mask, Prediction
-from service import codec
-from service.imaging import encode_png
+from cvserve.imaging import encode_png
+from cvserve.models.instance.outputs import box_rle, paste_rles
+from cvserve.models.types import Instance, Mask, Prediction
+from cvserve.vision import codec
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
 
-from service.metrics import STAGES
+from cvserve.metrics import STAGES
 
 
 class PredictorLoop:
@@ -62,7 +62,7 @@ def load(
     address: str, model: str, payloads: list[bytes], concurrency: int, requests: int
 ) -> tuple[float, list[float]]:
     """Send ``requests`` Detect calls from ``concurrency`` threads; wall seconds and latencies."""
-    from service.client import Client
+    from cvserve.client.client import Client
 
     latencies: list[float] = []
     counter = iter(range(requests))

@@ -46,12 +46,12 @@ class _Clock(logging.Handler):
 
 
 def _run(name: str, dataset: str, out: Path, args: argparse.Namespace, **kw: int) -> float:
-    from models.configs import tiny_instance_config
-    from models.data.synthetic import CATEGORIES
-    from models.train import TrainOptions, train
+    from cvserve.models.data.synthetic import CATEGORIES
+    from cvserve.models.instance.config import tiny_instance_config
+    from cvserve.models.training.engine import TrainOptions, train
 
     clock = _Clock()
-    logging.getLogger("models.train").addHandler(clock)
+    logging.getLogger("cvserve.models.training.engine").addHandler(clock)
     total = args.warmup + args.iters
     options = TrainOptions(
         max_iter=total, warmup_iters=max(1, args.warmup // 2), batch_size=args.batch_size, eval_period=total,
@@ -66,20 +66,22 @@ def _run(name: str, dataset: str, out: Path, args: argparse.Namespace, **kw: int
             output_dir=out / name,
         )
     finally:
-        logging.getLogger("models.train").removeHandler(clock)
+        logging.getLogger("cvserve.models.training.engine").removeHandler(clock)
     timed = clock.stamps[args.warmup - 1 :]
     return args.iters * args.batch_size / (timed[-1] - timed[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    logging.getLogger("models.train").setLevel(logging.INFO)  # the clock reads the progress lines
-    logging.getLogger("models.train").propagate = False
+    logging.getLogger("cvserve.models.training.engine").setLevel(
+        logging.INFO
+    )  # the clock reads the progress lines
+    logging.getLogger("cvserve.models.training.engine").propagate = False
     import torch
 
     from benchmarks._common import machine
-    from models.data.datasets import register_coco_split
-    from models.data.synthetic import generate_dataset
+    from cvserve.models.data.datasets import register_coco_split
+    from cvserve.models.data.synthetic import generate_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -72,14 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    import models  # noqa: F401
-    from models.data.datasets import register_semantic_split
-    from models.data.synthetic import CATEGORIES, generate_dataset
-    from models.demo import DEMO_SCALE
-    from models.repository import default_repository_path
-    from models.semseg.class_weights import parse_class_weights
-    from models.semseg.training import train_semantic
-    from models.train import TrainOptions
+    from cvserve.models.data.datasets import register_semantic_split
+    from cvserve.models.data.synthetic import CATEGORIES, generate_dataset
+    from cvserve.models.demo.build import DEMO_SCALE
+    from cvserve.models.repository import default_repository_path
+    from cvserve.models.semseg.class_weights import parse_class_weights
+    from cvserve.models.semseg.training import train_semantic
+    from cvserve.models.training.engine import TrainOptions
 
     lr = DEMO_SCALE.semantic_lr if args.lr is None else args.lr
     input_size = DEMO_SCALE.semantic_input_size if args.input_size is None else args.input_size

@@ -1,9 +1,6 @@
 """cvserve models: Detectron2 adapters, the semantic segmenter, data, training and evaluation.
 
-Importable without grpc or ray. Importing this package applies the detectron2
-compatibility layer (:mod:`models._compat`) before any detectron2 import.
+Importable without grpc or ray, and importing it changes nothing else in the process.
+detectron2 v0.6 needs :func:`cvserve.models.compat.apply` before its first import;
+the entry points that load detectron2 (``build_model``, the CLI, training) call it.
 """
-
-from models import _compat
-
-_compat.apply()

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from models.types import Prediction, Task
+from cvserve.models.types import Prediction, Task
 
 
 class VisionModel(abc.ABC):
@@ -26,8 +26,8 @@ class VisionModel(abc.ABC):
         class_names: label names, index = category id / label value.
         device: the torch device string it runs on (``cpu``, ``cuda:0``).
         precision: the precision its forward runs at: ``fp32``, ``fp16`` or ``bf16``
-            (see :mod:`models.precision`).
-        shares_cpu_threads: ``forward`` runs under :func:`models.threads.forward_threads`,
+            (see :mod:`cvserve.models.precision`).
+        shares_cpu_threads: ``forward`` runs under :func:`cvserve.models.threads.forward_threads`,
             so passes running at once on a CPU share its cores instead of each taking all
             of them. ``instances: auto`` gives such a model one instance per core (up to
             4) on a CPU, and any other model one.

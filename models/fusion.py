@@ -19,8 +19,6 @@ segmenter's labels identical and its logits within 2e-5.
 
 from __future__ import annotations
 
-import models  # noqa: F401  (detectron2 compatibility layer first)
-
 # isort: split
 
 import torch

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.repository import PRECISIONS
+from cvserve.models.repository import PRECISIONS
 
 __all__ = [
     "BF16_LOSS_KEY",

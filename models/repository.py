@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from models.types import Task
+from cvserve.models.types import Task
 
 __all__ = [
     "AUTO_BATCH_LIMIT",
@@ -85,14 +85,14 @@ class ModelSpec:
         max_queue: most requests waiting; more are refused.
         options: model-specific settings (e.g. ``score_threshold``, ``min_size_test``).
         handler: optional ``"package.module:callable"`` building a custom
-            :class:`~models.base.VisionModel` from this spec (like a TorchServe custom
+            :class:`~cvserve.models.base.VisionModel` from this spec (like a TorchServe custom
             handler); empty to use the built-in builder for ``task``.
         batching: ``fixed`` (use ``max_batch_size``) or ``auto`` (the file said
             ``max_batch_size: auto``: the server measures which size is fastest per image).
         instances: how many batches the server runs through the model at once (Triton's
             instance count; the weights are shared), or ``auto``: 1 on a GPU, one per
             CPU core (up to 4) on a CPU, where the passes share the cores' threads
-            (see :mod:`models.threads`).
+            (see :mod:`cvserve.models.threads`).
     """
 
     name: str

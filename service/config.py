@@ -3,7 +3,7 @@
 Nothing here reads flags or the environment at import time: the ``serve`` command
 builds a :class:`ServerConfig` from its arguments and passes it down explicitly.
 Model-specific settings (batching limits, device, precision) live in each model's
-:class:`~models.repository.ModelSpec` instead.
+:class:`~cvserve.models.repository.ModelSpec` instead.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One exception class per failure the service reports, each with its gRPC status code.
 
 Code anywhere below the servicer raises these; a single interceptor
-(:mod:`service.interceptors`) turns them into ``context.abort(err.code, err.message)``.
+(:mod:`cvserve.server.interceptors`) turns them into ``context.abort(err.code, err.message)``.
 Any other exception becomes ``INTERNAL, "internal error"`` with its traceback logged,
 never sent. The stream RPC uses :func:`status_of` to report per-item failures the same way.
 """

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.types import Prediction
-from service.errors import ImageTooLargeError, InvalidImageError
+from cvserve.errors import ImageTooLargeError, InvalidImageError
+from cvserve.models.types import Prediction
 
 __all__ = [
     "ENCODINGS",

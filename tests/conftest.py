@@ -9,7 +9,10 @@ import pytest
 # Keep the 2-core CI machine responsive: one intra-op thread pool of at most 2.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import models  # noqa: F401  (applies the detectron2 compatibility layer first)
+from cvserve.models import compat
+
+# The suite imports detectron2-based modules directly: apply the v0.6 layer once, first.
+compat.apply()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import models  # noqa: F401  (detectron2 compatibility layer first)
-
 # isort: split
 
 import cv2

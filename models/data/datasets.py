@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import models  # noqa: F401  (detectron2 compatibility layer first)
-
 # isort: split
 
 import cv2
@@ -23,7 +21,7 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg, register_coco_instances
 
-from models.data.synthetic import SplitPaths
+from cvserve.models.data.synthetic import SplitPaths
 
 __all__ = ["coco_category_names", "coco_to_semantic_labels", "register_coco_split", "register_semantic_split"]
 

@@ -32,7 +32,13 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-from models.data.shapes import CATEGORIES, draw_shape, random_background, random_colour, random_texture
+from cvserve.models.data.drawing import (
+    CATEGORIES,
+    draw_shape,
+    random_background,
+    random_colour,
+    random_texture,
+)
 
 __all__ = ["CATEGORIES", "IGNORE_LABEL", "SplitPaths", "generate_dataset", "render_image"]
 

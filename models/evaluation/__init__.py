@@ -1,10 +1,10 @@
 """Evaluation: COCO bbox / segm / keypoints metrics and semantic segmentation metrics.
 
 Importable without torch, grpc or ray; the detectron2 ``DatasetEvaluator`` adapters live
-in :mod:`models.evaluation.evaluators` (they import detectron2).
+in :mod:`cvserve.models.evaluation.evaluators` (they import detectron2).
 """
 
-from models.evaluation.coco import evaluate_coco, summarize
-from models.evaluation.errors import EvaluationInputError
+from cvserve.models.evaluation.coco import evaluate_coco, summarize
+from cvserve.models.evaluation.errors import EvaluationInputError
 
 __all__ = ["EvaluationInputError", "evaluate_coco", "summarize"]

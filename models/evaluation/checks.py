@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from models.evaluation.errors import EvaluationInputError
+from cvserve.models.evaluation.errors import EvaluationInputError
 
 __all__ = ["BOX_HELP", "box_ok", "finite", "is_int", "load_json"]
 

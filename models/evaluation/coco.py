@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluation import shapes
-from models.evaluation.coco_io import Detections, GroundTruth, parse_ground_truth, parse_results
-from models.evaluation.cocoeval import Accumulated, EvalParams, evaluate
-from models.evaluation.iou import bbox_pair_iou, oks_pair_iou, segm_pair_iou
+from cvserve.models.evaluation import shapes
+from cvserve.models.evaluation.coco_io import Detections, GroundTruth, parse_ground_truth, parse_results
+from cvserve.models.evaluation.cocoeval import Accumulated, EvalParams, evaluate
+from cvserve.models.evaluation.iou import bbox_pair_iou, oks_pair_iou, segm_pair_iou
 
 __all__ = ["STAT_NAMES", "evaluate_coco", "evaluate_loaded", "summarize"]
 

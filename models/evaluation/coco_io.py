@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluation.checks import BOX_HELP, box_ok, finite, is_int, load_json
-from models.evaluation.errors import EvaluationInputError, describe
+from cvserve.models.evaluation.checks import BOX_HELP, box_ok, finite, is_int, load_json
+from cvserve.models.evaluation.errors import EvaluationInputError, describe
 
 __all__ = ["Detections", "GroundTruth", "load_json", "parse_ground_truth", "parse_results"]
 

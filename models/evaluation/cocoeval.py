@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.evaluation.matching import Matches, match
+from cvserve.models.evaluation.matching import Matches, match
 
 __all__ = ["Accumulated", "EvalParams", "PairIoU", "evaluate"]
 

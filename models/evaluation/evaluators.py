@@ -1,7 +1,7 @@
 """detectron2 ``DatasetEvaluator`` adapters, usable with ``inference_on_dataset``.
 
 They accept detectron2 model outputs (``{"instances": Instances}`` / ``{"sem_seg":
-logits}``) as well as :class:`models.types.Prediction`, and report in detectron2's units
+logits}``) as well as :class:`cvserve.models.types.Prediction`, and report in detectron2's units
 (percent; NaN where a figure is undefined), computed by this package's evaluators.
 """
 
@@ -18,11 +18,11 @@ import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 from pycocotools import mask as mask_util
 
-from models.evaluation.coco import evaluate_loaded
-from models.evaluation.coco_io import parse_ground_truth, parse_results
-from models.evaluation.inference import map_categories, prediction_entries
-from models.evaluation.semantic import read_label_png, semantic_metrics, update_confusion
-from models.types import Prediction
+from cvserve.models.evaluation.coco import evaluate_loaded
+from cvserve.models.evaluation.coco_io import parse_ground_truth, parse_results
+from cvserve.models.evaluation.inference import map_categories, prediction_entries
+from cvserve.models.evaluation.semantic import read_label_png, semantic_metrics, update_confusion
+from cvserve.models.types import Prediction
 
 __all__ = ["COCOInstanceEvaluator", "SemanticEvaluator"]
 

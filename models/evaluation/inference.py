@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from models.base import VisionModel
-from models.evaluation.coco_io import GroundTruth
-from models.evaluation.errors import EvaluationInputError
-from models.evaluation.semantic import IMAGE_SUFFIXES, label_files, read_label_png, update_confusion
-from models.types import Prediction
+from cvserve.models.base import VisionModel
+from cvserve.models.evaluation.coco_io import GroundTruth
+from cvserve.models.evaluation.errors import EvaluationInputError
+from cvserve.models.evaluation.semantic import IMAGE_SUFFIXES, label_files, read_label_png, update_confusion
+from cvserve.models.types import Prediction
 
 __all__ = [
     "Predictor",

@@ -1,6 +1,6 @@
 """IoU and OKS of (detection, ground truth) pairs, bit-identical to pycocotools.
 
-Each function returns a :data:`~models.evaluation.cocoeval.PairIoU`: given index arrays
+Each function returns a :data:`~cvserve.models.evaluation.cocoeval.PairIoU`: given index arrays
 of detections and ground truths (one entry per pair, pairs of one (image, category)
 contiguous and detection-major) it returns one similarity per pair.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_util
 
-from models.evaluation.cocoeval import PairIoU
+from cvserve.models.evaluation.cocoeval import PairIoU
 
 __all__ = ["bbox_pair_iou", "oks_pair_iou", "segm_pair_iou"]
 

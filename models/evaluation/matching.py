@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from models.evaluation.cocoeval import EvalParams, PairIoU
+    from cvserve.models.evaluation.cocoeval import EvalParams, PairIoU
 
 __all__ = ["Matches", "match"]
 
@@ -87,7 +87,7 @@ def match(
 ) -> Matches:
     """Match detections to ground truth for every area range and IoU threshold.
 
-    Arguments are those of :func:`models.evaluation.cocoeval.evaluate`.
+    Arguments are those of :func:`cvserve.models.evaluation.cocoeval.evaluate`.
     """
     dorder, dkey, rank = _group_detections(params, num_cats, dt)
     gkey_raw = gt["img"].astype(np.int64) * num_cats + gt["cat"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.evaluation.cocoeval import Accumulated
+from cvserve.models.evaluation.cocoeval import Accumulated
 
 __all__ = ["plot_confusion", "plot_pr_curves"]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluation.cocoeval import Accumulated
+from cvserve.models.evaluation.cocoeval import Accumulated
 
 __all__ = ["default_out_dir", "write_coco_report", "write_semantic_report"]
 
@@ -114,7 +114,7 @@ def write_coco_report(
     Returns:
         The files written.
     """
-    from models.evaluation.plots import plot_pr_curves
+    from cvserve.models.evaluation.plots import plot_pr_curves
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"created": dt.datetime.now().isoformat(timespec="seconds"), **report}
@@ -131,7 +131,7 @@ def write_semantic_report(
     out_dir: Path, report: dict[str, Any], class_names: Sequence[str], plots: bool = True
 ) -> list[Path]:
     """Write the report of a semantic evaluation; ``report["metrics"]`` as :func:`evaluate_semantic` returns it."""
-    from models.evaluation.plots import plot_confusion
+    from cvserve.models.evaluation.plots import plot_confusion
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"created": dt.datetime.now().isoformat(timespec="seconds"), **report}

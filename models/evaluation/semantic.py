@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluation.errors import EvaluationInputError
+from cvserve.models.evaluation.errors import EvaluationInputError
 
 __all__ = ["IMAGE_SUFFIXES", "evaluate_semantic", "read_label_png", "semantic_metrics", "update_confusion"]
 

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_util
 
-from models.evaluation.checks import finite
-from models.evaluation.coco_io import Detections, GroundTruth
-from models.evaluation.errors import EvaluationInputError, describe
+from cvserve.models.evaluation.checks import finite
+from cvserve.models.evaluation.coco_io import Detections, GroundTruth
+from cvserve.models.evaluation.errors import EvaluationInputError, describe
 
 __all__ = ["KEYPOINT_SIGMAS", "dt_keypoints", "dt_rles", "gt_keypoints", "gt_rles"]
 

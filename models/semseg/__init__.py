@@ -1,13 +1,13 @@
 """The encoder-decoder semantic segmenter: architecture, transfer learning and serving adapter.
 
 Importing this package registers ``EncoderDecoderSegmentor`` in detectron2's
-``META_ARCH_REGISTRY`` and the semantic-segmentation builder in :mod:`models.registry`.
+``META_ARCH_REGISTRY`` and the semantic-segmentation builder in :mod:`cvserve.models.registry`.
 """
 
-from models.semseg.adapter import SemanticSegmentationModel
-from models.semseg.arch import EncoderDecoderSegmentor
-from models.semseg.config import add_semseg_config, semseg_config
-from models.semseg.transfer import TransferReport, load_encoder_from_detection
+from cvserve.models.semseg.adapter import SemanticSegmentationModel
+from cvserve.models.semseg.arch import EncoderDecoderSegmentor
+from cvserve.models.semseg.config import add_semseg_config, semseg_config
+from cvserve.models.semseg.transfer import TransferReport, load_encoder_from_detection
 
 __all__ = [
     "EncoderDecoderSegmentor",

@@ -1,6 +1,6 @@
 """Serving adapter for semantic segmentation models (``Task.SEMANTIC``).
 
-Serves :class:`~models.semseg.arch.EncoderDecoderSegmentor` and any other detectron2
+Serves :class:`~cvserve.models.semseg.arch.EncoderDecoderSegmentor` and any other detectron2
 meta-architecture that returns ``[{"sem_seg": logits}]`` (e.g. detectron2's semantic FPN).
 
 ``spec.options`` (all optional):
@@ -8,7 +8,7 @@ meta-architecture that returns ``[{"sem_seg": logits}]`` (e.g. detectron2's sema
     min_size_test, max_size_test: override the config's test-time resize.
     fuse_batch_norm: fold eval-mode batch norms into their convolutions (default true).
     channels_last: channels-last convolution weights (default true on a CPU).
-    Both are described in :mod:`models.fusion`.
+    Both are described in :mod:`cvserve.models.fusion`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
 
 # isort: split
 
@@ -31,17 +29,17 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model as build_d2_model
 
-from models.base import VisionModel
-from models.checkpoint import META_KEY
-from models.configs import config_file
-from models.fusion import fuse_conv_batch_norm, use_channels_last
-from models.precision import autocast, cpu_bf16, keep_outputs_fp32, resolve_precision
-from models.registry import register_builder
-from models.repository import ModelSpec
-from models.semseg.config import add_semseg_config
-from models.threads import forward_threads
-from models.training.options import auto_device
-from models.types import Prediction, SemanticMap, Task
+from cvserve.models.base import VisionModel
+from cvserve.models.checkpoint import META_KEY
+from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
+from cvserve.models.instance.config import config_file
+from cvserve.models.precision import autocast, cpu_bf16, keep_outputs_fp32, resolve_precision
+from cvserve.models.registry import register_builder
+from cvserve.models.repository import ModelSpec
+from cvserve.models.semseg.config import add_semseg_config
+from cvserve.models.threads import forward_threads
+from cvserve.models.training.options import auto_device
+from cvserve.models.types import Prediction, SemanticMap, Task
 
 __all__ = ["SemanticSegmentationModel", "load_semseg_config"]
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
-
 # isort: split
 
 import fvcore.nn.weight_init as weight_init
@@ -27,7 +25,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
-from models.semseg.config import FREEZE_CHOICES
+from cvserve.models.semseg.config import FREEZE_CHOICES
 
 __all__ = ["DecoderBlock", "EncoderDecoderSegmentor", "UNetDecoder", "freeze_encoder"]
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import copy
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
-
 # isort: split
 
 from detectron2.config import CfgNode, get_cfg
 
-from models.configs import config_file, tiny_instance_config
-from models.configs.backbone import SLIM_BACKBONE_NAME, SLIM_RESNET_BACKBONE_NAME
+from cvserve.models.instance.backbone import SLIM_BACKBONE_NAME, SLIM_RESNET_BACKBONE_NAME
+from cvserve.models.instance.config import config_file, tiny_instance_config
 
 __all__ = ["ENCODER_CHOICES", "FREEZE_CHOICES", "META_ARCH_NAME", "add_semseg_config", "semseg_config"]
 

@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
-
 # isort: split
 
 from detectron2.config import CfgNode, get_cfg
@@ -24,16 +22,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 
-from models.checkpoint import META_KEY, save_checkpoint
-from models.semseg.class_weights import (
+from cvserve.models.checkpoint import META_KEY, save_checkpoint
+from cvserve.models.semseg.class_weights import (
     BALANCED,
     balanced_class_weights,
     check_class_weights,
     label_frequencies,
 )
-from models.semseg.config import FREEZE_CHOICES, add_semseg_config, semseg_config
-from models.semseg.transfer import TransferReport, load_encoder_from_detection, read_checkpoint
-from models.train import TrainOptions, TrainResult, train
+from cvserve.models.semseg.config import FREEZE_CHOICES, add_semseg_config, semseg_config
+from cvserve.models.semseg.transfer import TransferReport, load_encoder_from_detection, read_checkpoint
+from cvserve.models.training.engine import TrainOptions, TrainResult, train
 
 __all__ = ["SemanticTrainResult", "backbone_config_of", "train_semantic"]
 
@@ -113,12 +111,12 @@ def train_semantic(
             None trains from scratch.
         backbone_from: detection config defining the encoder; None = the config embedded
             in ``encoder_from`` when it has one, else the tiny instance config.
-        freeze: encoder freeze point, one of :data:`~models.semseg.config.FREEZE_CHOICES`.
+        freeze: encoder freeze point, one of :data:`~cvserve.models.semseg.config.FREEZE_CHOICES`.
         input_size: shortest image side.
         class_weights: cross-entropy weight per class, ``"balanced"`` for ENet weights from
             the training labels' class frequencies
-            (:mod:`models.semseg.class_weights`), or None for uniform.
-        encoder: what the decoder reads, one of :data:`~models.semseg.config.ENCODER_CHOICES`.
+            (:mod:`cvserve.models.semseg.class_weights`), or None for uniform.
+        encoder: what the decoder reads, one of :data:`~cvserve.models.semseg.config.ENCODER_CHOICES`.
         progress: log progress at INFO.
 
     Raises:

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
-
 # isort: split
 
 import numpy as np

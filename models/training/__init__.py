@@ -1,1 +1,1 @@
-"""Parts of the training engine (:mod:`models.train`): options, solver, history."""
+"""Parts of the training engine (:mod:`cvserve.models.training.engine`): options, solver, history."""

@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = ["DEFAULT_METRICS", "ProgressLog", "Selection"]
 
-logger = logging.getLogger("models.train")
+logger = logging.getLogger("cvserve.models.training.engine")
 
 DEFAULT_METRICS = ("segm/AP", "bbox/AP", "sem_seg/mIoU")
 

@@ -35,7 +35,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-from models.threads import cpu_cores
+from cvserve.models import compat
+from cvserve.models.threads import cpu_cores
 
 __all__ = ["ProcessGroup", "broadcast_object", "mean_over_ranks", "rank_device", "threads_per_process"]
 
@@ -128,6 +129,12 @@ def _init(rendezvous: str, rank: int, world: int, device: str) -> None:
     )
 
 
+def _qualified(fn: Callable[..., Any]) -> str:
+    if "<" in fn.__qualname__ or fn.__module__ == "__main__":
+        raise ValueError(f"{fn!r}: a spawned rank runs a module-level function of an importable module")
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
 def _child(
     rank: int,
     world: int,
@@ -136,19 +143,24 @@ def _child(
     threads: int,
     snapshot: list[tuple[str, list[dict[str, Any]], dict[str, Any]]],
     modules: list[str],
-    target: Callable[..., Any],
+    target: str,
     args: tuple[Any, ...],
     errors: Any,
 ) -> None:
     torch.set_num_threads(threads)
     code = 0
     try:
+        # The target travels as "module:name" and is imported only after the detectron2
+        # compatibility layer: unpickling a function would import its module first.
+        compat.apply()
+        module_name, _, name = target.partition(":")
+        run = getattr(importlib.import_module(module_name), name)
         for module in modules:
             with contextlib.suppress(ImportError):  # e.g. a test file pytest imported by path
                 importlib.import_module(module)
         _register(snapshot)
         _init(rendezvous, rank, world, device)
-        target(rank, *args)
+        run(rank, *args)
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         code = 1
@@ -211,7 +223,9 @@ class ProcessGroup:
         for rank in range(1, self.processes):
             common = (self.processes, rendezvous, self.device, self.threads, snapshot, modules)
             p = ctx.Process(
-                target=_child, args=(rank, *common, self._target, self._args, self._errors), daemon=True
+                target=_child,
+                args=(rank, *common, _qualified(self._target), self._args, self._errors),
+                daemon=True,
             )
             p.start()
             self._children.append(p)

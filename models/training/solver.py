@@ -1,10 +1,8 @@
-"""Optimizers, learning-rate schedules, the L1 penalty and the training step for :mod:`models.train`."""
+"""Optimizers, learning-rate schedules, the L1 penalty and the training step for :mod:`cvserve.models.training.engine`."""
 
 from __future__ import annotations
 
 from typing import Any
-
-import models  # noqa: F401  (detectron2 compatibility layer first)
 
 # isort: split
 
@@ -19,7 +17,7 @@ from fvcore.common.param_scheduler import (
     ParamScheduler,
 )
 
-from models.training.options import TrainOptions
+from cvserve.models.training.options import TrainOptions
 
 __all__ = ["build_lr_scheduler", "build_optimizer", "l1_penalty", "train_step"]
 

@@ -6,8 +6,6 @@ import contextlib
 import io
 import logging
 
-import models  # noqa: F401  (detectron2 compatibility layer first)
-
 # isort: split
 
 import torch
@@ -15,7 +13,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, SemSegEvaluator, inference_on_dataset
 
-from models.training.history import flatten_results
+from cvserve.models.training.history import flatten_results
 
 __all__ = ["dataset_classes", "evaluate"]
 

@@ -1,4 +1,4 @@
-"""Building blocks of batch annotation (``service.annotate``).
+"""Building blocks of batch annotation (``cvserve.annotation.job``).
 
 ``inputs`` expands folders, globs, path lists and COCO image lists; ``journal`` is the
 append-only, crash-safe record of finished images; ``worker`` turns image paths into

@@ -2,7 +2,7 @@
 
 A :class:`Predictor` maps batches of :class:`WorkItem` to journal records and yields
 each batch's records as soon as it completes, in any order. The in-process and server
-predictors run batches in a thread pool; the Ray predictor (``service.ray_annotate``)
+predictors run batches in a thread pool; the Ray predictor (``cvserve.annotation.ray_engine``)
 runs them on a pool of Ray actors.
 """
 
@@ -17,9 +17,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from models.base import VisionModel
-from models.types import Prediction, Task
-from service.annotation.worker import LoadedImage, RenderOptions, WorkItem, process_batch
+from cvserve.annotation.worker import LoadedImage, RenderOptions, WorkItem, process_batch
+from cvserve.models.base import VisionModel
+from cvserve.models.types import Prediction, Task
 
 __all__ = [
     "LocalPredictor",
@@ -141,8 +141,8 @@ class LocalPredictor(ThreadedPredictor):
             models.repository.RepositoryError: the file is invalid.
             KeyError: the repository has no model ``name``.
         """
-        from models.registry import build_model
-        from models.repository import load_repository
+        from cvserve.models.build import build_model
+        from cvserve.models.repository import load_repository
 
         specs = {s.name: s for s in load_repository(repository)}
         if name not in specs:
@@ -204,7 +204,7 @@ class ServerPredictor(ThreadedPredictor):
     ) -> None:
         super().__init__(concurrency)
         if client is None:
-            from service.client import Client
+            from cvserve.client.client import Client
 
             client = Client(address, timeout=timeout, root_certificates=root_certificates, token=token)
         self.client = client

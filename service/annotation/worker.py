@@ -17,11 +17,11 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
-from models.types import Prediction
-from service.annotation.journal import atomic_write_bytes
-from service.config import DEFAULT_MAX_IMAGE_PIXELS
-from service.errors import ImageTooLargeError, InvalidImageError
-from service.imaging import decode_image, draw_overlay
+from cvserve.annotation.journal import atomic_write_bytes
+from cvserve.config import DEFAULT_MAX_IMAGE_PIXELS
+from cvserve.errors import ImageTooLargeError, InvalidImageError
+from cvserve.imaging import decode_image, draw_overlay
+from cvserve.models.types import Prediction
 
 __all__ = [
     "ImageReadError",
@@ -80,7 +80,7 @@ PredictFn = Callable[[Sequence[LoadedImage]], list["Prediction | Exception"]]
 def read_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[bytes, np.ndarray]:
     """Read and decode an image file into upright RGB uint8.
 
-    Decoding is the server's own (:func:`service.imaging.decode_image`), so every engine
+    Decoding is the server's own (:func:`cvserve.imaging.decode_image`), so every engine
     feeds a model the same pixels and gets the same predictions.
 
     Raises:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from service.cli import main
+from cvserve.cli.main import main
 
 REPO = """\
 models:

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from models.repository import ModelSpec
-from models.types import Task
-from service.annotate import AnnotateJob, annotate
-from service.annotation.predictors import LocalPredictor
+from cvserve.annotation.job import AnnotateJob, annotate
+from cvserve.annotation.predictors import LocalPredictor
+from cvserve.models.repository import ModelSpec
+from cvserve.models.types import Task
 from tests.fixtures.fake_models import build_fake
 
 ray = pytest.importorskip("ray")
@@ -61,7 +61,7 @@ def _images(folder: Path, n: int) -> None:
 
 
 def test_ray_engine_matches_local_and_resumes(tmp_path: Path, local_ray: None) -> None:
-    from service.ray_annotate import RayPredictor
+    from cvserve.annotation.ray_engine import RayPredictor
 
     _images(tmp_path / "in", 24)
     inputs = (str(tmp_path / "in"),)

@@ -43,7 +43,7 @@ def _make_images(folder: Path) -> None:
 
 def _command(tmp: Path, out: Path) -> list[str]:
     args = ["annotate", str(tmp / "images"), "--model", "slow-det", "--models", str(tmp / "models.yaml")]
-    return [sys.executable, "-m", "service.cli", *args, "--out", str(out), "--batch-size", "4"]
+    return [sys.executable, "-m", "cvserve", *args, "--out", str(out), "--batch-size", "4"]
 
 
 def _env() -> dict[str, str]:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from models.repository import load_repository
-from service.cli import main
+from cvserve.cli.main import main
+from cvserve.models.repository import load_repository
 
-server_module = pytest.importorskip("service.server")
+server_module = pytest.importorskip("cvserve.server.build")
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = "tests.fixtures.fake_models:build_fake"
 MODELS = [
@@ -34,7 +34,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def address(repo: Path) -> Iterator[str]:
-    from service.config import ServerConfig
+    from cvserve.config import ServerConfig
 
     config = ServerConfig(port=0, metrics_port=None, worker_threads=2, warmup=False)
     with server_module.ServerThread(config, load_repository(repo)).start(wait_loaded=True) as srv:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-CVSERVE = [sys.executable, "-m", "service.cli"]
+CVSERVE = [sys.executable, "-m", "cvserve"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.demo import build_demo_repository, ensure_demo_repository, toy_scale
-from models.registry import build_model
-from models.repository import load_repository
-from models.types import Task
+from cvserve.models.build import build_model
+from cvserve.models.demo.build import build_demo_repository, ensure_demo_repository, toy_scale
+from cvserve.models.repository import load_repository
+from cvserve.models.types import Task
 
 pytestmark = pytest.mark.slow  # trains two models, briefly: about a minute on 2 idle cores
 
@@ -74,7 +74,7 @@ def test_existing_repository_is_kept_unless_forced(repo: Path) -> None:
 
 
 def test_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import models.demo_stages as demo
+    import cvserve.models.demo.stages as demo
 
     def boom(build: object) -> None:
         raise KeyboardInterrupt

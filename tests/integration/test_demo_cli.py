@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from cvserve.cli.main import main
 
 REPORT = {
     "dataset": {"seed": 0, "image_size": 256, "images": {"train": 400, "val": 50, "test": 100}},
@@ -50,8 +50,8 @@ def test_build_rejects_bad_iteration_counts(value: str, capsys: pytest.CaptureFi
 
 
 def test_build_iteration_flags_set_the_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import models.demo
-    from models.demo import DEMO_SCALE
+    import cvserve.models.demo.build as demo_build
+    from cvserve.models.demo.build import DEMO_SCALE
 
     seen = {}
 
@@ -61,7 +61,7 @@ def test_build_iteration_flags_set_the_scale(tmp_path: Path, monkeypatch: pytest
         (Path(out) / "report.json").write_text(json.dumps(REPORT))
         return Path(out) / "models.yaml"
 
-    monkeypatch.setattr(models.demo, "build_demo_repository", fake_build)
+    monkeypatch.setattr(demo_build, "build_demo_repository", fake_build)
     out = tmp_path / "repo"
     assert (
         main(["demo", "build", "--out", str(out), "--instance-iters", "1500", "--semantic-iters", "40"]) == 0

@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from models.evaluation import evaluate_coco
+from cvserve.models.evaluation import evaluate_coco
 from tests.fixtures.coco.synth import SynthConfig, make_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-CVSERVE = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"]
+CVSERVE = [sys.executable, "-m", "cvserve"]
 
 
 def test_report_in_default_folder(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CVSERVE = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"]
+CVSERVE = [sys.executable, "-m", "cvserve"]
 
 GT: dict[str, Any] = {
     "images": [{"id": 1, "width": 40, "height": 30, "file_name": "a.png"}, {"id": 2, "width": 40, "height": 30}],

@@ -16,10 +16,10 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from models.evaluation import evaluate_coco
-from models.evaluation.semantic import evaluate_semantic
-from models.repository import load_repository
-from service.cli import main
+from cvserve.cli.main import main
+from cvserve.models.evaluation import evaluate_coco
+from cvserve.models.evaluation.semantic import evaluate_semantic
+from cvserve.models.repository import load_repository
 
 FAKE = "tests.fixtures.fake_models:build_fake"
 MODELS = [
@@ -83,8 +83,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def address(dataset: Path) -> Iterator[str]:
-    server_module = pytest.importorskip("service.server")
-    from service.config import ServerConfig
+    server_module = pytest.importorskip("cvserve.server.build")
+    from cvserve.config import ServerConfig
 
     config = ServerConfig(port=0, metrics_port=None, worker_threads=2, warmup=False)
     with server_module.ServerThread(config, load_repository(dataset / "models.yaml")).start(

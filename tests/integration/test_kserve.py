@@ -20,12 +20,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from models.repository import load_repository
-from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from service.client import Client
-from service.config import ServerConfig
-from service.kserve import add_kserve_servicer
-from service.server import ServerThread
+from cvserve._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from cvserve.client.client import Client
+from cvserve.config import ServerConfig
+from cvserve.kserve.servicer import add_kserve_servicer
+from cvserve.models.repository import load_repository
+from cvserve.server.build import ServerThread
 
 tc = pytest.importorskip("tritonclient.grpc")
 

@@ -30,7 +30,7 @@ def served(tmp_path: Path) -> Iterator[str]:
     """``cvserve serve`` on a free port with a fake instance model; yields its address."""
     repository = write_repository(tmp_path, [{"name": "shapes", "task": "instance", "max_batch_size": 2}])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--models", str(repository), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "cvserve", "serve", "--models", str(repository), "--host", "127.0.0.1"]
     proc = subprocess.Popen(
         [*cmd, "--port", "0", "--no-metrics"], env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from models.repository import load_repository
-from service.config import ServerConfig
-from service.kserve import add_kserve_servicer
-from service.server import ServerThread
+from cvserve.config import ServerConfig
+from cvserve.kserve.servicer import add_kserve_servicer
+from cvserve.models.repository import load_repository
+from cvserve.server.build import ServerThread
 from tests.integration.test_kserve import ROOT, bytes_input, png, scene, uint8_input, write_repository
 
 tc = pytest.importorskip("tritonclient.grpc")

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from models.repository import load_repository
-from service._proto.inference import grpc_service_pb2 as pb
-from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from service.config import ServerConfig
-from service.kserve import add_kserve_servicer
-from service.server import ServerThread
+from cvserve._proto.inference import grpc_service_pb2 as pb
+from cvserve._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from cvserve.config import ServerConfig
+from cvserve.kserve.servicer import add_kserve_servicer
+from cvserve.models.repository import load_repository
+from cvserve.server.build import ServerThread
 from tests.integration.test_kserve import ROOT, scene, uint8_input, write_repository
 
 tc = pytest.importorskip("tritonclient.grpc")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.client import Client, ClientError
+from cvserve.client.client import Client, ClientError
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = """models:
@@ -48,7 +48,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, int]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "service.cli", "serve", "--models", str(tmp_path / "models.yaml")]
+    command = [sys.executable, "-m", "cvserve", "serve", "--models", str(tmp_path / "models.yaml")]
     command += ["--host", "127.0.0.1", "--port", str(port), "--no-metrics"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(

@@ -41,4 +41,4 @@ def test_every_proto_is_compiled_and_importable() -> None:
     for proto in protos:
         module = ".".join(proto.relative_to(ROOT / "protos").with_suffix("").parts)
         for suffix in ("_pb2", "_pb2_grpc"):
-            assert importlib.import_module(f"service._proto.{module}{suffix}")
+            assert importlib.import_module(f"cvserve._proto.{module}{suffix}")

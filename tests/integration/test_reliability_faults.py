@@ -26,14 +26,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.repository import ModelSpec, load_repository
-from service._proto.inference import grpc_service_pb2 as kpb
-from service._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from service.client import Client, ClientError
-from service.config import ServerConfig
-from service.dataplane import DataPlane
-from service.kserve import add_kserve_servicer
-from service.server import ServerThread
+from cvserve._proto.inference import grpc_service_pb2 as kpb
+from cvserve._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from cvserve.client.client import Client, ClientError
+from cvserve.config import ServerConfig
+from cvserve.dataplane.plane import DataPlane
+from cvserve.kserve.servicer import add_kserve_servicer
+from cvserve.models.repository import ModelSpec, load_repository
+from cvserve.server.build import ServerThread
 from tests.fixtures.fake_models import FakeDetector
 from tests.integration.test_server_ops import ROOT, red, write_repository
 
@@ -68,7 +68,7 @@ def serve_cli(
     cmd = [
         sys.executable,
         "-m",
-        "service.cli",
+        "cvserve.cli.main",
         "--log-level",
         log_level,
         "serve",

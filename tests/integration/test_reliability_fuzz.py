@@ -20,15 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.repository import load_repository
-from service._proto.cvserve.v1 import types_pb2 as types_pb
-from service._proto.cvserve.v1 import vision_service_pb2 as pb
-from service._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
-from service._proto.inference import grpc_service_pb2 as kpb
-from service._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from service.config import ServerConfig
-from service.kserve import add_kserve_servicer
-from service.server import ServerThread
+from cvserve._proto.cvserve.v1 import types_pb2 as types_pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2 as pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
+from cvserve._proto.inference import grpc_service_pb2 as kpb
+from cvserve._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from cvserve.config import ServerConfig
+from cvserve.kserve.servicer import add_kserve_servicer
+from cvserve.models.repository import load_repository
+from cvserve.server.build import ServerThread
 from tests.integration.test_server_ops import ROOT, red, write_repository
 from tests.unit.service.test_fuzz_imaging import SEEDS, mutated_images
 

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.repository import load_repository
-from service._proto.cvserve.v1 import types_pb2 as types_pb
-from service._proto.cvserve.v1 import vision_service_pb2 as pb
-from service._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
-from service.config import ServerConfig
-from service.server import ServerThread
+from cvserve._proto.cvserve.v1 import types_pb2 as types_pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2 as pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
+from cvserve.config import ServerConfig
+from cvserve.models.repository import load_repository
+from cvserve.server.build import ServerThread
 from tests.integration.test_reliability_faults import serve_cli, wait_ready
 from tests.integration.test_server_ops import ROOT, write_repository
 
@@ -253,7 +253,7 @@ class TestUnusualImages:
 class TestDecompressionBombs:
     def test_bombs_are_refused_from_the_header_and_memory_stays_flat(self, tmp_path: Path) -> None:
         """50000 x 50000 RGB would be 7.5 GB decoded; the server's peak memory must not move."""
-        from service.client import Client, ClientError
+        from cvserve.client.client import Client, ClientError
 
         repository = write_repository(tmp_path, [{"name": "det", "task": "instance"}])
         bombs = [png_claiming(50_000, 50_000), jpeg_claiming(60_000, 60_000), png_claiming(2**31 - 1, 1)]

@@ -17,12 +17,12 @@ import grpc
 import numpy as np
 import pytest
 
-from models.repository import load_repository
-from service._proto.cvserve.v1 import types_pb2 as types_pb
-from service._proto.cvserve.v1 import vision_service_pb2 as pb
-from service._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
-from service.config import ServerConfig
-from service.server import ServerThread
+from cvserve._proto.cvserve.v1 import types_pb2 as types_pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2 as pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
+from cvserve.config import ServerConfig
+from cvserve.models.repository import load_repository
+from cvserve.server.build import ServerThread
 from tests.integration.test_server_ops import ROOT, red, write_repository
 
 MAX_QUEUE, MAX_BATCH = 8, 4

@@ -24,16 +24,16 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from models.repository import load_repository
-from service._proto.cvserve.v1 import types_pb2 as types_pb
-from service._proto.cvserve.v1 import vision_service_pb2 as pb
-from service._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
-from service._proto.inference import grpc_service_pb2 as kpb
-from service.auth import CredentialFileError, read_token_file
-from service.client import Client, ClientError
-from service.config import ServerConfig
-from service.kserve import add_kserve_servicer
-from service.server import ServerThread
+from cvserve._proto.cvserve.v1 import types_pb2 as types_pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2 as pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
+from cvserve._proto.inference import grpc_service_pb2 as kpb
+from cvserve.client.client import Client, ClientError
+from cvserve.config import ServerConfig
+from cvserve.kserve.servicer import add_kserve_servicer
+from cvserve.models.repository import load_repository
+from cvserve.server.auth import CredentialFileError, read_token_file
+from cvserve.server.build import ServerThread
 from tests.integration.test_reliability_faults import serve_cli, wait_ready
 from tests.integration.test_server_ops import ROOT, red, write_repository
 
@@ -299,11 +299,11 @@ class TestTokenFile:
         path = tmp_path / "token"
         path.write_text(TOKEN)
         path.chmod(0o600)
-        with caplog.at_level(logging.WARNING, logger="service.auth"):
+        with caplog.at_level(logging.WARNING, logger="cvserve.server.auth"):
             read_token_file(path)
         assert not caplog.records
         path.chmod(0o644)
-        with caplog.at_level(logging.WARNING, logger="service.auth"):
+        with caplog.at_level(logging.WARNING, logger="cvserve.server.auth"):
             assert read_token_file(path) == TOKEN
         (record,) = caplog.records
         assert "mode 0644" in record.getMessage() and "chmod 600" in record.getMessage()
@@ -455,7 +455,7 @@ class TestServeCommand:
             ),
             (["--auth-health"], "--auth-health: needs --auth-token-file"),
         ):
-            cmd = [sys.executable, "-m", "service.cli", "serve", "--models", str(repository), "--port", "0",
+            cmd = [sys.executable, "-m", "cvserve", "serve", "--models", str(repository), "--port", "0",
                    "--no-metrics", *flags]  # fmt: skip
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
             assert done.returncode == 2 and message in done.stderr, (flags, done.stderr)

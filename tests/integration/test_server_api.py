@@ -15,13 +15,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from models.repository import load_repository
-from service._proto.cvserve.v1 import types_pb2 as types_pb
-from service._proto.cvserve.v1 import vision_service_pb2 as pb
-from service._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
-from service.client import Client, ClientError
-from service.config import ServerConfig
-from service.server import ServerThread
+from cvserve._proto.cvserve.v1 import types_pb2 as types_pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2 as pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
+from cvserve.client.client import Client, ClientError
+from cvserve.config import ServerConfig
+from cvserve.models.repository import load_repository
+from cvserve.server.build import ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = "tests.fixtures.fake_models:build_fake"

@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-from models.checkpoint import save_checkpoint
-from models.configs import tiny_instance_config
-from models.repository import load_repository
-from service.client import Client
-from service.config import ServerConfig
-from service.server import ServerThread
+from cvserve.client.client import Client
+from cvserve.config import ServerConfig
+from cvserve.models.checkpoint import save_checkpoint
+from cvserve.models.instance.config import tiny_instance_config
+from cvserve.models.repository import load_repository
+from cvserve.server.build import ServerThread
 
 CLASSES = ("circle", "square", "triangle")
 

@@ -22,10 +22,10 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from models.repository import load_repository
-from service.client import Client, ClientError
-from service.config import ServerConfig
-from service.server import ServerThread
+from cvserve.client.client import Client, ClientError
+from cvserve.config import ServerConfig
+from cvserve.models.repository import load_repository
+from cvserve.server.build import ServerThread
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = "tests.fixtures.fake_models:build_fake"
@@ -168,7 +168,7 @@ def test_auth_token_is_required_except_for_health(tmp_path: Path) -> None:
 def _serve(repository: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     """Start ``cvserve serve`` on a free port; return the process and its address."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--models", str(repository), "--host", "127.0.0.1"]
+    cmd = [sys.executable, "-m", "cvserve", "serve", "--models", str(repository), "--host", "127.0.0.1"]
     proc = subprocess.Popen(
         [*cmd, "--port", "0", "--no-metrics", *extra], env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
@@ -218,7 +218,7 @@ def test_cli_client_detect_segment_and_models(tmp_path: Path) -> None:
     with start(tmp_path, models).start(wait_loaded=True) as srv:
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            cmd = [sys.executable, "-m", "service.cli", "client", *args, "--server", srv.address]
+            cmd = [sys.executable, "-m", "cvserve", "client", *args, "--server", srv.address]
             return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
 
         detect = cli("detect", str(image_path), "--overlay", str(tmp_path / "det.png"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.client import Client, ClientError
+from cvserve.client.client import Client, ClientError
 from tests.integration.test_reliability_faults import serve_cli, wait_ready
 from tests.integration.test_server_ops import write_repository
 

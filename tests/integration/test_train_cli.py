@@ -13,8 +13,8 @@ import cv2
 import pytest
 import torch
 
-from models.configs import tiny_instance_config
-from models.data.synthetic import CATEGORIES, generate_dataset
+from cvserve.models.data.synthetic import CATEGORIES, generate_dataset
+from cvserve.models.instance.config import tiny_instance_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cvserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        # Through main(), like the console script (``-m service.cli`` would make a second CLIError class).
-        [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())", *args],
+        # Through main(), like the console script (``-m cvserve`` would make a second CLIError class).
+        [sys.executable, "-m", "cvserve", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from models.data.synthetic import CATEGORIES, generate_dataset
-from service.cli import CLIError
-from service.commands import train_semantic
+from cvserve.cli import train_semantic
+from cvserve.cli.common import CLIError
+from cvserve.models.data.synthetic import CATEGORIES, generate_dataset
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,8 @@ def detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised tiny Mask R-CNN checkpoint, as ``train`` would write it."""
     from detectron2.modeling import build_model
 
-    from models.checkpoint import save_checkpoint
-    from models.configs import tiny_instance_config
+    from cvserve.models.checkpoint import save_checkpoint
+    from cvserve.models.instance.config import tiny_instance_config
 
     cfg = tiny_instance_config(len(CATEGORIES), input_size=64)
     path = tmp_path_factory.mktemp("det") / "det.pth"
@@ -133,8 +133,8 @@ def test_errors_name_the_flag(data: dict, tmp_path: Path, argv: list[str], messa
     ],
 )
 def test_train_semantic_checks_class_weights_first(tmp_path: Path, weights: object, message: str) -> None:
-    from models.semseg.training import train_semantic
-    from models.train import TrainOptions
+    from cvserve.models.semseg.training import train_semantic
+    from cvserve.models.training.engine import TrainOptions
 
     with pytest.raises(ValueError, match=message):
         train_semantic(

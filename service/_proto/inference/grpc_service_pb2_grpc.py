@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-import service._proto.inference.grpc_service_pb2 as grpc__service__pb2
+import cvserve._proto.inference.grpc_service_pb2 as grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

@@ -11,8 +11,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
-from models.checkpoint import META_KEY, read_checkpoint_meta, save_checkpoint
-from models.configs import tiny_instance_config
+from cvserve.models.checkpoint import META_KEY, read_checkpoint_meta, save_checkpoint
+from cvserve.models.instance.config import tiny_instance_config
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from models import _compat
+from cvserve.models import compat as _compat
 
 
 def test_detectron2_imports_and_builds_a_model() -> None:
@@ -76,7 +76,7 @@ def test_nothing_patched_when_detectron2_source_does_not_need_it(tmp_path) -> No
         sys.path.insert(0, sys.argv[1])
         import numpy as np
         from PIL import Image
-        from models import _compat
+        from cvserve.models import compat as _compat
         _compat.apply()
         from detectron2 import _C
         print(hasattr(np, "float"), hasattr(Image, "LINEAR"), getattr(_C, "REAL", False), _compat.has_native_ops())

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
-
 # isort: split
 
 import numpy as np
@@ -16,12 +14,12 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d, get_norm
 from detectron2.modeling import build_model
 from torch import nn
 
-from models.checkpoint import save_checkpoint
-from models.configs import tiny_instance_config
-from models.detectron import DetectronModel
-from models.fusion import fuse_conv_batch_norm, use_channels_last
-from models.repository import ModelSpec
-from models.types import Task
+from cvserve.models.checkpoint import save_checkpoint
+from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
+from cvserve.models.instance.adapter import DetectronModel
+from cvserve.models.instance.config import tiny_instance_config
+from cvserve.models.repository import ModelSpec
+from cvserve.models.types import Task
 
 
 def _randomise_norms(model: nn.Module) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from models.repository import ModelSpec, RepositoryError, load_repository
-from models.types import Task
+from cvserve.models.repository import ModelSpec, RepositoryError, load_repository
+from cvserve.models.types import Task
 
 
 def write(tmp_path: Path, text: str) -> Path:

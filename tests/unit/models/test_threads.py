@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from models import threads
-from models.threads import IntraOpShare, cpu_instances, per_thread_intra_op
+from cvserve.models import threads
+from cvserve.models.threads import IntraOpShare, cpu_instances, per_thread_intra_op
 
 needs_openmp = pytest.mark.skipif(
     not per_thread_intra_op(), reason="torch's intra-op count is process-wide here"

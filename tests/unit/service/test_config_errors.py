@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service import errors
-from service.config import ServerConfig
+from cvserve import errors
+from cvserve.config import ServerConfig
 
 
 def test_defaults_are_valid() -> None:

@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service._proto.cvserve.v1 import types_pb2 as types_pb
-from service._proto.cvserve.v1 import vision_service_pb2 as pb
-from service.codec import decode_request_image, parse_detect_options
-from service.errors import ImageTooLargeError, InvalidImageError, InvalidOptionError
-from service.imaging import array_from_raw, decode_image
+from cvserve._proto.cvserve.v1 import types_pb2 as types_pb
+from cvserve._proto.cvserve.v1 import vision_service_pb2 as pb
+from cvserve.errors import ImageTooLargeError, InvalidImageError, InvalidOptionError
+from cvserve.imaging import array_from_raw, decode_image
+from cvserve.vision.codec import decode_request_image, parse_detect_options
 
 EXAMPLES = int(os.environ.get("CVSERVE_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(

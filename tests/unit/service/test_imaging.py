@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.types import Instance, Mask, Prediction, SemanticMap
-from service.errors import ImageTooLargeError, InvalidImageError
-from service.imaging import array_from_raw, decode_image, decode_png_array, draw_overlay, encode_png, palette
+from cvserve.errors import ImageTooLargeError, InvalidImageError
+from cvserve.imaging import array_from_raw, decode_image, decode_png_array, draw_overlay, encode_png, palette
+from cvserve.models.types import Instance, Mask, Prediction, SemanticMap
 
 
 def encoded(img: np.ndarray, fmt: str, **kw: object) -> bytes:

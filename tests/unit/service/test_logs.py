@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from service.logs import JsonFormatter, RequestIdFilter, request_id_var
+from cvserve.logs import JsonFormatter, RequestIdFilter, request_id_var
 
 
 def _capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:

@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from service._proto.cvserve.v1 import vision_service_pb2 as cvserve_dot_v1_dot_vision__service__pb2
+from cvserve._proto.cvserve.v1 import vision_service_pb2 as cvserve_dot_v1_dot_vision__service__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from models.data.datasets import (
+from cvserve.models.data.datasets import (
     coco_category_names,
     coco_to_semantic_labels,
     register_coco_split,
     register_semantic_split,
 )
-from models.data.synthetic import CATEGORIES, IGNORE_LABEL, SplitPaths, generate_dataset
+from cvserve.models.data.synthetic import CATEGORIES, IGNORE_LABEL, SplitPaths, generate_dataset
 
 
 @pytest.fixture(scope="module")

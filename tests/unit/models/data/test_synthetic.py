@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from models.data.synthetic import CATEGORIES, IGNORE_LABEL, generate_dataset, main, render_image
+from cvserve.models.data.synthetic import CATEGORIES, IGNORE_LABEL, generate_dataset, main, render_image
 
 SPLITS = {"train": 24, "val": 4}
 SIZE = (96, 128)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.evaluation import evaluate_coco
-from models.evaluation.coco import evaluate_loaded
-from models.evaluation.coco_io import parse_ground_truth, parse_results
+from cvserve.models.evaluation import evaluate_coco
+from cvserve.models.evaluation.coco import evaluate_loaded
+from cvserve.models.evaluation.coco_io import parse_ground_truth, parse_results
 from tests.fixtures.coco.reference import detectron2_per_category_ap, pycocotools_eval
 from tests.fixtures.coco.synth import SynthConfig, make_dataset
 

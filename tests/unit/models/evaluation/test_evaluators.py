@@ -9,9 +9,9 @@ import pytest
 import torch
 from pycocotools import mask as mask_util
 
-from models.evaluation import evaluate_coco
-from models.evaluation.evaluators import COCOInstanceEvaluator, SemanticEvaluator
-from models.types import Instance, Mask, Prediction
+from cvserve.models.evaluation import evaluate_coco
+from cvserve.models.evaluation.evaluators import COCOInstanceEvaluator, SemanticEvaluator
+from cvserve.models.types import Instance, Mask, Prediction
 from tests.fixtures.coco.synth import SynthConfig, make_dataset
 
 # pycocotools' decode (used here to build detectron2 masks) trips a numpy 2 deprecation.
@@ -91,7 +91,7 @@ def test_coco_evaluator_with_predictions_and_class_names() -> None:
 
 def test_semantic_evaluator_with_predictions() -> None:
     gt = np.array([[0, 1], [1, 255]])
-    from models.types import SemanticMap
+    from cvserve.models.types import SemanticMap
 
     pred = Prediction((2, 2), semantic=SemanticMap(np.array([[0, 1], [0, 1]]), ("a", "b")))
     out = _inference(lambda batch: [pred for _ in batch], [[{"sem_seg": gt}]], SemanticEvaluator(("a", "b")))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.evaluation import EvaluationInputError, evaluate_coco
-from models.evaluation.coco_io import parse_ground_truth, parse_results
+from cvserve.models.evaluation import EvaluationInputError, evaluate_coco
+from cvserve.models.evaluation.coco_io import parse_ground_truth, parse_results
 
 GT = {
     "images": [{"id": 3, "width": 20, "height": 10}, {"id": 1, "width": 20, "height": 10}],

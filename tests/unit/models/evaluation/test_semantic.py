@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.evaluation.errors import EvaluationInputError
-from models.evaluation.evaluators import SemanticEvaluator
-from models.evaluation.semantic import evaluate_semantic
+from cvserve.models.evaluation.errors import EvaluationInputError
+from cvserve.models.evaluation.evaluators import SemanticEvaluator
+from cvserve.models.evaluation.semantic import evaluate_semantic
 
 CLASSES = ("background", "road", "car", "sky", "never-seen")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
-
 # isort: split
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 from detectron2 import model_zoo
 from detectron2.config import CfgNode, get_cfg
 
-from models.semseg import semseg_config
+from cvserve.models.semseg import semseg_config
 
 NUM_CLASSES = 4
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
-
 # isort: split
 
 import numpy as np
@@ -14,10 +12,11 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model as build_d2_model
 
-from models.registry import MODEL_REGISTRY, build_model
-from models.repository import ModelSpec
-from models.semseg import SemanticSegmentationModel
-from models.types import Task
+from cvserve.models.build import build_model
+from cvserve.models.registry import MODEL_REGISTRY
+from cvserve.models.repository import ModelSpec
+from cvserve.models.semseg import SemanticSegmentationModel
+from cvserve.models.types import Task
 
 from .conftest import NUM_CLASSES
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
-
 # isort: split
 
 import pytest
@@ -17,8 +15,8 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
-from models.semseg import EncoderDecoderSegmentor, semseg_config
-from models.semseg.config import ENCODER_CHOICES
+from cvserve.models.semseg import EncoderDecoderSegmentor, semseg_config
+from cvserve.models.semseg.config import ENCODER_CHOICES
 
 from .conftest import NUM_CLASSES
 
@@ -256,7 +254,7 @@ def test_default_encoder_is_the_detectors_resnet(det_cfg: CfgNode) -> None:
 
 
 def test_encoder_choice_for_the_slim_backbone_and_unknown_builders() -> None:
-    from models.configs import tiny_instance_config
+    from cvserve.models.instance.config import tiny_instance_config
 
     slim = tiny_instance_config(3, input_size=64)
     assert semseg_config(NUM_CLASSES, backbone_from=slim).MODEL.BACKBONE.NAME == "build_slim_resnet_backbone"
@@ -271,7 +269,7 @@ def test_encoder_choice_for_the_slim_backbone_and_unknown_builders() -> None:
 
 
 def test_cli_encoder_choices_match() -> None:
-    from service.commands import train_semantic
+    from cvserve.cli import train_semantic
 
     assert train_semantic._ENCODERS == ENCODER_CHOICES
 

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from models.semseg.class_weights import (
+from cvserve.models.semseg.class_weights import (
     BALANCED,
     balanced_class_weights,
     label_frequencies,

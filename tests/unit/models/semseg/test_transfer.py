@@ -5,8 +5,6 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import models  # noqa: F401  (detectron2 compatibility layer before detectron2)
-
 # isort: split
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
-from models.semseg import load_encoder_from_detection
+from cvserve.models.semseg import load_encoder_from_detection
 
 
 def _detection_state(det_cfg: CfgNode) -> dict[str, torch.Tensor]:

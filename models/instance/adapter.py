@@ -1,0 +1,328 @@
+"""Detectron2 detection and instance segmentation models behind :class:`VisionModel`.
+
+The work of ``DefaultPredictor`` is split so a server can place each part where it
+belongs: ``preprocess`` (colour order, resize) and ``postprocess`` (rescale to the
+original image, mask pasting, RLE encoding) are thread-safe CPU work, ``forward`` is
+one batched network call returning raw outputs at the network's resolution. The
+result equals ``DefaultPredictor``'s on the same image and weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# isort: split
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.structures import Instances
+
+from cvserve.models.base import VisionModel
+from cvserve.models.checkpoint import META_KEY
+from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
+from cvserve.models.instance.config import config_file
+from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
+from cvserve.models.precision import autocast, cpu_bf16, keep_outputs_fp32, resolve_precision
+from cvserve.models.registry import register_builder
+from cvserve.models.repository import ModelSpec
+from cvserve.models.instance.roi_align import keep_roi_align_fp32
+from cvserve.models.threads import forward_threads
+from cvserve.models.training.options import auto_device, resolve_device
+from cvserve.models.types import Prediction, Task
+
+__all__ = ["DetectronModel", "build_detectron_model", "load_config"]
+
+logger = logging.getLogger(__name__)
+
+_OPTION_TYPES = {
+    "score_threshold": float,
+    "nms_threshold": float,
+    "min_size_test": int,
+    "max_size_test": int,
+    "max_detections": int,
+    "class_names": list,
+    "fuse_batch_norm": bool,
+    "channels_last": bool,
+}
+# Inference settings live on these module attributes in detectron2's box predictors
+# (FastRCNNOutputLayers) and one-stage detectors (RetinaNet) alike.
+_MODULE_ATTRS = {
+    "score_threshold": ("test_score_thresh",),
+    "nms_threshold": ("test_nms_thresh",),
+    "max_detections": ("test_topk_per_image", "max_detections_per_image"),
+}
+
+
+@dataclass(frozen=True)
+class _Raw:
+    instances: Instances  # on the CPU
+    at_network_size: bool  # True: boxes and masks still need rescaling and pasting
+
+
+@dataclass(frozen=True)
+class _Input:
+    image: torch.Tensor  # (3, h, w) uint8 in the model's colour order, resized
+    height: int  # original size
+    width: int
+    masks: bool = True  # False: the request wants no masks (skip the mask head and pasting)
+
+
+def load_config(config: str) -> CfgNode | Any:
+    """Read a model-zoo name, a YAML file or a LazyConfig ``.py`` file.
+
+    Raises:
+        ValueError: the file does not exist and is not a model-zoo name.
+    """
+    path = config_file(config)
+    if path is None:
+        raise ValueError(f"config {config!r}: neither a file nor a detectron2 model-zoo config")
+    if path.suffix == ".py":
+        return LazyConfig.load(str(path))
+    cfg = get_cfg()
+    cfg.set_new_allowed(True)  # configs of custom heads carry keys the default config lacks
+    cfg.merge_from_file(str(path))
+    return cfg
+
+
+def _parse_options(spec: ModelSpec) -> dict[str, Any]:
+    options = dict(spec.options)
+    for key, value in options.items():
+        kind = _OPTION_TYPES.get(key)
+        if kind is None:
+            raise ValueError(
+                f"model {spec.name!r}: unknown option {key!r}; known: {', '.join(_OPTION_TYPES)}"
+            )
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"model {spec.name!r}: option {key} must be true or false, got {value!r}")
+        elif kind is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"model {spec.name!r}: option class_names must be a list of strings")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"model {spec.name!r}: option {key} must be a number >= 0, got {value!r}")
+    return options
+
+
+class DetectronModel(VisionModel):
+    """A detectron2 detector or instance segmenter (Mask R-CNN, Faster R-CNN, RetinaNet...).
+
+    Args:
+        spec: the repository entry. ``spec.options`` may set ``score_threshold``,
+            ``nms_threshold``, ``min_size_test``, ``max_size_test``,
+            ``max_detections``, ``class_names``, ``fuse_batch_norm`` (default true:
+            fold eval-mode batch norms into their convolutions) and ``channels_last``
+            (default true on a CPU: channels-last convolution weights); see
+            :mod:`cvserve.models.fusion`.
+
+    Raises:
+        ValueError: an unknown or invalid option.
+    """
+
+    shares_cpu_threads = True  # forward runs under models.threads.forward_threads
+
+    task = Task.INSTANCE
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = spec.name
+        self.class_names = ()
+        self.device = auto_device(spec.device)
+        self._options = _parse_options(spec)
+        self._model: torch.nn.Module | None = None
+        self._resize: T.ResizeShortestEdge | None = None
+        self._input_format = "BGR"
+        self.precision = resolve_precision(spec.precision, self.device)
+
+    def load(self) -> None:
+        """Build the network, load the weights and settle class names.
+
+        Raises:
+            ValueError: bad config, device or class names.
+            FileNotFoundError: the weights file does not exist.
+        """
+        self.device = resolve_device(self.spec.device)
+        cfg = load_config(self.spec.config)
+        if isinstance(cfg, CfgNode):
+            model, min_size, max_size, num_classes = self._build_from_cfg(cfg)
+            dataset_names = [*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN]
+        else:
+            model, min_size, max_size, num_classes = self._build_from_lazy(cfg)
+            dataset_names = []
+        self._apply_module_options(model)
+        meta = self._load_weights(model)
+        self.class_names = self._settle_class_names(meta, dataset_names, num_classes)
+        self.precision = resolve_precision(self.spec.precision, self.device, meta)
+        keep_roi_align_fp32(model)  # box coordinates and pooling stay fp32 under autocast
+        keep_outputs_fp32(model)  # and so do scores, box deltas and mask logits
+        model.eval()
+        if self._options.get("fuse_batch_norm", True):
+            fused = fuse_conv_batch_norm(model)
+            logger.debug("%s: folded %d batch norms into their convolutions", self.name, fused)
+        if self._options.get("channels_last", self.device == "cpu"):
+            use_channels_last(model)  # oneDNN's fastest layout (models.fusion)
+        self._model = model
+        self._resize = T.ResizeShortestEdge(
+            [int(self._options.get("min_size_test", min_size))] * 2,
+            int(self._options.get("max_size_test", max_size)),
+        )
+        self.mark_ready()
+        logger.info(
+            "%s: loaded %s on %s, %d classes, precision %s (asked %s; %s)",
+            self.name,
+            type(model).__name__,
+            self.device,
+            num_classes,
+            self.precision,
+            self.spec.precision,
+            "CUDA" if self.device.startswith("cuda") else f"CPU: {cpu_bf16().describe()}",
+        )
+
+    def _build_from_cfg(self, cfg: CfgNode) -> tuple[torch.nn.Module, int, int, int]:
+        cfg = cfg.clone()
+        cfg.MODEL.DEVICE = self.device
+        cfg.MODEL.WEIGHTS = ""
+        self._input_format = cfg.INPUT.FORMAT
+        model = build_model(cfg)
+        arch = cfg.MODEL.META_ARCHITECTURE
+        num_classes = (
+            cfg.MODEL.RETINANET.NUM_CLASSES if arch == "RetinaNet" else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        )
+        return model, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, int(num_classes)
+
+    def _build_from_lazy(self, cfg: Any) -> tuple[torch.nn.Module, int, int, int]:
+        model = instantiate(cfg.model).to(self.device)
+        self._input_format = getattr(model, "input_format", "BGR")
+        min_size, max_size = 800, 1333
+        with contextlib.suppress(AttributeError, IndexError, KeyError, TypeError):
+            resize = cfg.dataloader.test.mapper.augmentations[0]
+            min_size, max_size = int(resize.short_edge_length), int(resize.max_size)
+        num_classes: Any = getattr(getattr(model, "roi_heads", None), "num_classes", None) or getattr(
+            model, "num_classes", 0
+        )
+        return model, min_size, max_size, int(num_classes)
+
+    def _apply_module_options(self, model: torch.nn.Module) -> None:
+        for option, attrs in _MODULE_ATTRS.items():
+            if option not in self._options:
+                continue
+            for module in model.modules():
+                for attr in attrs:
+                    if hasattr(module, attr):
+                        setattr(module, attr, type(getattr(module, attr))(self._options[option]))
+
+    def _load_weights(self, model: torch.nn.Module) -> dict[str, Any]:
+        weights = self.spec.weights
+        if not weights:
+            logger.warning("%s: no weights given, the network keeps its random initialisation", self.name)
+            return {}
+        if "://" not in weights and not os.path.isfile(weights):
+            raise FileNotFoundError(f"model {self.name!r}: weights file {weights} does not exist")
+        extra = DetectionCheckpointer(model).load(weights)
+        return dict(extra.get(META_KEY, {})) if isinstance(extra, dict) else {}
+
+    def _settle_class_names(
+        self, meta: Mapping[str, Any], dataset_names: Sequence[str], num_classes: int
+    ) -> tuple[str, ...]:
+        names: Sequence[str] = self._options.get("class_names") or meta.get("class_names") or []
+        if not names:
+            for dataset in dataset_names:
+                names = MetadataCatalog.get(dataset).get("thing_classes", None) or []
+                if names:
+                    break
+        if not names:
+            return tuple(f"class_{i}" for i in range(num_classes))
+        if num_classes and len(names) != num_classes:
+            raise ValueError(
+                f"model {self.name!r}: {len(names)} class names for a model of {num_classes} classes"
+            )
+        return tuple(str(n) for n in names)
+
+    def preprocess(self, image: np.ndarray) -> _Input:
+        """Convert an ``(H, W, 3)`` RGB uint8 image to the network's colour order and test size.
+
+        Raises:
+            ValueError: wrong shape or dtype.
+            RuntimeError: the model is not loaded.
+        """
+        if self._resize is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+        # Resize first, then reorder channels in the same copy as the transpose: the resize
+        # treats channels alike, so this equals DefaultPredictor's flip-then-resize with
+        # one copy fewer. uint8, not float32: the model's normalisation ((x - mean) / std)
+        # promotes to float32 with the same values.
+        resized = self._resize.get_transform(image).apply_image(image)
+        if self._input_format == "BGR":
+            resized = resized[:, :, ::-1]
+        tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return _Input(tensor, int(image.shape[0]), int(image.shape[1]))
+
+    def prepare(self, image: np.ndarray, *, masks: bool = True) -> _Input:
+        """:meth:`preprocess`; ``masks=False`` skips the mask head and pasting for this image."""
+        item = self.preprocess(image)
+        return item if masks else dataclasses.replace(item, masks=False)
+
+    def forward(self, inputs: Sequence[_Input]) -> list[_Raw]:
+        """One batched network call; outputs stay at network resolution, on the CPU."""
+        if self._model is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        batch = [{"image": x.image, "height": x.height, "width": x.width} for x in inputs]
+        model = self._model
+        two_stage = isinstance(model, GeneralizedRCNN)
+        with torch.inference_mode(), autocast(self.device, self.precision), forward_threads(self.device):
+            if isinstance(model, GeneralizedRCNN):
+                # Mask pasting and encoding are left to postprocess, off the model thread.
+                results = _rcnn_inference(model, batch, [x.masks for x in inputs])
+            else:  # one-stage detectors (boxes only) rescale inside forward; that part is cheap
+                results = [r["instances"] for r in model(batch)]
+        # Outside inference mode: the copies are ordinary tensors postprocess may modify.
+        return [_Raw(instances_to_cpu(r), two_stage) for r in results]
+
+    def postprocess(self, raw: _Raw, image_size: tuple[int, int]) -> Prediction:
+        """Rescale to ``image_size``, paste and RLE-encode masks, sort by score."""
+        height, width = image_size
+        if raw.at_network_size:
+            # What DefaultPredictor's detector_postprocess does (rescale and clip boxes, drop
+            # empty ones, paste masks at 0.5), with each mask pasted and encoded in its box.
+            return rescale_and_encode(raw.instances, height, width)
+        return instances_to_prediction(raw.instances, height, width)
+
+
+def _rcnn_inference(
+    model: GeneralizedRCNN, batch: list[dict[str, Any]], masks: Sequence[bool]
+) -> list[Instances]:
+    """``model.inference(batch, do_postprocess=False)``, running the mask head only for the
+    images whose ``masks`` is True (the others get boxes, scores and classes only)."""
+    heads = model.roi_heads
+    staged = hasattr(heads, "_forward_box") and hasattr(heads, "forward_with_given_boxes")
+    if all(masks) or not staged or model.proposal_generator is None:
+        return list(model.inference(batch, do_postprocess=False))
+    images = model.preprocess_image(batch)
+    features = model.backbone(images.tensor)
+    proposals, _ = model.proposal_generator(images, features, None)
+    boxes = heads._forward_box(features, proposals)
+    if not any(masks):
+        return list(boxes)
+    # Images without masks pass no boxes to the mask head: their batch slot stays in place.
+    given = [b if m else b[:0] for b, m in zip(boxes, masks, strict=True)]
+    with_masks = heads.forward_with_given_boxes(features, given)
+    return [w if m else b for w, b, m in zip(with_masks, boxes, masks, strict=True)]
+
+
+@register_builder(Task.INSTANCE)
+def build_detectron_model(spec: ModelSpec) -> DetectronModel:
+    """The built-in builder for ``task: instance``."""
+    return DetectronModel(spec)

@@ -1,0 +1,246 @@
+"""``cvserve eval``: COCO / semantic segmentation evaluation of a results file or a model.
+
+Three modes:
+
+* ``--gt annotations.json --results detections.json``: evaluate an existing COCO results file;
+* ``--model NAME (--server ADDR | --models repo.yaml) --gt annotations.json --images DIR``:
+  run an instance model over the dataset, write ``results.json``, then evaluate it;
+* ``--model NAME ... --task semantic --images DIR --labels DIR``: semantic segmentation
+  metrics against label PNGs.
+
+The report goes to ``--out`` (default: a new ``eval-YYYYmmdd-HHMMSS`` folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HELP = "evaluate COCO results or a model (bbox, segm, keypoints AP; semantic mIoU) and write a report"
+IOU_TYPES = ("bbox", "segm", "keypoints")
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gt", metavar="JSON", help="COCO ground-truth annotations")
+    parser.add_argument("--results", metavar="JSON", help="COCO results file to evaluate")
+    parser.add_argument(
+        "--iou-type",
+        action="append",
+        choices=IOU_TYPES,
+        help="repeatable (default: every type the results have)",
+    )
+    parser.add_argument("--out", metavar="DIR", help="report folder (default: ./eval-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    model = parser.add_argument_group("running a model")
+    model.add_argument("--model", help="name of the model to run over --images")
+    model.add_argument("--server", metavar="ADDR", help="use the model on this cvserve server (host:port)")
+    model.add_argument("--models", metavar="YAML", help="load the model in-process from this repository file")
+    model.add_argument(
+        "--images", metavar="DIR", help="image folder (COCO file_name values are relative to it)"
+    )
+    model.add_argument(
+        "--task", choices=("instance", "semantic"), help="expected task (default: the model's)"
+    )
+    model.add_argument(
+        "--labels", metavar="DIR", help="semantic ground truth: label PNGs named like the images"
+    )
+    model.add_argument(
+        "--ignore-label", type=int, default=255, help="label value ignored in semantic metrics"
+    )
+    model.add_argument(
+        "--batch-size", type=int, help="images per batch (default: the model's max_batch_size)"
+    )
+    model.add_argument(
+        "--concurrency", type=int, default=4, help="requests in flight with --server (default 4)"
+    )
+    model.add_argument(
+        "--timeout", type=float, default=60.0, help="per-request timeout with --server, seconds"
+    )
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from cvserve.cli.common import CLIError
+
+    if args.results and args.model:
+        raise CLIError("--results and --model exclude each other: evaluate a file, or run a model")
+    if not args.results and not args.model:
+        raise CLIError("give --results (with --gt) to evaluate a file, or --model to run a model")
+    if args.results and not args.gt:
+        raise CLIError("--results needs --gt (the COCO ground truth)")
+    if args.model and bool(args.server) == bool(args.models):
+        raise CLIError("--model needs exactly one of --server ADDR or --models repo.yaml")
+    if args.model and not args.images:
+        raise CLIError("--model needs --images DIR")
+    for name in ("batch_size", "concurrency", "timeout"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+class _Runner:
+    """The model to evaluate, in-process or behind a server, as a batch predictor."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.batch_size = args.batch_size or 1
+        self._pool: Any = None
+        self._client: Any = None
+        if args.server:
+            self._connect()
+        else:
+            self._load()
+
+    def _connect(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from cvserve.cli.common import CLIError
+        from cvserve.client.client import Client, ClientError
+
+        self._client = Client(self.args.server, timeout=self.args.timeout)
+        try:
+            info = self._client.get_model(self.args.model)
+        except ClientError as e:
+            raise CLIError(f"--server {self.args.server}: model {self.args.model!r}: {e}") from None
+        self.task, self.class_names = info["task"], tuple(info["class_names"])
+        self.batch_size = self.args.batch_size or self.args.concurrency
+        self._pool = ThreadPoolExecutor(self.args.concurrency)
+
+    def _load(self) -> None:
+        from cvserve.cli.common import CLIError, model_spec
+        from cvserve.models.build import build_model
+        from cvserve.models.evaluation.inference import in_process_predictor
+
+        spec = model_spec(self.args.models, self.args.model)
+        try:
+            model = build_model(spec)
+            model.load()
+        except Exception as e:  # a model that cannot load is a user-facing configuration problem
+            raise CLIError(f"{self.args.models}: model {spec.name!r} failed to load: {e}") from None
+        model.mark_ready()
+        self.task, self.class_names = model.task.value, tuple(model.class_names)
+        self.batch_size = self.args.batch_size or spec.max_batch_size
+        self._predict_local = in_process_predictor(model)
+
+    def __call__(self, paths: Sequence[Path]) -> list[Any]:
+        if self._client is None:
+            return self._predict_local(paths)
+        from cvserve.cli.common import CLIError
+        from cvserve.client.client import ClientError
+
+        def one(path: Path) -> Any:
+            try:
+                return self._client.predict(path.read_bytes(), model=self.args.model)
+            except ClientError as e:
+                raise CLIError(f"{path}: server refused the image: {e}") from None
+
+        return list(self._pool.map(one, paths))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+
+
+def _evaluate_file(
+    args: argparse.Namespace, out: Path, results: Any, extra: dict[str, Any]
+) -> dict[str, Any]:
+    from cvserve.models.evaluation.coco import evaluate_loaded
+    from cvserve.models.evaluation.coco_io import parse_ground_truth, parse_results
+    from cvserve.models.evaluation.report import write_coco_report
+
+    gt = extra.pop("_gt", None) or parse_ground_truth(args.gt)
+    types = tuple(dict.fromkeys(args.iou_type)) if args.iou_type else None
+    dets = parse_results(results, gt, types)
+    metrics, arrays = evaluate_loaded(gt, dets, types)
+    report = {
+        "task": "instance",
+        "ground_truth": str(Path(args.gt).resolve()),
+        "results": str(Path(results).resolve()) if isinstance(results, (str, Path)) else None,
+        "num_images": len(gt.image_ids),
+        "num_detections": len(dets.entries),
+        "units": "fractions in [0, 1] as pycocotools reports them; -1 where undefined (no ground truth)",
+        **extra,
+        "metrics": metrics,
+    }
+    write_coco_report(out, report, arrays, gt.cat_names, plots=not args.no_plots)
+    return report
+
+
+def _run_model(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from cvserve.cli.common import CLIError
+    from cvserve.models.evaluation.coco_io import parse_ground_truth
+    from cvserve.models.evaluation.inference import instance_results, semantic_confusion
+    from cvserve.models.evaluation.report import write_semantic_report
+    from cvserve.models.evaluation.semantic import semantic_metrics
+
+    runner = _Runner(args)
+    try:
+        if args.task and args.task != runner.task:
+            raise CLIError(f"model {args.model!r} is a {runner.task} model, not {args.task}")
+        where = {"model": args.model, "server": args.server, "images": str(Path(args.images).resolve())}
+        if runner.task == "semantic":
+            if not args.labels:
+                raise CLIError("a semantic model needs --labels DIR (label PNGs named like the images)")
+            conf, n = semantic_confusion(
+                args.images,
+                args.labels,
+                runner,
+                len(runner.class_names),
+                args.ignore_label,
+                runner.batch_size,
+            )
+            metrics = {
+                **semantic_metrics(conf, runner.class_names),
+                "confusion_matrix": conf.tolist(),
+                "num_images": n,
+            }
+            report = {"task": "semantic", **where, "labels": str(Path(args.labels).resolve()), "num_images": n,
+                      "ignore_label": args.ignore_label, "class_names": list(runner.class_names),
+                      "units": "percent, as detectron2's SemSegEvaluator reports them; null where undefined",
+                      "metrics": metrics}  # fmt: skip
+            write_semantic_report(out, report, runner.class_names, plots=not args.no_plots)
+            return report
+        if not args.gt:
+            raise CLIError("an instance model needs --gt annotations.json")
+        gt = parse_ground_truth(args.gt)
+        results = instance_results(gt, args.images, runner, runner.class_names, runner.batch_size)
+    finally:
+        runner.close()
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results_path.write_text(json.dumps(results))
+    return _evaluate_file(args, out, results_path, {**where, "_gt": gt})
+
+
+def _print_summary(report: dict[str, Any], out: Path) -> None:
+    metrics = report["metrics"]
+    if report["task"] == "semantic":
+        print(" ".join(f"{k} {metrics[k]:.2f}" for k in ("mIoU", "fwIoU", "mACC", "pACC")))
+    else:
+        for iou_type, res in metrics.items():
+            print(f"{iou_type:<9} " + " ".join(f"{k} {v:.4f}" for k, v in res["stats"].items()))
+    print(f"report written to {out}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cvserve.cli.common import CLIError
+    from cvserve.models.evaluation.errors import EvaluationInputError
+    from cvserve.models.evaluation.report import default_out_dir
+
+    _check_args(args)
+    out = Path(args.out) if args.out else default_out_dir()
+    try:
+        report = _run_model(args, out) if args.model else _evaluate_file(args, out, args.results, {})
+    except EvaluationInputError as e:
+        raise CLIError(str(e)) from None
+    _print_summary(report, out)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,268 @@
+"""One model of the repository as the data plane serves it: load, warm-up, batcher, statistics.
+
+A :class:`ServedModel` owns everything of a single model: its state, its own thread (the
+model runs only there), its :class:`~cvserve.dataplane.batcher.Batcher` and its :class:`ModelStats`.
+:class:`~cvserve.dataplane.plane.DataPlane` holds one per repository entry and adds what spans
+models: lookup, readiness, draining and the shared CPU pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from cvserve.config import ServerConfig
+from cvserve.dataplane.batch_policy import candidate_sizes, choose_batch_size, forward_timer
+from cvserve.dataplane.batcher import Batcher, BatchReport, ItemTiming
+from cvserve.dataplane.model_state import ModelState, ModelStats, ModelStatus, Outcome
+from cvserve.errors import ModelNotReadyError
+from cvserve.metrics import Metrics
+from cvserve.models.base import VisionModel
+from cvserve.models.repository import ModelSpec
+
+__all__ = ["ServedModel", "run_in_pool"]
+
+logger = logging.getLogger(__name__)
+_R = TypeVar("_R")
+
+
+async def run_in_pool(pool: Executor, fn: Callable[..., _R], *args: Any) -> _R:
+    """Run ``fn(*args)`` in ``pool``, carrying the caller's context (request id)."""
+    ctx = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(ctx.run, fn, *args))
+
+
+class ServedModel:
+    """The serving state of one model.
+
+    Args:
+        spec: the model's repository entry.
+        config: server settings (warm-up).
+        metrics: Prometheus metrics to feed, if any.
+        builder: builds an unloaded model from a spec.
+        pool: the shared pool for pre- / post-processing.
+        notify: awaited after every change of state.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        config: ServerConfig,
+        metrics: Metrics | None,
+        builder: Callable[[ModelSpec], VisionModel],
+        pool: Executor,
+        notify: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.spec = spec
+        self.state: str = ModelState.LOADING
+        self.error = ""
+        self.model: VisionModel | None = None
+        self.batcher: Batcher[Any, Any] | None = None
+        self.executor: ThreadPoolExecutor | None = None
+        self.stats = ModelStats()
+        self.loading: asyncio.Task[None] | None = None
+        self._config = config
+        self._metrics = metrics
+        self._builder = builder
+        self._pool = pool
+        self._notify = notify
+
+    def status(self) -> ModelStatus:
+        model = self.model
+        return ModelStatus(
+            spec=self.spec,
+            state=self.state,
+            error=self.error,
+            class_names=tuple(model.class_names) if model is not None else (),
+            device=str(model.device) if model is not None else "",
+            precision=str(getattr(model, "precision", "")) if model is not None else "",
+        )
+
+    def start_loading(self) -> asyncio.Task[None]:
+        """Start :meth:`load` in the background (state LOADING at once)."""
+        self.state = ModelState.LOADING
+        self.loading = asyncio.get_running_loop().create_task(self.load())
+        return self.loading
+
+    async def set_state(self, state: str, error: str = "") -> None:
+        self.state, self.error = state, error
+        if self._metrics is not None:
+            self._metrics.set_ready(self.spec.name, state == ModelState.READY)
+        await self._notify()
+
+    async def load(self) -> None:
+        """Build, load, tune and warm up the model; ends READY, or FAILED with the error."""
+        spec = self.spec
+        await self.set_state(ModelState.LOADING)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{spec.name}")
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            self.model = await loop.run_in_executor(self.executor, self._build_and_load)
+            if spec.batching == "auto":
+                self.spec = await loop.run_in_executor(self.executor, self._tune_batch_size)
+            instances = resolve_instances(self.spec, self.model.device, self.model.shares_cpu_threads)
+            self.spec = dataclasses.replace(self.spec, instances=instances)
+            if instances > 1:
+                self.executor.shutdown(wait=False)
+                self.executor = ThreadPoolExecutor(instances, thread_name_prefix=f"model-{spec.name}")
+            if self._metrics is not None:
+                self._metrics.set_max_batch_size(spec.name, self.spec.max_batch_size, spec.batching)
+            self.batcher = self._make_batcher()
+            if self._config.warmup:
+                await self._warm_up()
+        except Exception as e:
+            logger.exception("model %s failed to load", spec.name)
+            await self.teardown()
+            await self.set_state(ModelState.FAILED, f"{type(e).__name__}: {e}")
+            return
+        self.stats = ModelStats()  # warm-up is not traffic
+        self.model.mark_ready()
+        logger.info(
+            "model %s v%s ready in %.2f s (%s instance(s), max_batch_size %d)",
+            spec.name, spec.version, time.monotonic() - started, self.spec.instances, self.spec.max_batch_size,
+        )  # fmt: skip
+        await self.set_state(ModelState.READY)
+
+    def _build_and_load(self) -> VisionModel:
+        model = self._builder(self.spec)
+        model.load()
+        return model
+
+    def _tune_batch_size(self) -> ModelSpec:
+        """The spec with the measured fastest ``max_batch_size`` (model thread, at load time)."""
+        assert self.model is not None
+        spec = self.spec
+        measure = forward_timer(self.model, _synthetic_image(480, 640))
+        decision = choose_batch_size(measure, candidate_sizes(spec.max_batch_size))
+        logger.info(
+            "model %s on %s: batching auto chose %s", spec.name, self.model.device, decision.describe()
+        )
+        return dataclasses.replace(spec, max_batch_size=decision.size)
+
+    def _make_batcher(self) -> Batcher[Any, Any]:
+        assert self.model is not None and self.executor is not None
+        name = self.spec.name
+        batcher: Batcher[Any, Any] = Batcher(
+            self.model.forward,
+            max_batch_size=self.spec.max_batch_size,
+            max_wait_ms=self.spec.max_wait_ms,
+            max_queue=self.spec.max_queue,
+            executor=self.executor,
+            name=name,
+            on_batch=self._on_batch,
+            concurrency=int(self.spec.instances),
+        )
+        if self._metrics is not None:
+            self._metrics.track_queue_depth(name, lambda: batcher.depth)
+        return batcher
+
+    async def _warm_up(self) -> None:
+        side = self._config.warmup_image_size
+        outcome = await self.run_image(_synthetic_image(side, side), None)
+        if outcome.error is not None:
+            raise RuntimeError(f"warm-up inference failed: {outcome.error}") from outcome.error
+
+    def _on_batch(self, report: BatchReport) -> None:
+        stats = self.stats
+        stats.queue.add(sum(report.queue_s), len(report.queue_s))
+        stats.compute_infer.add(report.compute_s)
+        stats.execution_count += 1
+        stats.inference_count += report.size
+        stats.last_inference_ms = int(time.time() * 1000)
+        if self._metrics is not None and self.state == ModelState.READY:  # warm-up is not traffic
+            self._metrics.observe_batch(
+                self.spec.name, report.size, report.queue_s, report.compute_s, report.failed
+            )
+
+    async def teardown(self) -> None:
+        """Close the batcher (queued items finish), stop the model's thread, drop the model."""
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False)
+        if self.model is not None:
+            self.model.mark_ready(False)
+        self.model, self.batcher, self.executor = None, None, None
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Record one image's time in a serving stage, once the model serves traffic."""
+        if self._metrics is not None and self.state == ModelState.READY:
+            self._metrics.observe_stage(self.spec.name, stage, seconds)
+
+    async def run_image(
+        self,
+        image: np.ndarray,
+        deadline: float | None,
+        *,
+        masks: bool = True,
+        image_size: tuple[int, int] | None = None,
+    ) -> Outcome:
+        """Preprocess in the shared pool, forward through the batcher, postprocess in the pool.
+
+        Args:
+            image: RGB uint8 ``(H, W, 3)``.
+            deadline: absolute ``time.monotonic()`` deadline, if any.
+            masks: False when the request wants no instance masks (see
+                :meth:`~models.base.VisionModel.prepare`).
+            image_size: the size the prediction is in: the encoded image's own size when
+                ``image`` was decoded at a reduced scale; ``image``'s size when None.
+        """
+        model, batcher, stats = self.model, self.batcher, self.stats
+        timing = ItemTiming()
+        start = time.monotonic()
+        try:
+            if model is None or batcher is None:
+                raise ModelNotReadyError(f"model {self.spec.name!r} is not loaded")
+            prepare = functools.partial(model.prepare, masks=masks)
+            inputs, seconds = await run_in_pool(self._pool, _timed, prepare, image)
+            stats.compute_input.add(seconds)
+            self.observe_stage("preprocess", seconds)
+            raw = await batcher.submit(inputs, deadline=deadline, timing=timing)
+            size = image_size or (int(image.shape[0]), int(image.shape[1]))
+            prediction, seconds = await run_in_pool(self._pool, _timed, model.postprocess, raw, size)
+            stats.compute_output.add(seconds)
+            self.observe_stage("postprocess", seconds)
+        except Exception as e:
+            stats.failure.add(time.monotonic() - start)
+            return Outcome(None, e, timing)
+        stats.success.add(time.monotonic() - start)
+        return Outcome(prediction, None, timing)
+
+
+def resolve_instances(spec: ModelSpec, device: str, shares_cpu_threads: bool) -> int:
+    """The number of batches to run at once: ``spec.instances``, with ``auto`` resolved
+    for ``device``: 1 on a GPU, and 1 for a model whose passes do not share the CPU's
+    threads (each would take every core); otherwise :func:`cvserve.models.threads.cpu_instances`."""
+    if spec.instances != "auto":
+        return int(spec.instances)
+    if device.startswith("cuda") or not shares_cpu_threads:
+        return 1
+    from cvserve.models.threads import cpu_instances  # imports torch: only for auto on a CPU
+
+    return cpu_instances()
+
+
+def _timed(fn: Callable[..., _R], *args: Any) -> tuple[_R, float]:
+    """``fn(*args)`` and its duration: measured in the worker, so pool queueing is not counted."""
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def _synthetic_image(height: int, width: int) -> np.ndarray:
+    """A smooth RGB test pattern (colour ramps) for warm-up and batch-size measurement."""
+    rows = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
+    cols = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+    image = np.stack(np.broadcast_arrays(cols, rows, cols[:, ::-1]), axis=-1)
+    return np.ascontiguousarray(image)
