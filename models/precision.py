@@ -10,7 +10,7 @@
 
 Whatever the device, reduced precision runs through :func:`autocast`: one
 ``torch.autocast(device_type, dtype)`` context, so the CPU tests run the code a GPU runs.
-Box coordinates and RoI pooling stay fp32 under it (:mod:`models.roi_align`), and so do
+Box coordinates and RoI pooling stay fp32 under it (:mod:`cvserve.models.instance.roi_align`), and so do
 the small output layers that produce scores, box deltas and mask logits
 (:func:`keep_outputs_fp32`): in bf16 a score has 8 significant bits (0.3027 and 0.3012
 are one value), enough to reorder detections, for a share of the compute below 1 %.

@@ -8,7 +8,7 @@ Example ``models.yaml``::
         config: instance/config.yaml      # model-zoo name, YAML file or LazyConfig .py
         weights: instance/model_final.pth # .pth, model-zoo .pkl, or detectron2:// URL
         device: auto                      # auto | cpu | cuda | cuda:N
-        precision: auto                   # auto | fp32 | fp16 | bf16 (see models.precision)
+        precision: auto                   # auto | fp32 | fp16 | bf16 (see cvserve.models.precision)
         max_batch_size: 4                 # or auto: measured at load time on the device
         max_wait_ms: 5
         instances: auto                   # forward passes at once; auto: 1 on a GPU, 1 per core on a CPU
@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # see models.precision
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # see cvserve.models.precision
 # ``max_batch_size: auto`` tries batch sizes up to this many images.
 AUTO_BATCH_LIMIT = 8
 _KNOWN_FIELDS = {
@@ -76,9 +76,9 @@ class ModelSpec:
         version: version string reported to clients.
         device: ``auto`` picks ``cuda`` when available, else ``cpu``.
         precision: ``auto`` (fp16 on CUDA, bf16 on a CPU with native bf16 unless the
-            checkpoint records a larger loss than :data:`models.precision.MAX_BF16_LOSS`,
+            checkpoint records a larger loss than :data:`cvserve.models.precision.MAX_BF16_LOSS`,
             else fp32), ``fp32``, ``fp16`` (CUDA autocast; fp32 on a CPU) or ``bf16``
-            (autocast on CUDA and CPU); see :mod:`models.precision`.
+            (autocast on CUDA and CPU); see :mod:`cvserve.models.precision`.
         max_batch_size: most images in one forward pass (with ``batching: auto``, the
             largest size the server tries at load time before it picks one).
         max_wait_ms: longest a request waits for a batch to fill.

@@ -33,10 +33,10 @@ from cvserve.models.checkpoint import META_KEY
 from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import config_file
 from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
+from cvserve.models.instance.roi_align import keep_roi_align_fp32
 from cvserve.models.precision import autocast, cpu_bf16, keep_outputs_fp32, resolve_precision
 from cvserve.models.registry import register_builder
 from cvserve.models.repository import ModelSpec
-from cvserve.models.instance.roi_align import keep_roi_align_fp32
 from cvserve.models.threads import forward_threads
 from cvserve.models.training.options import auto_device, resolve_device
 from cvserve.models.types import Prediction, Task

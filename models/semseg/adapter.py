@@ -117,7 +117,7 @@ class SemanticSegmentationModel(VisionModel):
         model.eval()
         extra = self._load_weights(model)
         self.precision = resolve_precision(self.spec.precision, self.device, extra.get(META_KEY))
-        keep_outputs_fp32(model)  # logits in fp32 under autocast (models.precision)
+        keep_outputs_fp32(model)  # logits in fp32 under autocast (cvserve.models.precision)
         if fuse:
             fuse_conv_batch_norm(model)  # the same outputs for less work per layer (models.fusion)
         if channels_last:
