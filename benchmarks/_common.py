@@ -106,6 +106,9 @@ def prepare_model(kind: str, workdir: Path) -> BenchModel:
 
     if kind == "fake":
         return BenchModel("fake", workdir / "none.yaml", None, "no weights", {})
+    from cvserve.models import compat
+
+    compat.apply()  # before the first detectron2 import
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
@@ -118,7 +121,7 @@ def prepare_model(kind: str, workdir: Path) -> BenchModel:
         cfg = load_config(str(config))
         threshold = float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST)
     elif kind == "tiny":
-        cfg = load_config(str(ROOT / "models/configs/tiny_mask_rcnn.yaml"))
+        cfg = load_config(str(ROOT / "models/instance/tiny_mask_rcnn.yaml"))
         threshold = 0.2  # random weights: every class scores about 1/6
     else:
         cfg = load_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")

@@ -9,6 +9,12 @@ server's peak RSS. Run from the repository root::
 
     .venv/bin/python benchmarks/serve_vs_predictor.py                  # the built demo model
     .venv/bin/python benchmarks/serve_vs_predictor.py --model r50 --images 12 --requests 24
+    .venv/bin/python benchmarks/serve_vs_predictor.py --model r50 --min-size 800 --bf16-predictor \
+        --concurrency 1,4 --sweep "" --rounds 3 --requests 12
+
+The server runs on its defaults (``precision: auto``: bf16 on a CPU with native bf16);
+``--bf16-predictor`` adds ``DefaultPredictor`` under bf16 autocast to every round, the
+serving layer's cost at equal precision.
 
 Each concurrency runs ``--rounds`` rounds of the predictor followed by the server (idle
 while the predictor runs), and its ratio is over those same rounds, so drifts in the
@@ -36,14 +42,25 @@ from cvserve.metrics import STAGES
 
 
 class PredictorLoop:
-    """``DefaultPredictor`` called in a loop in this process over the benchmark's images."""
+    """``DefaultPredictor`` called in a loop in this process over the benchmark's images.
 
-    def __init__(self, model: _common.BenchModel, images: list[Any]) -> None:
+    ``precision`` bf16: under ``torch.autocast("cpu", dtype=torch.bfloat16)`` with
+    channels-last weights, the plain way to run detectron2 in bf16 on a CPU.
+    """
+
+    def __init__(self, model: _common.BenchModel, images: list[Any], precision: str = "fp32") -> None:
+        import torch
         from detectron2.engine import DefaultPredictor
 
+        from cvserve.models.precision import autocast
+
         self.predictor = DefaultPredictor(model.cfg())
+        if precision == "bf16":
+            self.predictor.model.to(memory_format=torch.channels_last)
+        self.autocast = lambda: autocast("cpu", precision)
         self.bgr = [img[:, :, ::-1].copy() for img in images]
-        self.predictor(self.bgr[0])  # warm-up
+        with self.autocast():
+            self.predictor(self.bgr[0])  # warm-up
         self.next = 0
 
     def run(self, requests: int) -> tuple[float, list[float]]:
@@ -52,7 +69,8 @@ class PredictorLoop:
         start = time.perf_counter()
         for _ in range(requests):
             t = time.perf_counter()
-            self.predictor(self.bgr[self.next % len(self.bgr)])
+            with self.autocast():
+                self.predictor(self.bgr[self.next % len(self.bgr)])
             self.next += 1
             latencies.append(time.perf_counter() - t)
         return time.perf_counter() - start, latencies
@@ -128,11 +146,18 @@ class Measured:
     server_wall: float = 0.0
     server_latencies: list[float] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
+    bf16_wall: float = 0.0
+    bf16_latencies: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
         server = len(self.server_latencies) / self.server_wall
         return server / (len(self.predictor_latencies) / self.predictor_wall)
+
+    @property
+    def bf16_ratio(self) -> float:
+        server = len(self.server_latencies) / self.server_wall
+        return server / (len(self.bf16_latencies) / self.bf16_wall)
 
 
 def run_concurrency(
@@ -141,6 +166,7 @@ def run_concurrency(
     predictor: PredictorLoop,
     payloads: list[bytes],
     work: Path,
+    bf16: PredictorLoop | None = None,
 ) -> tuple[list[Measured], dict[str, int]]:
     """Per concurrency, ``args.rounds`` rounds of the predictor then the server (the server
     idles while the predictor runs), so drifts in machine speed hit both sides alike."""
@@ -156,6 +182,10 @@ def run_concurrency(
                 wall, latencies = predictor.run(per_round)
                 m.predictor_wall += wall
                 m.predictor_latencies += latencies
+                if bf16 is not None:
+                    wall, latencies = bf16.run(per_round)
+                    m.bf16_wall += wall
+                    m.bf16_latencies += latencies
                 wall, latencies = load(server.address, model.name, payloads, c, per_round)
                 m.server_wall += wall
                 m.server_latencies += latencies
@@ -217,6 +247,12 @@ def main() -> None:
     )
     parser.add_argument("--sweep", type=lambda s: s.split(",") if s else [], default=["1", "2", "4", "auto"])
     parser.add_argument("--sweep-wait-ms", type=float, default=10.0)
+    parser.add_argument("--min-size", type=int, default=0, help="INPUT.MIN_SIZE_TEST (default: the model's)")
+    parser.add_argument(
+        "--bf16-predictor",
+        action="store_true",
+        help="also run DefaultPredictor under bf16 autocast (channels-last) in every round",
+    )
     args = parser.parse_args()
     args.max_batch_size = args.max_batch_size if args.max_batch_size == "auto" else int(args.max_batch_size)
     args.instances = args.instances if args.instances == "auto" else int(args.instances)
@@ -226,6 +262,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cvserve-bench-") as tmp:
         work = Path(tmp)
         model = _common.prepare_model(args.model, work)
+        if args.min_size:
+            from cvserve.models.instance.adapter import load_config
+
+            cfg = load_config(str(model.config_path))
+            cfg.INPUT.MIN_SIZE_TEST = args.min_size
+            model.config_path.write_text(cfg.dump())
         images = _common.make_images(args.images, height, width, shapes=args.model == "demo")
         payloads = [_common.encode_jpeg(img) for img in images]
         print(f"machine: {_common.machine()}")
@@ -233,7 +275,8 @@ def main() -> None:
             f"model {args.model}, weights {model.weights_note}, images {height}x{width} JPEG, {model.options}"
         )
         predictor = PredictorLoop(model, images)
-        results, memory = run_concurrency(args, model, predictor, payloads, work)
+        bf16 = PredictorLoop(model, images, "bf16") if args.bf16_predictor else None
+        results, memory = run_concurrency(args, model, predictor, payloads, work, bf16)
         print(f"\n{'':28s} {'images/s':>8s} {'p50 ms':>9s} {'p95 ms':>9s} {'p99 ms':>9s}  ratio")
         for m in results:
             print(
@@ -246,7 +289,11 @@ def main() -> None:
             )
             server_rate = len(m.server_latencies) / m.server_wall
             reference = server_rate / m.ratio
+            if m.bf16_latencies:
+                print(row(f"DefaultPredictor bf16 (c={m.concurrency})", m.bf16_wall, m.bf16_latencies, None))
             print(row(f"server, concurrency {m.concurrency}", m.server_wall, m.server_latencies, reference))
+            if m.bf16_latencies:
+                print(f"    against DefaultPredictor under bf16 autocast: {m.bf16_ratio:.2f}x")
             print("    per image, ms: " + "  ".join(f"{k} {v * 1000:.1f}" for k, v in m.stages.items()))
         print(
             f"ratio: server images/s over DefaultPredictor's in the same {args.rounds} interleaved rounds "
