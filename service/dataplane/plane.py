@@ -267,12 +267,10 @@ class DataPlane:
         version: str | None = None,
         deadline: float | None = None,
         masks: bool = True,
-        image_sizes: Sequence[tuple[int, int] | None] | None = None,
     ) -> list[Prediction | Exception]:
         """Predict ``images`` (RGB uint8 ``(H, W, 3)``) with model ``name``.
 
-        ``masks=False`` skips instance masks; ``image_sizes`` gives the size each
-        prediction is in where an image was decoded at a reduced scale.
+        ``masks=False`` skips instance masks (the request asks for none).
 
         Returns:
             One prediction, or the exception that image failed with, per image.
@@ -280,9 +278,7 @@ class DataPlane:
         Raises:
             ModelNotFoundError, VersionNotFoundError, ModelNotReadyError, ServerDrainingError.
         """
-        outcomes = await self.infer_timed(
-            name, images, version=version, deadline=deadline, masks=masks, image_sizes=image_sizes
-        )
+        outcomes = await self.infer_timed(name, images, version=version, deadline=deadline, masks=masks)
         return [o.prediction if o.error is None else o.error for o in outcomes]  # type: ignore[misc]
 
     async def infer_timed(
@@ -293,7 +289,6 @@ class DataPlane:
         version: str | None = None,
         deadline: float | None = None,
         masks: bool = True,
-        image_sizes: Sequence[tuple[int, int] | None] | None = None,
     ) -> list[Outcome]:
         """Like :meth:`infer`, with each image's queue / inference timing."""
         self.require_ready(name, version)
@@ -301,11 +296,7 @@ class DataPlane:
         self._in_flight += 1
         self._idle.clear()
         try:
-            sizes = image_sizes or [None] * len(images)
-            runs = (
-                entry.run_image(img, deadline, masks=masks, image_size=size)
-                for img, size in zip(images, sizes, strict=True)
-            )
+            runs = (entry.run_image(img, deadline, masks=masks) for img in images)
             return list(await asyncio.gather(*runs))
         finally:
             self._in_flight -= 1

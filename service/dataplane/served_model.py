@@ -206,7 +206,6 @@ class ServedModel:
         deadline: float | None,
         *,
         masks: bool = True,
-        image_size: tuple[int, int] | None = None,
     ) -> Outcome:
         """Preprocess in the shared pool, forward through the batcher, postprocess in the pool.
 
@@ -214,9 +213,7 @@ class ServedModel:
             image: RGB uint8 ``(H, W, 3)``.
             deadline: absolute ``time.monotonic()`` deadline, if any.
             masks: False when the request wants no instance masks (see
-                :meth:`~models.base.VisionModel.prepare`).
-            image_size: the size the prediction is in: the encoded image's own size when
-                ``image`` was decoded at a reduced scale; ``image``'s size when None.
+                :meth:`~cvserve.models.base.VisionModel.prepare`).
         """
         model, batcher, stats = self.model, self.batcher, self.stats
         timing = ItemTiming()
@@ -229,7 +226,7 @@ class ServedModel:
             stats.compute_input.add(seconds)
             self.observe_stage("preprocess", seconds)
             raw = await batcher.submit(inputs, deadline=deadline, timing=timing)
-            size = image_size or (int(image.shape[0]), int(image.shape[1]))
+            size = (int(image.shape[0]), int(image.shape[1]))
             prediction, seconds = await run_in_pool(self._pool, _timed, model.postprocess, raw, size)
             stats.compute_output.add(seconds)
             self.observe_stage("postprocess", seconds)
