@@ -1,8 +1,9 @@
 """Compatibility for detectron2 v0.6 on current numpy, Pillow and torch.
 
-This is the one module that adapts the environment for detectron2. ``models``
-applies it on import, before any detectron2 module is imported, so every code path
-of this project (server, CLI, tests) sees the same environment.
+This is the one module that adapts the environment for detectron2. Importing it
+changes nothing: :func:`apply` does, and it is called explicitly where detectron2 is
+loaded (``build_model``, the CLI, a spawned training process, the test suite's
+conftest), before the first detectron2 import.
 
 What it does, each only where needed:
 
@@ -10,6 +11,12 @@ What it does, each only where needed:
   placed *after* every real finder, supplies a stand-in module only when no real
   ``detectron2._C`` can be found. Using any op of it raises :class:`MissingOpError`
   naming the op and why it is unavailable. A build with the extension is untouched.
+* ``MapDataset`` (detectron2/data/common.py) picks a fallback item for one its mapper
+  skipped with ``random.sample`` on a set, which Python 3.11 refuses: any training whose
+  mapper skips an image crashed. Its random generator is replaced by one that samples a
+  set's sorted members, mended right after detectron2 loads that module (a post-import
+  hook) or at once if it is loaded already. Where the source no longer does this, nothing
+  changes.
 * numpy aliases (``np.int``, ``np.float``, ``np.str``, ``np.object``, ``np.bool``)
   removed in numpy 1.24 and ``PIL.Image.LINEAR`` removed in Pillow 10 are used by
   v0.6 code. They are restored only when missing *and* the installed detectron2
@@ -22,9 +29,11 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import random
 import sys
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +127,86 @@ def _restore_pillow_linear() -> None:
         Image.LINEAR = Image.BILINEAR  # type: ignore[attr-defined]
 
 
+class _SetSamplingRandom(random.Random):
+    """``random.Random`` whose ``sample`` also takes a set (in sorted order, so deterministic)."""
+
+    def sample(self, population: Any, k: int, *, counts: Any = None) -> list[Any]:
+        if isinstance(population, set | frozenset):
+            population = sorted(population)
+        return super().sample(population, k, counts=counts)
+
+
+def _mend_map_dataset(module: types.ModuleType) -> None:
+    cls = getattr(module, "MapDataset", None)
+    if cls is None or getattr(cls, "_cvserve_mended", False):
+        return
+    init = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self._rng = _SetSamplingRandom(42)
+
+    cls.__init__ = __init__
+    cls._cvserve_mended = True
+
+
+# module name -> (mend, source file under detectron2/, text whose presence says the mend is needed)
+_MENDS: dict[str, tuple[Callable[[types.ModuleType], None], str, str]] = {
+    "detectron2.data.common": (
+        _mend_map_dataset, "data/common.py", "self._rng.sample(self._fallback_candidates"
+    ),
+}
+
+
+class _MendAfterImport(importlib.abc.MetaPathFinder):
+    """Runs a mend on a detectron2 module right after the module's own code has run."""
+
+    def __init__(self, mends: dict[str, Callable[[types.ModuleType], None]]) -> None:
+        self._mends = mends
+
+    def find_spec(
+        self, fullname: str, path: Any, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        mend = self._mends.get(fullname)
+        if mend is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _MendingLoader(spec.loader, mend)
+                return spec
+        return None
+
+
+class _MendingLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any, mend: Callable[[types.ModuleType], None]) -> None:
+        self._loader, self._mend = loader, mend
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self._loader.create_module(spec)  # type: ignore[no-any-return]
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        self._mend(module)
+
+
+def _install_mends() -> None:
+    if sys.version_info < (3, 11):
+        return
+    pending: dict[str, Callable[[types.ModuleType], None]] = {}
+    for name, (mend, source, needle) in _MENDS.items():
+        if not _detectron2_source_uses((source,), needle):
+            continue
+        if name in sys.modules:
+            mend(sys.modules[name])
+        else:
+            pending[name] = mend
+    if pending and not any(isinstance(f, _MendAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _MendAfterImport(pending))
+
+
 def _quiet_known_warnings() -> None:
     # Deprecation notices that detectron2 v0.6 triggers in torch and setuptools on every
     # start; they say nothing a user of cvserve can act on.
@@ -136,6 +225,7 @@ def apply() -> None:
         sys.meta_path.append(_NativeOpsFallback())
     _restore_numpy_aliases()
     _restore_pillow_linear()
+    _install_mends()
     _applied = True
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,22 @@ class Instance:
     category_id: int
     score: float
     mask: Mask | None = None
+
+    def coco_entry(self, category_id: int | None = None, image_id: int | None = None) -> dict[str, Any]:
+        """This instance as a COCO results entry (``bbox`` as XYWH, ``segmentation`` as RLE).
+
+        Args:
+            category_id: the entry's ``category_id`` (default: the model's class index).
+            image_id: added as ``image_id`` when given.
+        """
+        x0, y0, x1, y1 = (float(v) for v in self.box)
+        entry: dict[str, Any] = {} if image_id is None else {"image_id": image_id}
+        entry["category_id"] = self.category_id if category_id is None else category_id
+        entry["bbox"] = [x0, y0, x1 - x0, y1 - y0]
+        entry["score"] = float(self.score)
+        if self.mask is not None:
+            entry["segmentation"] = self.mask.to_coco()
+        return entry
 
 
 @dataclass(frozen=True, eq=False)

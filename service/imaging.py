@@ -148,6 +148,12 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def encode_label_map(labels: np.ndarray) -> bytes:
+    """PNG of a label map (pixel value = label index): 8-bit when every label fits, else 16-bit."""
+    dtype = np.uint8 if labels.size == 0 or int(labels.max()) < 256 else np.uint16
+    return encode_png(labels.astype(dtype))
+
+
 def decode_png_array(data: bytes) -> np.ndarray:
     """Decode PNG bytes written by :func:`encode_png` back into an array (``L`` or ``1`` modes)."""
     img = Image.open(io.BytesIO(data))

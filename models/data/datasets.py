@@ -7,6 +7,7 @@ second registration, which breaks notebooks and repeated CLI calls in one proces
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -56,6 +57,16 @@ def _already_registered(name: str, expected: dict[str, Any]) -> bool:
     if differing:
         raise ValueError(f"dataset {name!r} is already registered with different settings: {differing}")
     return True
+
+
+def split_name(role: str, *identity: object) -> str:
+    """A catalog name for a split from what identifies it (paths, classes): stable, collision-free.
+
+    detectron2's catalogs are process-global; one name per distinct split keeps repeated
+    runs with other files apart, and the same files map to the same name.
+    """
+    digest = hashlib.sha1(repr(tuple(str(x) for x in identity)).encode()).hexdigest()[:10]
+    return f"cvserve_{role}_{digest}"
 
 
 def register_coco_split(name: str, split: SplitPaths) -> None:

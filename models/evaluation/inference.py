@@ -1,8 +1,8 @@
 """Running a model over a dataset for evaluation, whatever carries the images to it.
 
-A *predictor* maps a batch of image files to predictions: in-process it decodes them and
-calls :meth:`VisionModel.predict_batch`; the CLI also builds one that sends the files to a
-server. Instance predictions become a COCO results list, with the model's class names
+A *predictor* maps a batch of image files to predictions; the CLI builds one from
+annotation's predictors (in-process or through a server), which read the files with the
+server's own decoder and limits. Instance predictions become a COCO results list, with the model's class names
 mapped to the ground truth's category ids by name; semantic predictions are added to a
 confusion matrix.
 """
@@ -17,18 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from cvserve.models.base import VisionModel
 from cvserve.models.evaluation.coco_io import GroundTruth
 from cvserve.models.evaluation.errors import EvaluationInputError
 from cvserve.models.evaluation.semantic import IMAGE_SUFFIXES, label_files, read_label_png, update_confusion
 from cvserve.models.types import Prediction
 
 __all__ = [
-    "Predictor",
+    "PredictFiles",
     "image_for_label",
-    "in_process_predictor",
     "instance_results",
-    "load_rgb",
     "map_categories",
     "prediction_entries",
     "semantic_confusion",
@@ -36,27 +33,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Predictor = Callable[[Sequence[Path]], list[Prediction]]
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to ``(H, W, 3)`` RGB uint8, upright per its EXIF orientation (as the server does)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise EvaluationInputError(f"{path}: cannot read image: {e}") from None
-
-
-def in_process_predictor(model: VisionModel) -> Predictor:
-    """A predictor running ``model`` in this process (it must be loaded)."""
-
-    def predict(paths: Sequence[Path]) -> list[Prediction]:
-        return model.predict_batch([load_rgb(p) for p in paths])
-
-    return predict
+PredictFiles = Callable[[Sequence[Path]], list[Prediction]]
 
 
 def map_categories(class_names: Sequence[str], gt: GroundTruth) -> list[int]:
@@ -102,19 +79,7 @@ def _image_paths(gt: GroundTruth, images_dir: Path) -> list[Path]:
 
 def prediction_entries(pred: Prediction, image_id: int, cat_map: Sequence[int]) -> list[dict[str, Any]]:
     """COCO results entries of one image's instance predictions (class ``i`` becomes ``cat_map[i]``)."""
-    out = []
-    for inst in pred.instances:
-        x0, y0, x1, y1 = (float(v) for v in inst.box)
-        entry: dict[str, Any] = {
-            "image_id": image_id,
-            "category_id": cat_map[inst.category_id],
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "score": float(inst.score),
-        }
-        if inst.mask is not None:
-            entry["segmentation"] = inst.mask.to_coco()
-        out.append(entry)
-    return out
+    return [inst.coco_entry(cat_map[inst.category_id], image_id) for inst in pred.instances]
 
 
 def _to_entries(
@@ -130,7 +95,7 @@ def _to_entries(
 def instance_results(
     gt: GroundTruth,
     images_dir: str | os.PathLike[str],
-    predict: Predictor,
+    predict: PredictFiles,
     class_names: Sequence[str],
     batch_size: int = 1,
 ) -> list[dict[str, Any]]:
@@ -167,7 +132,7 @@ def image_for_label(label: Path, images_dir: Path) -> Path:
 def semantic_confusion(
     images_dir: str | os.PathLike[str],
     labels_dir: str | os.PathLike[str],
-    predict: Predictor,
+    predict: PredictFiles,
     num_classes: int,
     ignore_label: int = 255,
     batch_size: int = 1,

@@ -29,7 +29,7 @@ from typing import Any
 
 from cvserve.annotation.inputs import ImageSet, InputError, collect_images
 from cvserve.annotation.journal import Journal, JournalError, atomic_write_json
-from cvserve.annotation.output import build_categories, build_outputs
+from cvserve.annotation.output import build_categories, coco_documents
 from cvserve.annotation.predictors import (
     LocalPredictor,
     ModelInfo,
@@ -235,7 +235,7 @@ def annotate(job: AnnotateJob, predictor: Predictor, *, progress: bool | None = 
     meta = {"description": "cvserve annotate", "model": info.name, "image_root": image_set.root}
     if render.labels_dir:
         meta["labels_dir"] = render.labels_dir
-    results, images_doc = build_outputs(image_set.images, done, categories, meta)
+    results, images_doc = coco_documents(image_set.images, done, categories, meta)
     atomic_write_json(job.errors_path, errors)
     atomic_write_json(job.images_path, images_doc)
     atomic_write_json(job.out, results)  # last: its presence means the run completed

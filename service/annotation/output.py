@@ -9,7 +9,7 @@ from typing import Any
 
 from cvserve.annotation.inputs import ImageEntry
 
-__all__ = ["CategoryMap", "build_categories", "build_outputs"]
+__all__ = ["CategoryMap", "build_categories", "coco_documents"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def build_categories(
     return CategoryMap(categories=tuple(dict(c) for c in coco_categories), label_to_id=mapping)
 
 
-def build_outputs(
+def coco_documents(
     images: Sequence[ImageEntry],
     done: Mapping[str, Mapping[str, Any]],
     categories: CategoryMap,

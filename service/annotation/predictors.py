@@ -135,22 +135,20 @@ class LocalPredictor(ThreadedPredictor):
 
     @classmethod
     def from_repository(cls, repository: str, name: str, concurrency: int = 2) -> LocalPredictor:
-        """Build and load model ``name`` of a repository YAML, batching as its spec says.
+        """Build and load model ``name`` of a repository YAML, batching as its spec says (``auto``: measured).
 
         Raises:
             models.repository.RepositoryError: the file is invalid.
             KeyError: the repository has no model ``name``.
         """
-        from cvserve.models.build import build_model
+        from cvserve.models.batching import load_for_inference
         from cvserve.models.repository import load_repository
 
         specs = {s.name: s for s in load_repository(repository)}
         if name not in specs:
             raise KeyError(f"{repository}: no model named {name!r} (available: {', '.join(sorted(specs))})")
-        model = build_model(specs[name])
-        model.load()
-        model.mark_ready()
-        return cls(model, concurrency, specs[name].max_batch_size)
+        model, spec = load_for_inference(specs[name])
+        return cls(model, concurrency, spec.max_batch_size)
 
     def _forward(self, images: Sequence[LoadedImage]) -> list[Prediction | Exception]:
         arrays = [img.array for img in images]

@@ -63,11 +63,9 @@ class AnnotateActor:
     """The ``map_batches`` callable class: one loaded model per actor."""
 
     def __init__(self, spec: ModelSpec, render: RenderOptions) -> None:
-        from cvserve.models.build import build_model
+        from cvserve.models.batching import load_for_inference
 
-        model = build_model(spec)
-        model.load()
-        model.mark_ready()
+        model, spec = load_for_inference(spec)
         self._predictor = LocalPredictor(model, concurrency=1, max_batch_size=spec.max_batch_size)
         self._render = render
 

@@ -20,7 +20,7 @@ from pycocotools import mask as mask_util
 from cvserve.annotation.journal import atomic_write_bytes
 from cvserve.config import DEFAULT_MAX_IMAGE_PIXELS
 from cvserve.errors import ImageTooLargeError, InvalidImageError
-from cvserve.imaging import decode_image, draw_overlay
+from cvserve.imaging import decode_image, draw_overlay, encode_label_map
 from cvserve.models.types import Prediction
 
 __all__ = [
@@ -105,25 +105,12 @@ def output_path(base: str, rel: str, suffix: str) -> str:
     return os.path.join(base, *parts[:-1], PurePosixPath(parts[-1]).stem + suffix)
 
 
-def _encode_png(labels: np.ndarray) -> bytes:
-    dtype = np.uint8 if int(labels.max(initial=0)) < 256 else np.uint16
-    ok, buf = cv2.imencode(".png", labels.astype(dtype))
-    if not ok:
-        raise RuntimeError("PNG encoding of a label map failed")
-    return buf.tobytes()
-
-
 def _instance_entries(pred: Prediction) -> list[dict[str, Any]]:
+    """COCO-style entries with the model's class index as ``label`` (mapped to ids at output)."""
     entries = []
     for inst in pred.instances:
-        x0, y0, x1, y1 = (float(v) for v in inst.box)
-        entry: dict[str, Any] = {
-            "label": int(inst.category_id),
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "score": float(inst.score),
-        }
-        if inst.mask is not None:
-            entry["segmentation"] = inst.mask.to_coco()
+        entry = inst.coco_entry()
+        entry["label"] = entry.pop("category_id")
         entries.append(entry)
     return entries
 
@@ -156,7 +143,7 @@ def _image_record(image: LoadedImage, pred: Prediction, render: RenderOptions) -
         record["instances"] = _semantic_entries(labels)
         if render.labels_dir:
             target = output_path(render.labels_dir, image.item.rel, ".png")
-            atomic_write_bytes(target, _encode_png(labels))
+            atomic_write_bytes(target, encode_label_map(labels))
             record["labels_png"] = os.path.relpath(target, render.labels_dir)
     else:
         record["instances"] = _instance_entries(pred)

@@ -108,16 +108,14 @@ def _predictor(args: argparse.Namespace) -> tuple[Any, int]:
         except (ConnectionError, RuntimeError, ValueError) as e:  # unreachable cluster, bad address
             raise CLIError(f"--engine ray: {e}") from None
         return predictor, DEFAULT_BATCH_SIZE
-    from cvserve.models.build import build_model
+    from cvserve.models.batching import load_for_inference
 
     try:
-        model = build_model(spec)
-        model.load()
+        model, spec = load_for_inference(spec)
     except KeyError as e:
         raise CLIError(str(e.args[0])) from None
     except Exception as e:  # weights missing or unreadable, bad config: name the model
         raise CLIError(f"model {spec.name!r} failed to load: {e}") from None
-    model.mark_ready()
     return LocalPredictor(model, args.concurrency or 2, spec.max_batch_size), DEFAULT_BATCH_SIZE
 
 

@@ -85,68 +85,74 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 class _Runner:
-    """The model to evaluate, in-process or behind a server, as a batch predictor."""
+    """The model to evaluate, in-process or behind a server, as a batch predictor of files.
+
+    Both ways go through annotation's predictors, so eval reads images with the same
+    decoder and limits as the server and annotate, waits for a model still loading, and
+    retries an overloaded server the same way.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.batch_size = args.batch_size or 1
-        self._pool: Any = None
-        self._client: Any = None
-        if args.server:
-            self._connect()
-        else:
-            self._load()
+        from cvserve.annotation.predictors import PredictorError
+        from cvserve.cli.common import CLIError
 
-    def _connect(self) -> None:
+        self.args = args
+        self._pool: Any = None
+        try:
+            self.predictor = self._connect() if args.server else self._load()
+        except PredictorError as e:
+            raise CLIError(str(e)) from None
+        self.task, self.class_names = self.predictor.info.task.value, self.predictor.info.class_names
+
+    def _connect(self) -> Any:
         from concurrent.futures import ThreadPoolExecutor
 
-        from cvserve.cli.common import CLIError
-        from cvserve.client.client import Client, ClientError
+        from cvserve.annotation.predictors import ServerPredictor
 
-        self._client = Client(self.args.server, timeout=self.args.timeout)
-        try:
-            info = self._client.get_model(self.args.model)
-        except ClientError as e:
-            raise CLIError(f"--server {self.args.server}: model {self.args.model!r}: {e}") from None
-        self.task, self.class_names = info["task"], tuple(info["class_names"])
+        predictor = ServerPredictor(
+            self.args.server, self.args.model, concurrency=self.args.concurrency, timeout=self.args.timeout
+        )
         self.batch_size = self.args.batch_size or self.args.concurrency
         self._pool = ThreadPoolExecutor(self.args.concurrency)
+        return predictor
 
-    def _load(self) -> None:
+    def _load(self) -> Any:
+        from cvserve.annotation.predictors import LocalPredictor
         from cvserve.cli.common import CLIError, model_spec
-        from cvserve.models.build import build_model
-        from cvserve.models.evaluation.inference import in_process_predictor
+        from cvserve.models.batching import load_for_inference
 
         spec = model_spec(self.args.models, self.args.model)
         try:
-            model = build_model(spec)
-            model.load()
+            model, spec = load_for_inference(spec)
         except Exception as e:  # a model that cannot load is a user-facing configuration problem
             raise CLIError(f"{self.args.models}: model {spec.name!r} failed to load: {e}") from None
-        model.mark_ready()
-        self.task, self.class_names = model.task.value, tuple(model.class_names)
         self.batch_size = self.args.batch_size or spec.max_batch_size
-        self._predict_local = in_process_predictor(model)
+        return LocalPredictor(model, concurrency=1, max_batch_size=spec.max_batch_size)
 
     def __call__(self, paths: Sequence[Path]) -> list[Any]:
-        if self._client is None:
-            return self._predict_local(paths)
+        from cvserve.annotation.worker import ImageReadError, LoadedImage, WorkItem, read_image
         from cvserve.cli.common import CLIError
-        from cvserve.client.client import ClientError
 
-        def one(path: Path) -> Any:
+        images = []
+        for path in paths:
             try:
-                return self._client.predict(path.read_bytes(), model=self.args.model)
-            except ClientError as e:
-                raise CLIError(f"{path}: server refused the image: {e}") from None
-
-        return list(self._pool.map(one, paths))
+                data, array = read_image(str(path))
+            except ImageReadError as e:
+                raise CLIError(f"{path}: {e}") from None
+            images.append(LoadedImage(WorkItem(str(path), path.name), data, array))
+        if self._pool is None:
+            results = self.predictor.predict(images)
+        else:  # a server batches requests from several clients: keep `concurrency` in flight
+            results = list(self._pool.map(lambda image: self.predictor.predict([image])[0], images))
+        for path, result in zip(paths, results, strict=True):
+            if isinstance(result, Exception):
+                raise CLIError(f"{path}: the model refused the image: {result}")
+        return results
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._client is not None:
-            self._client.close()
+        self.predictor.close()
 
 
 def _evaluate_file(

@@ -8,10 +8,11 @@ weights; ``cvserve train semantic`` trains the encoder-decoder segmenter.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
+
+from cvserve.cli import train_semantic
 
 HELP = "train a model: 'instance' (detectron2 detection / instance segmentation) or 'semantic'"
 
@@ -25,14 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_instance_arguments(instance)
     instance.set_defaults(_run_train=_run_instance)
-    try:
-        from cvserve.cli import train_semantic
-    except ModuleNotFoundError as e:
-        if e.name != "cvserve.cli.train_semantic":
-            raise
-        semantic = sub.add_parser("semantic", help="(unavailable in this installation)")
-        semantic.set_defaults(_run_train=_semantic_unavailable)
-        return
     semantic = sub.add_parser("semantic", help=train_semantic.HELP, description=train_semantic.HELP)
     train_semantic.add_arguments(semantic)
     semantic.set_defaults(_run_train=train_semantic.run)
@@ -65,14 +58,6 @@ def run(args: argparse.Namespace) -> int:
     return int(args._run_train(args) or 0)
 
 
-def _semantic_unavailable(args: argparse.Namespace) -> int:
-    from cvserve.cli.common import CLIError
-
-    raise CLIError(
-        "semantic training is unavailable: module service.commands.train_semantic is not installed"
-    )
-
-
 def _check_inputs(args: argparse.Namespace) -> None:
     from cvserve.cli.common import CLIError
 
@@ -102,11 +87,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
 def _register(json_path: Path, images: Path, role: str) -> str:
     """Register a COCO split under a name derived from its paths (stable, collision-free)."""
     from cvserve.cli.common import CLIError
-    from cvserve.models.data.datasets import register_coco_split
+    from cvserve.models.data.datasets import register_coco_split, split_name
     from cvserve.models.data.synthetic import SplitPaths
 
-    digest = hashlib.sha1(f"{json_path.resolve()}|{images.resolve()}".encode()).hexdigest()[:10]
-    name = f"cvserve_{role}_{digest}"
+    name = split_name(role, json_path.resolve(), images.resolve())
     try:
         register_coco_split(name, SplitPaths(images, json_path, images.parent / "semantic"))
     except ValueError as e:

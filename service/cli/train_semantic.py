@@ -9,7 +9,6 @@ Data comes either as folders of images and same-stem uint8 label PNGs
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from pathlib import Path
 
@@ -141,11 +140,9 @@ def _register(args: argparse.Namespace, classes: list[str]) -> tuple[str, str | 
 
 def _register_split(which: str, split: tuple[Path, Path], classes: list[str]) -> str:
     from cvserve.cli.common import CLIError
-    from cvserve.models.data.datasets import register_semantic_split
+    from cvserve.models.data.datasets import register_semantic_split, split_name
 
-    # Catalog names are process-global; one per distinct split keeps repeated runs apart.
-    key = hashlib.sha1(repr((*map(str, split), classes)).encode()).hexdigest()[:10]
-    name = f"cvserve_semantic_{which}_{key}"
+    name = split_name(f"semantic_{which}", *split, classes)
     try:
         register_semantic_split(name, *split, classes)
     except ValueError as e:

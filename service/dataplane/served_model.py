@@ -21,12 +21,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cvserve.config import ServerConfig
-from cvserve.dataplane.batch_policy import candidate_sizes, choose_batch_size, forward_timer
 from cvserve.dataplane.batcher import Batcher, BatchReport, ItemTiming
 from cvserve.dataplane.model_state import ModelState, ModelStats, ModelStatus, Outcome
 from cvserve.errors import ModelNotReadyError
 from cvserve.metrics import Metrics
 from cvserve.models.base import VisionModel
+from cvserve.models.batching import synthetic_image, tune_batch_size
 from cvserve.models.repository import ModelSpec
 
 __all__ = ["ServedModel", "run_in_pool"]
@@ -142,13 +142,7 @@ class ServedModel:
     def _tune_batch_size(self) -> ModelSpec:
         """The spec with the measured fastest ``max_batch_size`` (model thread, at load time)."""
         assert self.model is not None
-        spec = self.spec
-        measure = forward_timer(self.model, _synthetic_image(480, 640))
-        decision = choose_batch_size(measure, candidate_sizes(spec.max_batch_size))
-        logger.info(
-            "model %s on %s: batching auto chose %s", spec.name, self.model.device, decision.describe()
-        )
-        return dataclasses.replace(spec, max_batch_size=decision.size)
+        return tune_batch_size(self.model, self.spec)
 
     def _make_batcher(self) -> Batcher[Any, Any]:
         assert self.model is not None and self.executor is not None
@@ -169,7 +163,7 @@ class ServedModel:
 
     async def _warm_up(self) -> None:
         side = self._config.warmup_image_size
-        outcome = await self.run_image(_synthetic_image(side, side), None)
+        outcome = await self.run_image(synthetic_image(side, side), None)
         if outcome.error is not None:
             raise RuntimeError(f"warm-up inference failed: {outcome.error}") from outcome.error
 
@@ -255,11 +249,3 @@ def _timed(fn: Callable[..., _R], *args: Any) -> tuple[_R, float]:
     start = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - start
-
-
-def _synthetic_image(height: int, width: int) -> np.ndarray:
-    """A smooth RGB test pattern (colour ramps) for warm-up and batch-size measurement."""
-    rows = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
-    cols = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
-    image = np.stack(np.broadcast_arrays(cols, rows, cols[:, ::-1]), axis=-1)
-    return np.ascontiguousarray(image)

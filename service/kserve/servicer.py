@@ -34,7 +34,7 @@ from cvserve.imaging import decode_image
 from cvserve.kserve.codec import read_inputs, write_output
 from cvserve.kserve.metadata import model_config, model_index, model_metadata, model_statistics, output_names
 from cvserve.kserve.parameters import RequestOptions, parse_request_parameters, parse_requested_outputs
-from cvserve.kserve.tensors import ImageBatch, build_outputs, split_images
+from cvserve.kserve.tensors import ImageBatch, output_tensors, split_images
 from cvserve.models.types import Prediction, Task
 from cvserve.streaming import concurrent_responses
 from cvserve.vision.codec import apply_options
@@ -261,7 +261,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 dataclasses.replace(p, instances=tuple(apply_options(p.instances, options.detect)))
                 for p in predictions
             ]
-        arrays = build_outputs(
+        arrays = output_tensors(
             predictions,
             task=status.task,
             num_classes=len(status.class_names),

@@ -35,8 +35,8 @@ __all__ = [
     "INPUT_NAME",
     "ImageBatch",
     "TensorSpec",
-    "build_outputs",
     "output_specs",
+    "output_tensors",
     "split_images",
 ]
 
@@ -178,7 +178,7 @@ def _semantic_arrays(predictions: Sequence[Prediction], num_classes: int) -> dic
     return {"labels": labels}
 
 
-def build_outputs(
+def output_tensors(
     predictions: Sequence[Prediction],
     *,
     task: Task,

@@ -26,7 +26,7 @@ from cvserve.client.codec import (
     prediction_from_segment,
 )
 from cvserve.errors import InvalidImageError, InvalidOptionError
-from cvserve.imaging import array_from_raw, decode_image, encode_png
+from cvserve.imaging import array_from_raw, decode_image, encode_label_map, encode_png
 from cvserve.models.types import Instance, Mask, Prediction
 
 __all__ = [
@@ -225,12 +225,6 @@ def detect_response(
         ],
         timing=timing,
     )
-
-
-def encode_label_map(labels: np.ndarray) -> bytes:
-    """PNG of a label map: 8-bit when every label fits, else 16-bit."""
-    dtype = np.uint8 if labels.size == 0 or int(labels.max()) < 256 else np.uint16
-    return encode_png(labels.astype(dtype))
 
 
 def segment_response(

@@ -93,3 +93,34 @@ def test_apply_is_idempotent() -> None:
     _compat.apply()
     _compat.apply()
     assert len(sys.meta_path) == before
+
+
+def test_map_dataset_falls_back_when_its_mapper_skips_an_item() -> None:
+    """detectron2 v0.6's own TestMapDataset.test_map_style: random.sample on a set, refused by 3.11."""
+    from detectron2.data.common import DatasetFromList, MapDataset
+
+    def fresh() -> MapDataset:
+        return MapDataset(DatasetFromList([1, 2, 3, None], copy=False), lambda x: x * 2 if x is not None else None)
+
+    ds = fresh()
+    assert (ds[0], ds[1], ds[2]) == (2, 4, 6)
+    assert ds[3] in (2, 4, 6)  # the skipped item is replaced by one that maps
+    assert [fresh()[3] for _ in range(3)] == [fresh()[3]] * 3  # the same seed picks the same item
+
+
+def test_importing_cvserve_changes_nothing_until_apply() -> None:
+    code = textwrap.dedent(
+        """
+        import sys, numpy as np
+        finders = list(sys.meta_path)
+        import cvserve, cvserve.models, cvserve.models.compat, cvserve.models.build, cvserve.client
+        import cvserve.models.types, cvserve.models.repository, cvserve.models.registry
+        from PIL import Image
+        assert sys.meta_path == finders, sys.meta_path
+        assert "int" not in np.__dict__ and not hasattr(Image, "LINEAR")
+        assert "detectron2" not in sys.modules and "torch" not in sys.modules
+        cvserve.models.compat.apply()
+        assert len(sys.meta_path) > len(finders)
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

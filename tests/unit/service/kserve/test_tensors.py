@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cvserve.errors import ImageTooLargeError, InvalidImageError
-from cvserve.kserve.tensors import build_outputs, output_specs, split_images
+from cvserve.kserve.tensors import output_specs, output_tensors, split_images
 from cvserve.models.types import Instance, Mask, Prediction, SemanticMap, Task
 
 INSTANCE_OUTPUTS = [s.name for s in output_specs(Task.INSTANCE, 3)]
@@ -77,7 +77,7 @@ PREDICTIONS = [
 
 def test_unbatched_instance_outputs() -> None:
     out = dict(
-        build_outputs(
+        output_tensors(
             PREDICTIONS[:1], task=Task.INSTANCE, num_classes=3, batched=False, names=INSTANCE_OUTPUTS
         )
     )
@@ -91,7 +91,7 @@ def test_unbatched_instance_outputs() -> None:
 
 def test_batched_instance_outputs_are_padded_with_counts() -> None:
     out = dict(
-        build_outputs(PREDICTIONS, task=Task.INSTANCE, num_classes=3, batched=True, names=INSTANCE_OUTPUTS)
+        output_tensors(PREDICTIONS, task=Task.INSTANCE, num_classes=3, batched=True, names=INSTANCE_OUTPUTS)
     )
     assert out["boxes"].shape == (2, 2, 4) and out["scores"].shape == (2, 2)
     assert out["num_detections"].tolist() == [2, 0]
@@ -102,7 +102,7 @@ def test_batched_instance_outputs_are_padded_with_counts() -> None:
 
 
 def test_only_requested_outputs_in_requested_order_and_masks_optional() -> None:
-    out = build_outputs(
+    out = output_tensors(
         PREDICTIONS[:1],
         task=Task.INSTANCE,
         num_classes=3,
@@ -117,10 +117,10 @@ def test_only_requested_outputs_in_requested_order_and_masks_optional() -> None:
 def test_semantic_label_maps_padded_in_a_batch() -> None:
     small = Prediction((2, 3), semantic=SemanticMap(np.ones((2, 3), np.int64), ("a", "b")))
     large = Prediction((3, 2), semantic=SemanticMap(np.zeros((3, 2), np.int64), ("a", "b")))
-    single = dict(build_outputs([small], task=Task.SEMANTIC, num_classes=2, batched=False, names=["labels"]))
+    single = dict(output_tensors([small], task=Task.SEMANTIC, num_classes=2, batched=False, names=["labels"]))
     assert single["labels"].dtype == np.uint8 and single["labels"].tolist() == [[1, 1, 1], [1, 1, 1]]
     batch = dict(
-        build_outputs(
+        output_tensors(
             [small, large], task=Task.SEMANTIC, num_classes=2, batched=True, names=["labels", "image_size"]
         )
     )
@@ -133,7 +133,7 @@ def test_semantic_label_maps_padded_in_a_batch() -> None:
 def test_many_classes_give_int32_labels() -> None:
     labels = np.array([[300, 0]], np.int64)
     pred = Prediction((1, 2), semantic=SemanticMap(labels, tuple(str(i) for i in range(400))))
-    ((name, array),) = build_outputs(
+    ((name, array),) = output_tensors(
         [pred], task=Task.SEMANTIC, num_classes=400, batched=False, names=["labels"]
     )
     assert name == "labels" and array.dtype == np.int32 and array.tolist() == [[300, 0]]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cvserve.config import ServerConfig
-from cvserve.dataplane import batch_policy, served_model
 from cvserve.dataplane.plane import DataPlane
 from cvserve.metrics import Metrics
+from cvserve.models import batching as batch_policy
 from cvserve.models.repository import AUTO_BATCH_LIMIT, ModelSpec, RepositoryError, load_repository
 from cvserve.models.types import Task
 from cvserve.vision.servicer import model_info
@@ -95,7 +96,7 @@ def test_repository_accepts_auto_and_explicit_numbers(tmp_path: Path) -> None:
 def test_dataplane_runs_the_chosen_size_and_reports_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """The data plane measures at load (here: injected costs), serves with the choice, exposes it."""
     measure, calls = cost({1: 20.0, 2: 11.0, 4: 10.9, 8: 5.0})
-    monkeypatch.setattr(served_model, "forward_timer", lambda model, image: measure)
+    monkeypatch.setattr(batch_policy, "forward_timer", lambda model, image: measure)
     specs = [
         ModelSpec(name="auto", task=Task.INSTANCE, config="-", max_batch_size=8, batching="auto"),
         ModelSpec(name="fixed", task=Task.INSTANCE, config="-", max_batch_size=3),
@@ -116,3 +117,19 @@ def test_dataplane_runs_the_chosen_size_and_reports_it(monkeypatch: pytest.Monke
     sample = metrics.registry.get_sample_value
     assert sample("cvserve_max_batch_size", {"model": "auto", "policy": "auto"}) == 2
     assert sample("cvserve_max_batch_size", {"model": "fixed", "policy": "fixed"}) == 3
+
+
+def test_in_process_runs_measure_auto_as_the_server_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """annotate and eval load through load_for_inference: ``auto`` means the measured size there too."""
+    measure, calls = cost({1: 20.0, 2: 11.0, 4: 10.9, 8: 5.0})
+    monkeypatch.setattr(batch_policy, "forward_timer", lambda model, image: measure)
+    spec = ModelSpec(
+        name="auto", task=Task.INSTANCE, config="-", max_batch_size=8, batching="auto",
+        handler="tests.fixtures.fake_models:build_fake",
+    )  # fmt: skip
+    model, tuned = batch_policy.load_for_inference(spec)
+    assert (tuned.max_batch_size, calls) == (2, [1, 2, 4])
+    assert model.ready
+    fixed, calls[:] = dataclasses.replace(spec, batching="fixed", max_batch_size=3), []
+    assert batch_policy.load_for_inference(fixed)[1].max_batch_size == 3
+    assert calls == []
