@@ -110,6 +110,9 @@ def prepare_model(kind: str, workdir: Path) -> BenchModel:
 
     if kind == "fake":
         return BenchModel("fake", workdir / "none.yaml", None, "no weights", {})
+    from cvserve.models import compat
+
+    compat.apply()  # before the first detectron2 import
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 

@@ -9,6 +9,12 @@ server's peak RSS. Run from the repository root::
 
     .venv/bin/python benchmarks/serve_vs_predictor.py                  # the built demo model
     .venv/bin/python benchmarks/serve_vs_predictor.py --model r50 --images 12 --requests 24
+    .venv/bin/python benchmarks/serve_vs_predictor.py --model r50 --min-size 800 --bf16-predictor \
+        --concurrency 1,4 --sweep "" --rounds 3 --requests 12
+
+The server runs on its defaults (``precision: auto``: bf16 on a CPU with native bf16);
+``--bf16-predictor`` adds ``DefaultPredictor`` under bf16 autocast to every round, the
+serving layer's cost at equal precision.
 
 Each concurrency runs ``--rounds`` rounds of the predictor followed by the server (idle
 while the predictor runs), and its ratio is over those same rounds, so drifts in the
@@ -19,7 +25,6 @@ predictor rounds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 import tempfile
@@ -39,9 +44,11 @@ from cvserve.metrics import STAGES
 class PredictorLoop:
     """``DefaultPredictor`` called in a loop in this process over the benchmark's images.
 
-    On a GPU at ``precision`` fp16 / bf16 each call runs under ``torch.autocast``, as the
-    server's adapter does, and its detections are copied to the host (as the server's are
-    before encoding), so both sides finish the same work.
+    ``precision`` fp16 / bf16: each call runs under the project's one autocast context
+    (``cvserve.models.precision.autocast``), as the server's adapter does: CUDA fp16 / bf16,
+    or CPU bf16 with channels-last weights, the plain way to run detectron2 in bf16 on a
+    CPU. On a GPU the detections are copied to the host (as the server's are before
+    encoding), so both sides finish the same work.
     """
 
     def __init__(
@@ -50,16 +57,19 @@ class PredictorLoop:
         import torch
         from detectron2.engine import DefaultPredictor
 
+        from cvserve.models.precision import autocast
+
         self.predictor = DefaultPredictor(model.cfg(device))
-        self.bgr = [img[:, :, ::-1].copy() for img in images]
         self.on_gpu = device.startswith("cuda")
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-        self.autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if self.on_gpu and dtype else None
+        if precision == "bf16" and not self.on_gpu:
+            self.predictor.model.to(memory_format=torch.channels_last)
+        self.autocast = lambda: autocast(device, precision)
+        self.bgr = [img[:, :, ::-1].copy() for img in images]
         self._call(self.bgr[0])  # warm-up
         self.next = 0
 
     def _call(self, image: Any) -> None:
-        with self.autocast() if self.autocast else contextlib.nullcontext():
+        with self.autocast():
             out = self.predictor(image)
         if self.on_gpu:
             out["instances"].to("cpu")  # waits for the GPU, like the server's copy to the host
@@ -146,11 +156,18 @@ class Measured:
     server_wall: float = 0.0
     server_latencies: list[float] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)
+    bf16_wall: float = 0.0
+    bf16_latencies: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
         server = len(self.server_latencies) / self.server_wall
         return server / (len(self.predictor_latencies) / self.predictor_wall)
+
+    @property
+    def bf16_ratio(self) -> float:
+        server = len(self.server_latencies) / self.server_wall
+        return server / (len(self.bf16_latencies) / self.bf16_wall)
 
 
 def run_concurrency(
@@ -159,6 +176,7 @@ def run_concurrency(
     predictor: PredictorLoop,
     payloads: list[bytes],
     work: Path,
+    bf16: PredictorLoop | None = None,
 ) -> tuple[list[Measured], dict[str, int]]:
     """Per concurrency, ``args.rounds`` rounds of the predictor then the server (the server
     idles while the predictor runs), so drifts in machine speed hit both sides alike."""
@@ -174,6 +192,10 @@ def run_concurrency(
                 wall, latencies = predictor.run(per_round)
                 m.predictor_wall += wall
                 m.predictor_latencies += latencies
+                if bf16 is not None:
+                    wall, latencies = bf16.run(per_round)
+                    m.bf16_wall += wall
+                    m.bf16_latencies += latencies
                 wall, latencies = load(server.address, model.name, payloads, c, per_round)
                 m.server_wall += wall
                 m.server_latencies += latencies
@@ -237,6 +259,12 @@ def main() -> None:
     )
     parser.add_argument("--sweep", type=lambda s: s.split(",") if s else [], default=["1", "2", "4", "auto"])
     parser.add_argument("--sweep-wait-ms", type=float, default=10.0)
+    parser.add_argument("--min-size", type=int, default=0, help="INPUT.MIN_SIZE_TEST (default: the model's)")
+    parser.add_argument(
+        "--bf16-predictor",
+        action="store_true",
+        help="also run DefaultPredictor under bf16 autocast (channels-last) in every round",
+    )
     args = parser.parse_args()
     args.max_batch_size = args.max_batch_size if args.max_batch_size == "auto" else int(args.max_batch_size)
     args.instances = args.instances if args.instances == "auto" else int(args.instances)
@@ -246,6 +274,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cvserve-bench-") as tmp:
         work = Path(tmp)
         model = _common.prepare_model(args.model, work)
+        if args.min_size:
+            from cvserve.models.instance.adapter import load_config
+
+            cfg = load_config(str(model.config_path))
+            cfg.INPUT.MIN_SIZE_TEST = args.min_size
+            model.config_path.write_text(cfg.dump())
         images = _common.make_images(args.images, height, width, shapes=args.model == "demo")
         payloads = [_common.encode_jpeg(img) for img in images]
         print(f"machine: {_common.machine()}")
@@ -253,7 +287,8 @@ def main() -> None:
             f"model {args.model}, weights {model.weights_note}, images {height}x{width} JPEG, {model.options}"
         )
         predictor = PredictorLoop(model, images)
-        results, memory = run_concurrency(args, model, predictor, payloads, work)
+        bf16 = PredictorLoop(model, images, precision="bf16") if args.bf16_predictor else None
+        results, memory = run_concurrency(args, model, predictor, payloads, work, bf16)
         print(f"\n{'':28s} {'images/s':>8s} {'p50 ms':>9s} {'p95 ms':>9s} {'p99 ms':>9s}  ratio")
         for m in results:
             print(
@@ -266,7 +301,11 @@ def main() -> None:
             )
             server_rate = len(m.server_latencies) / m.server_wall
             reference = server_rate / m.ratio
+            if m.bf16_latencies:
+                print(row(f"DefaultPredictor bf16 (c={m.concurrency})", m.bf16_wall, m.bf16_latencies, None))
             print(row(f"server, concurrency {m.concurrency}", m.server_wall, m.server_latencies, reference))
+            if m.bf16_latencies:
+                print(f"    against DefaultPredictor under bf16 autocast: {m.bf16_ratio:.2f}x")
             print("    per image, ms: " + "  ".join(f"{k} {v * 1000:.1f}" for k, v in m.stages.items()))
         print(
             f"ratio: server images/s over DefaultPredictor's in the same {args.rounds} interleaved rounds "

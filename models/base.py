@@ -25,6 +25,8 @@ class VisionModel(abc.ABC):
         task: what it predicts.
         class_names: label names, index = category id / label value.
         device: the torch device string it runs on (``cpu``, ``cuda:0``).
+        precision: the precision its forward runs at: ``fp32``, ``fp16`` or ``bf16``
+            (see :mod:`cvserve.models.precision`).
         shares_cpu_threads: ``forward`` runs under :func:`cvserve.models.threads.forward_threads`,
             so passes running at once on a CPU share its cores instead of each taking all
             of them. ``instances: auto`` gives such a model one instance per core (up to
@@ -35,6 +37,7 @@ class VisionModel(abc.ABC):
     task: Task
     class_names: tuple[str, ...]
     device: str = "cpu"
+    precision: str = "fp32"
     shares_cpu_threads: bool = False
 
     def __init__(self) -> None:
@@ -59,6 +62,17 @@ class VisionModel(abc.ABC):
     def preprocess(self, image: np.ndarray) -> Any:
         """Turn one ``(H, W, 3)`` RGB uint8 image into the model's input. Thread-safe."""
 
+    def prepare(self, image: np.ndarray, *, masks: bool = True) -> Any:
+        """:meth:`preprocess` for one request. Thread-safe.
+
+        Args:
+            image: ``(H, W, 3)`` RGB uint8.
+            masks: False when the request wants no instance masks; a model that can
+                skip computing them (its mask head, pasting, encoding) does. The
+                default ignores it and calls :meth:`preprocess`.
+        """
+        return self.preprocess(image)
+
     @abc.abstractmethod
     def forward(self, inputs: Sequence[Any]) -> list[Any]:
         """Run the network on a batch of preprocessed inputs; one raw output per input."""
@@ -67,18 +81,19 @@ class VisionModel(abc.ABC):
     def postprocess(self, raw: Any, image_size: tuple[int, int]) -> Prediction:
         """Turn one raw output into a :class:`Prediction` in original image coordinates. Thread-safe."""
 
-    def predict_batch(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict_batch(self, images: Sequence[np.ndarray], *, masks: bool = True) -> list[Prediction]:
         """Predict a batch of RGB uint8 images in-process.
 
         Args:
             images: ``(H, W, 3)`` uint8 RGB arrays, sizes may differ.
+            masks: False to skip instance masks (see :meth:`prepare`).
 
         Returns:
             One :class:`Prediction` per image, in order.
         """
         if not images:
             return []
-        inputs = [self.preprocess(img) for img in images]
+        inputs = [self.prepare(img, masks=masks) for img in images]
         raws = self.forward(inputs)
         if len(raws) != len(images):
             raise RuntimeError(f"{self.name}: forward returned {len(raws)} outputs for {len(images)} inputs")
@@ -94,4 +109,5 @@ class VisionModel(abc.ABC):
             "task": self.task.value,
             "class_names": list(self.class_names),
             "device": self.device,
+            "precision": self.precision,
         }

@@ -9,7 +9,7 @@ Example ``models.yaml``::
         weights: instance/model_final.pth # .pth, model-zoo .pkl, or detectron2:// URL
         device: auto                      # auto | cpu | cuda | cuda:N
         # devices: [cuda:0, cuda:1]       # instead of device: a copy of the model on each GPU
-        precision: fp32                   # fp32 | fp16 | bf16 (fp16/bf16 autocast on CUDA)
+        precision: auto                   # auto | fp32 | fp16 | bf16 (see cvserve.models.precision)
         max_batch_size: 4                 # or auto: measured at load time on the device
         max_wait_ms: 5
         instances: auto                   # forward passes at once; auto: 1 on a GPU, 1 per core on a CPU
@@ -54,7 +54,7 @@ __all__ = [
     "parse_spec",
 ]
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # see cvserve.models.precision
 # ``max_batch_size: auto`` tries batch sizes up to this many images.
 AUTO_BATCH_LIMIT = 8
 _KNOWN_FIELDS = {
@@ -97,7 +97,10 @@ class ModelSpec:
         device: ``auto`` picks ``cuda`` when available, else ``cpu``; with ``devices``, the first.
         devices: GPUs (``cuda:N``) that each hold a copy of the model, ``instances`` batches
             at once on each (Triton's ``instance_group`` with ``gpus``); empty: ``device`` alone.
-        precision: compute precision on CUDA; the CPU always runs fp32.
+        precision: ``auto`` (fp16 on CUDA, bf16 on a CPU with native bf16 unless the
+            checkpoint records a larger loss than :data:`cvserve.models.precision.MAX_BF16_LOSS`,
+            else fp32), ``fp32``, ``fp16`` (CUDA autocast; fp32 on a CPU) or ``bf16``
+            (autocast on CUDA and CPU); see :mod:`cvserve.models.precision`.
         max_batch_size: most images in one forward pass (with ``batching: auto``, the
             largest size the server tries at load time before it picks one).
         max_wait_ms: longest a request waits for a batch to fill.
@@ -123,7 +126,7 @@ class ModelSpec:
     weights: str = ""
     version: str = "1"
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     max_batch_size: int = 1
     max_wait_ms: float = 0.0
     max_queue: int = 64
@@ -201,7 +204,7 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
     device = devices[0] if devices else str(raw.get("device", "auto"))
     if not is_device(device):
         raise RepositoryError(f"{where}.device: must be {DEVICE_HELP}, got {device!r}")
-    precision = str(raw.get("precision", "fp32"))
+    precision = str(raw.get("precision", "auto"))
     if precision not in PRECISIONS:
         raise RepositoryError(f"{where}.precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     options = raw.get("options", {}) or {}

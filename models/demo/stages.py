@@ -157,16 +157,28 @@ def _train_semantic(build: DemoBuild, detector_checkpoint: Path) -> Any:
     return result
 
 
-def _evaluate(cfg: Any, weights: Path, dataset: str) -> dict[str, float]:
+def _evaluate(cfg: Any, weights: Path, dataset: str, precision: str = "fp32") -> dict[str, float]:
+    """Test figures of ``weights``; ``precision`` bf16 runs them as the server does (autocast,
+    RoIAlign and output layers in fp32)."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
+    from cvserve.models.instance.roi_align import keep_roi_align_fp32
+    from cvserve.models.precision import autocast, keep_outputs_fp32
     from cvserve.models.training.engine import evaluate
 
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(weights))
     model.eval()
-    return evaluate(cfg, model, dataset)
+    keep_roi_align_fp32(model)
+    keep_outputs_fp32(model)
+    with autocast("cpu", precision):
+        return evaluate(cfg, model, dataset)
+
+
+def _bf16_loss(fp32: dict[str, float], bf16: dict[str, float], keys: tuple[str, ...]) -> float:
+    """The largest accuracy loss of bf16 against fp32 over ``keys``, in points (0 if none)."""
+    return round(max([fp32[k] - bf16[k] for k in keys if k in fp32 and k in bf16] + [0.0]), 3)
 
 
 def _same_metrics(a: dict[str, float], b: dict[str, float], keys: tuple[str, ...]) -> bool:
@@ -198,6 +210,7 @@ def _finalize(
     from detectron2.modeling import build_model
 
     from cvserve.models.checkpoint import META_KEY, save_checkpoint
+    from cvserve.models.precision import BF16_LOSS_KEY, cpu_bf16
 
     target = build.root / part
     cfg = _load_config(train_dir / "config.yaml", part)
@@ -206,11 +219,16 @@ def _finalize(
     (target / "config.yaml").write_text(cfg.dump(), encoding="utf-8")
     model = build_model(cfg)
     extra = DetectionCheckpointer(model).load(str(best))  # the checkpoint minus its weights
-    meta = {"class_names": extra.get(META_KEY, {}).get("class_names", [])}
+    meta: dict[str, Any] = {"class_names": extra.get(META_KEY, {}).get("class_names", [])}
     fp32_path = save_checkpoint(model, target / "model_fp32.pth", extra=meta)
-    fp16_path = save_checkpoint(model, target / "model_fp16.pth", fp16=True, extra=meta)
-    _stage(build, f"evaluating {part} on the test split (fp32 and fp16 weights)")
+    _stage(build, f"evaluating {part} on the test split (fp32, bf16 compute where native, fp16 weights)")
     fp32 = _evaluate(cfg, fp32_path, test)
+    bf16: dict[str, float] = {}
+    if cpu_bf16().native:  # elsewhere precision auto serves fp32 anyway: no record needed
+        bf16 = _evaluate(cfg, fp32_path, test, "bf16")
+        meta[BF16_LOSS_KEY] = _bf16_loss(fp32, bf16, keys)  # read by precision auto at load
+        fp32_path = save_checkpoint(model, target / "model_fp32.pth", extra=meta)
+    fp16_path = save_checkpoint(model, target / "model_fp16.pth", fp16=True, extra=meta)
     fp16 = _evaluate(cfg, fp16_path, test)
     keep_fp16 = _same_metrics(fp32, fp16, keys)
     chosen = fp16_path if keep_fp16 else fp32_path
@@ -223,6 +241,8 @@ def _finalize(
             "test": {k: fp16[k] if keep_fp16 else fp32[k] for k in keys if k in fp32},
             "test_fp32": {k: fp32[k] for k in keys if k in fp32},
             "test_fp16": {k: fp16[k] for k in keys if k in fp16},
+            "test_bf16": {k: bf16[k] for k in keys if k in bf16},
+            "bf16_loss": meta.get(BF16_LOSS_KEY),
             "stored_precision": "fp16" if keep_fp16 else "fp32",
             "checkpoint_mib": round((target / "model.pth").stat().st_size / 2**20, 2),
         }

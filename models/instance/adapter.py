@@ -10,6 +10,7 @@ result equals ``DefaultPredictor``'s on the same image and weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,8 @@ from cvserve.models.device import auto_device, resolve_device
 from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import config_file
 from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
+from cvserve.models.instance.roi_align import keep_roi_align_fp32
+from cvserve.models.precision import autocast, cpu_bf16, keep_outputs_fp32, resolve_precision
 from cvserve.models.registry import register_builder
 from cvserve.models.repository import ModelSpec
 from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
@@ -73,6 +76,7 @@ class _Input:
     image: torch.Tensor  # (3, h, w) uint8 in the model's colour order, resized
     height: int  # original size
     width: int
+    masks: bool = True  # False: the request wants no masks (skip the mask head and pasting)
 
 
 def load_config(config: str) -> CfgNode | Any:
@@ -141,8 +145,7 @@ class DetectronModel(VisionModel):
         self._model: torch.nn.Module | None = None
         self._resize: InputResize | None = None
         self._input_format = "BGR"
-        amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
-        self._amp_dtype = amp if self.device.startswith("cuda") else None
+        self.precision = resolve_precision(spec.precision, self.device)
 
     def load(self) -> None:
         """Build the network, load the weights and settle class names.
@@ -162,6 +165,9 @@ class DetectronModel(VisionModel):
         self._apply_module_options(model)
         meta = self._load_weights(model)
         self.class_names = self._settle_class_names(meta, dataset_names, num_classes)
+        self.precision = resolve_precision(self.spec.precision, self.device, meta)
+        keep_roi_align_fp32(model)  # box coordinates and pooling stay fp32 under autocast
+        keep_outputs_fp32(model)  # and so do scores, box deltas and mask logits
         model.eval()
         if self._options.get("fuse_batch_norm", True):
             fused = fuse_conv_batch_norm(model)
@@ -177,7 +183,14 @@ class DetectronModel(VisionModel):
         )
         self.mark_ready()
         logger.info(
-            "%s: loaded %s on %s, %d classes", self.name, type(model).__name__, self.device, num_classes
+            "%s: loaded %s on %s, %d classes, precision %s (asked %s; %s)",
+            self.name,
+            type(model).__name__,
+            self.device,
+            num_classes,
+            self.precision,
+            self.spec.precision,
+            "CUDA" if self.device.startswith("cuda") else f"CPU: {cpu_bf16().describe()}",
         )
 
     def _build_from_cfg(self, cfg: CfgNode) -> tuple[torch.nn.Module, int, int, int]:
@@ -262,18 +275,22 @@ class DetectronModel(VisionModel):
         tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
         return _Input(tensor, int(image.shape[0]), int(image.shape[1]))
 
+    def prepare(self, image: np.ndarray, *, masks: bool = True) -> _Input:
+        """:meth:`preprocess`; ``masks=False`` skips the mask head and pasting for this image."""
+        item = self.preprocess(image)
+        return item if masks else dataclasses.replace(item, masks=False)
+
     def forward(self, inputs: Sequence[_Input]) -> list[_Raw]:
         """One batched network call; outputs stay at network resolution, on the CPU."""
         if self._model is None:
             raise RuntimeError(f"model {self.name!r} is not loaded")
         batch = [{"image": x.image, "height": x.height, "width": x.width} for x in inputs]
-        amp = torch.autocast("cuda", dtype=self._amp_dtype) if self._amp_dtype else contextlib.nullcontext()
         model = self._model
         two_stage = isinstance(model, GeneralizedRCNN)
-        with torch.inference_mode(), amp, forward_threads(self.device):
+        with torch.inference_mode(), autocast(self.device, self.precision), forward_threads(self.device):
             if isinstance(model, GeneralizedRCNN):
                 # Mask pasting and encoding are left to postprocess, off the model thread.
-                results = model.inference(batch, do_postprocess=False)
+                results = _rcnn_inference(model, batch, [x.masks for x in inputs])
             else:  # one-stage detectors (boxes only) rescale inside forward; that part is cheap
                 results = [r["instances"] for r in model(batch)]
         # Outside inference mode: the copies are ordinary tensors postprocess may modify.
@@ -287,6 +304,27 @@ class DetectronModel(VisionModel):
             # empty ones, paste masks at 0.5), with each mask pasted and encoded in its box.
             return rescale_and_encode(raw.instances, height, width)
         return instances_to_prediction(raw.instances, height, width)
+
+
+def _rcnn_inference(
+    model: GeneralizedRCNN, batch: list[dict[str, Any]], masks: Sequence[bool]
+) -> list[Instances]:
+    """``model.inference(batch, do_postprocess=False)``, running the mask head only for the
+    images whose ``masks`` is True (the others get boxes, scores and classes only)."""
+    heads = model.roi_heads
+    staged = hasattr(heads, "_forward_box") and hasattr(heads, "forward_with_given_boxes")
+    if all(masks) or not staged or model.proposal_generator is None:
+        return list(model.inference(batch, do_postprocess=False))
+    images = model.preprocess_image(batch)
+    features = model.backbone(images.tensor)
+    proposals, _ = model.proposal_generator(images, features, None)
+    boxes = heads._forward_box(features, proposals)
+    if not any(masks):
+        return list(boxes)
+    # Images without masks pass no boxes to the mask head: their batch slot stays in place.
+    given = [b if m else b[:0] for b, m in zip(boxes, masks, strict=True)]
+    with_masks = heads.forward_with_given_boxes(features, given)
+    return [w if m else b for w, b, m in zip(with_masks, boxes, masks, strict=True)]
 
 
 @register_builder(Task.INSTANCE)

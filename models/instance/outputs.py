@@ -9,14 +9,13 @@ import itertools
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torch.nn.functional as F
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
+from cvserve.models.instance.paste import paste_rles
 from cvserve.models.types import Instance, Mask, Prediction
 
 __all__ = [
-    "PASTE_CHUNK_PIXELS",
     "block_rles",
     "box_rle",
     "instances_to_cpu",
@@ -85,95 +84,6 @@ def box_rle(crop: np.ndarray, top: int, left: int, height: int, width: int) -> b
     ``left:left + w``; see :func:`block_rles`.
     """
     return block_rles(crop[None], np.array([top]), np.array([left]), height, width)[0]
-
-
-# Most box pixels (boxes x rows x columns) pasted in one grid_sample call: bounds a chunk's
-# memory (about 13 bytes a pixel: grid, samples, threshold) whatever the image and boxes.
-PASTE_CHUNK_PIXELS = 1 << 22
-
-
-def _box_regions(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``(N, 4)`` int64 ``top, left, rows, columns`` of the block each mask is pasted into.
-
-    The block detectron2's ``_do_paste_mask`` (``skip_empty``) samples for a single box:
-    the box widened by one pixel on each side, rounded out to whole pixels, clipped.
-    """
-    x0 = torch.clamp(boxes[:, 0].floor() - 1, min=0).to(torch.int32)
-    y0 = torch.clamp(boxes[:, 1].floor() - 1, min=0).to(torch.int32)
-    x1 = torch.clamp(boxes[:, 2].ceil() + 1, max=width).to(torch.int32)
-    y1 = torch.clamp(boxes[:, 3].ceil() + 1, max=height).to(torch.int32)
-    return torch.stack([y0, x0, (y1 - y0).clamp(min=0), (x1 - x0).clamp(min=0)], 1).long()
-
-
-def _paste_chunk(probs: torch.Tensor, boxes: torch.Tensor, regions: torch.Tensor) -> np.ndarray:
-    """``(n, rows, cols)`` bool masks of ``n`` boxes, each at the top-left of a shared block
-    and zero past its own block.
-
-    The grid is detectron2's per-box grid (same float operations on the same values, so
-    the same samples), built for all boxes at once over the largest block.
-    """
-    n = len(probs)
-    rows, cols = int(regions[:, 2].max()), int(regions[:, 3].max())
-    if rows == 0 or cols == 0:  # degenerate boxes on the image's edge: nothing to sample
-        return np.zeros((n, rows, cols), bool)
-    x0, y0, x1, y1 = torch.split(boxes, 1, dim=1)
-    img_y = torch.arange(rows, dtype=torch.float32)[None] + regions[:, :1].float() + 0.5
-    img_x = torch.arange(cols, dtype=torch.float32)[None] + regions[:, 1:2].float() + 0.5
-    img_y = (img_y - y0) / (y1 - y0) * 2 - 1
-    img_x = (img_x - x0) / (x1 - x0) * 2 - 1
-    grid = torch.stack([img_x[:, None, :].expand(n, rows, cols), img_y[:, :, None].expand(n, rows, cols)], 3)
-    masks = (F.grid_sample(probs[:, None], grid, align_corners=False)[:, 0] >= 0.5).numpy()
-    # Past its own block a mask's samples are not zero (the grid runs on): clear them.
-    sizes = regions[:, 2:].numpy()
-    masks &= np.arange(rows)[None, :, None] < sizes[:, 0, None, None]
-    masks &= np.arange(cols)[None, None, :] < sizes[:, 1, None, None]
-    return masks
-
-
-def _chunks(regions: torch.Tensor) -> list[list[int]]:
-    """Box indices grouped for :func:`_paste_chunk`, largest boxes first.
-
-    A box joins the current group while the group's ``count x max rows x max columns``
-    stays within :data:`PASTE_CHUNK_PIXELS` and the box fills at least half of the
-    group's block (so sampled padding stays small); a box larger than the limit gets a
-    group of its own.
-    """
-    order = torch.argsort(regions[:, 2] * regions[:, 3], descending=True, stable=True).tolist()
-    hs, ws = regions[:, 2].tolist(), regions[:, 3].tolist()
-    groups: list[list[int]] = []
-    rows = cols = 0
-    for i in order:
-        r, c = max(rows, hs[i]), max(cols, ws[i])
-        fits = (len(groups[-1]) + 1) * r * c <= PASTE_CHUNK_PIXELS if groups else False
-        if fits and 2 * hs[i] * ws[i] >= r * c:  # at most half of its block is padding
-            groups[-1].append(i)
-            rows, cols = r, c
-        else:
-            groups.append([i])
-            rows, cols = hs[i], ws[i]
-    return groups
-
-
-def paste_rles(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> list[bytes]:
-    """Paste each ``(M, M)`` mask probability map into its box and RLE-encode it.
-
-    The same bilinear paste and 0.5 threshold as detectron2's ``paste_masks_in_image`` on
-    the CPU (so the same pixels), without materialising N full-image masks: boxes are
-    pasted in chunks of one ``grid_sample`` call each, every mask inside its own box.
-    """
-    if len(probs) == 0:
-        return []
-    probs = probs if probs.dtype == torch.float32 else probs.float()
-    regions = _box_regions(boxes, height, width)
-    rles: list[bytes] = [b""] * len(probs)
-    for group in _chunks(regions):
-        index = torch.tensor(group)
-        block = regions[index]
-        masks = _paste_chunk(probs[index], boxes[index], block)
-        tops, lefts = block[:, 0].numpy(), block[:, 1].numpy()
-        for i, rle in zip(group, block_rles(masks, tops, lefts, height, width), strict=True):
-            rles[i] = rle
-    return rles
 
 
 def rescale_and_encode(raw: Instances, height: int, width: int) -> Prediction:

@@ -10,6 +10,12 @@ channel rows. :func:`roi_align_gather` reproduces torchvision's sampling rules e
 (aligned or not, fixed or adaptive sampling ratio, samples past the border), so a
 model trained with :class:`GatherROIAlign` is the same model detectron2 serves with
 its own ``ROIAlign``.
+
+Under bf16 or fp16 autocast, detectron2's ``ROIAlign`` casts the boxes to the features'
+dtype: in bf16 a coordinate above 512 rounds to a multiple of 4, above 1024 to a
+multiple of 8 (1100.3 -> 1104). :class:`Fp32ROIAlign` (swapped in by
+:func:`keep_roi_align_fp32`; :class:`GatherROIAlign` derives from it) keeps the boxes
+and the pooling in fp32 whatever the features' dtype, and returns the features' dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +27,13 @@ import torch.nn.functional as F
 from detectron2.layers import ROIAlign
 from torch import nn
 
-__all__ = ["GatherROIAlign", "roi_align_gather", "use_gather_roi_align"]
+__all__ = [
+    "Fp32ROIAlign",
+    "GatherROIAlign",
+    "keep_roi_align_fp32",
+    "roi_align_gather",
+    "use_gather_roi_align",
+]
 
 
 def _axis(
@@ -160,18 +172,59 @@ def roi_align_gather(
     return out.permute(0, 3, 1, 2)
 
 
-class GatherROIAlign(ROIAlign):
-    """detectron2's ``ROIAlign`` with :func:`roi_align_gather` for float32 CPU features."""
+class Fp32ROIAlign(ROIAlign):
+    """detectron2's ``ROIAlign`` with box coordinates and pooling in fp32 for any feature dtype.
+
+    The output has the features' dtype (what detectron2's ``ROIPooler`` writes it into).
+    """
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        if input.dtype not in (torch.float16, torch.bfloat16):
+            return self._pool(input, rois)
+        with torch.autocast(input.device.type, enabled=False):
+            return self._pool(input.float(), rois.float()).to(input.dtype)
+
+    def _pool(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        return super().forward(input, rois)
+
+
+class GatherROIAlign(Fp32ROIAlign):
+    """:class:`Fp32ROIAlign` computed by :func:`roi_align_gather` for CPU features."""
+
+    def _pool(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         if input.device.type != "cpu" or input.dtype != torch.float32:
-            return super().forward(input, rois)
+            return super()._pool(input, rois)
         assert rois.dim() == 2 and rois.size(1) == 5
         size = self.output_size
         output_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         return roi_align_gather(
             input, rois, output_size, self.spatial_scale, self.sampling_ratio, self.aligned
         )
+
+
+def _swap(model: nn.Module, cls: type[ROIAlign]) -> int:
+    count = 0
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is ROIAlign or (type(child) is Fp32ROIAlign and cls is not Fp32ROIAlign):
+                setattr(
+                    parent,
+                    name,
+                    cls(child.output_size, child.spatial_scale, child.sampling_ratio, child.aligned),
+                )
+                count += 1
+    return count
+
+
+def keep_roi_align_fp32(model: nn.Module) -> int:
+    """Swap every detectron2 ``ROIAlign`` in ``model`` for a :class:`Fp32ROIAlign`, in place.
+
+    Nothing changes in fp32; under autocast the boxes keep their fp32 coordinates.
+
+    Returns:
+        The number of modules swapped.
+    """
+    return _swap(model, Fp32ROIAlign)
 
 
 def use_gather_roi_align(model: nn.Module) -> int:
@@ -183,16 +236,4 @@ def use_gather_roi_align(model: nn.Module) -> int:
     Returns:
         The number of modules swapped.
     """
-    count = 0
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if type(child) is ROIAlign:
-                setattr(
-                    parent,
-                    name,
-                    GatherROIAlign(
-                        child.output_size, child.spatial_scale, child.sampling_ratio, child.aligned
-                    ),
-                )
-                count += 1
-    return count
+    return _swap(model, GatherROIAlign)

@@ -14,7 +14,6 @@ meta-architecture that returns ``[{"sem_seg": logits}]`` (e.g. detectron2's sema
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from cvserve.models.checkpoint import META_KEY
 from cvserve.models.device import auto_device
 from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import config_file
+from cvserve.models.precision import autocast, cpu_bf16, keep_outputs_fp32, resolve_precision
 from cvserve.models.registry import register_builder
 from cvserve.models.repository import ModelSpec
 from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
@@ -93,6 +93,7 @@ class SemanticSegmentationModel(VisionModel):
         self.model: torch.nn.Module | None = None
         self._resize: InputResize | None = None
         self._format = "BGR"
+        self.precision = resolve_precision(spec.precision, self.device)
 
     def load(self) -> None:
         """Build the network from the config and load the weights.
@@ -119,6 +120,8 @@ class SemanticSegmentationModel(VisionModel):
         model = build_d2_model(cfg)
         model.eval()
         extra = self._load_weights(model)
+        self.precision = resolve_precision(self.spec.precision, self.device, extra.get(META_KEY))
+        keep_outputs_fp32(model)  # logits in fp32 under autocast (cvserve.models.precision)
         if fuse:
             fuse_conv_batch_norm(model)  # the same outputs for less work per layer (models.fusion)
         if channels_last:
@@ -129,6 +132,14 @@ class SemanticSegmentationModel(VisionModel):
         self._resize = resize
         self._format = cfg.INPUT.FORMAT
         self.mark_ready()
+        logger.info(
+            "%s: loaded on %s, precision %s (asked %s; %s)",
+            self.name,
+            self.device,
+            self.precision,
+            self.spec.precision,
+            "CUDA" if self.device.startswith("cuda") else f"CPU: {cpu_bf16().describe()}",
+        )
 
     def _load_weights(self, model: torch.nn.Module) -> dict[str, Any]:
         weights = self.spec.weights
@@ -172,12 +183,6 @@ class SemanticSegmentationModel(VisionModel):
             "size": size,
         }
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.startswith("cuda") and self.spec.precision in ("fp16", "bf16"):
-            dtype = torch.float16 if self.spec.precision == "fp16" else torch.bfloat16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
-
     def forward(self, inputs: Sequence[Any]) -> list[torch.Tensor]:
         """One batched forward.
 
@@ -187,7 +192,7 @@ class SemanticSegmentationModel(VisionModel):
         """
         if self.model is None:
             raise RuntimeError(f"model {self.name!r} is not loaded")
-        with torch.inference_mode(), self._autocast(), forward_threads(self.device):
+        with torch.inference_mode(), autocast(self.device, self.precision), forward_threads(self.device):
             outputs = self.model(list(inputs))
             if self.device.startswith("cuda"):
                 return [

@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-HELP = "print versions of the runtime, CUDA devices and the model repository in use"
+HELP = "print versions of the runtime, CUDA devices, CPU bf16 support and the model repository in use"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +31,7 @@ def collect(models: str | None = None) -> dict[str, Any]:
 
     from cvserve.models import compat as _compat
     from cvserve.models.device import cuda_status
+    from cvserve.models.precision import cpu_bf16, resolve_precision
     from cvserve.models.repository import default_repository_path
 
     _compat.apply()
@@ -59,6 +60,16 @@ def collect(models: str | None = None) -> dict[str, Any]:
         "cuda_devices": devices,
         "nvidia_driver": cuda.driver,
         "cuda_problem": cuda.problem,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": {
+            "native": cpu_bf16().native,
+            "flags": list(cpu_bf16().flags),
+            "source": cpu_bf16().source,
+        },
+        "auto_precision": {
+            "cpu": resolve_precision("auto", "cpu"),
+            "cuda": resolve_precision("auto", "cuda"),
+        },
         "grpcio": grpc.__version__,
         "model_repository": repo,
     }
@@ -82,6 +93,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"CUDA         {cuda}")
     for d in info["cuda_devices"]:
         print(f"  cuda:{d['index']}  {d['name']}  {d['memory_gib']} GiB")
+    bf16 = info["cpu_bf16"]
+    native = f"native ({', '.join(bf16['flags']) or 'yes'})" if bf16["native"] else "not native"
+    auto = info["auto_precision"]
+    print(f"CPU          {info['cpu_capability']}, bf16 {native}, from {bf16['source']}")
+    print(f"precision    auto = {auto['cpu']} on the CPU, {auto['cuda']} on CUDA")
     print(f"grpcio       {info['grpcio']}")
     print(f"models       {info['model_repository']}")
     return 0

@@ -69,6 +69,7 @@ class ModelStatus:
     error: str = ""
     class_names: tuple[str, ...] = ()
     device: str = ""
+    precision: str = ""  # the precision it runs at (``precision: auto`` resolved), once loaded
 
     @property
     def name(self) -> str:

@@ -314,8 +314,11 @@ class DataPlane:
         *,
         version: str | None = None,
         deadline: float | None = None,
+        masks: bool = True,
     ) -> list[Prediction | Exception]:
         """Predict ``images`` (RGB uint8 ``(H, W, 3)``) with model ``name``.
+
+        ``masks=False`` skips instance masks (the request asks for none).
 
         Returns:
             One prediction, or the exception that image failed with, per image.
@@ -323,7 +326,7 @@ class DataPlane:
         Raises:
             ModelNotFoundError, VersionNotFoundError, ModelNotReadyError, ServerDrainingError.
         """
-        outcomes = await self.infer_timed(name, images, version=version, deadline=deadline)
+        outcomes = await self.infer_timed(name, images, version=version, deadline=deadline, masks=masks)
         return [o.prediction if o.error is None else o.error for o in outcomes]  # type: ignore[misc]
 
     async def infer_timed(
@@ -333,6 +336,7 @@ class DataPlane:
         *,
         version: str | None = None,
         deadline: float | None = None,
+        masks: bool = True,
     ) -> list[Outcome]:
         """Like :meth:`infer`, with each image's queue / inference timing."""
         model = self._ready_model(name, version)
@@ -341,7 +345,8 @@ class DataPlane:
         self._in_flight += 1
         self._idle.clear()
         try:
-            return list(await asyncio.gather(*(model.run_image(img, deadline) for img in images)))
+            runs = (model.run_image(img, deadline, masks=masks) for img in images)
+            return list(await asyncio.gather(*runs))
         finally:
             model.release()
             self._in_flight -= 1

@@ -116,6 +116,7 @@ class ServedModel:
             error=self.error,
             class_names=tuple(model.class_names) if model is not None else (),
             device=",".join(self.replicas.devices) if self.replicas is not None else "",
+            precision=str(getattr(model, "precision", "")) if model is not None else "",
         )
 
     def start_loading(self) -> asyncio.Task[None]:
@@ -234,16 +235,30 @@ class ServedModel:
         if self._metrics is not None and self.state == ModelState.READY:
             self._metrics.observe_stage(*self.labels, stage, seconds)
 
-    async def run_image(self, image: np.ndarray, deadline: float | None) -> Outcome:
-        """Preprocess in the shared pool, forward through the batcher, postprocess in the pool."""
+    async def run_image(
+        self,
+        image: np.ndarray,
+        deadline: float | None,
+        *,
+        masks: bool = True,
+    ) -> Outcome:
+        """Preprocess in the shared pool, forward through the batcher, postprocess in the pool.
+
+        Args:
+            image: RGB uint8 ``(H, W, 3)``.
+            deadline: absolute ``time.monotonic()`` deadline, if any.
+            masks: False when the request wants no instance masks (see
+                :meth:`~cvserve.models.base.VisionModel.prepare`).
+        """
         model, batcher, stats = self.model, self.batcher, self.stats
         timing = ItemTiming()
         start = time.monotonic()
         try:
             if model is None or batcher is None:
                 raise ModelNotReadyError(f"model {self.spec.name!r} is not loaded")
+            prepare = functools.partial(model.prepare, masks=masks)
             try:
-                inputs, seconds = await run_in_pool(self._pool, _timed, model.preprocess, image)
+                inputs, seconds = await run_in_pool(self._pool, _timed, prepare, image)
             except InputSizeError as e:  # the image's fault, not the server's
                 raise InvalidImageError(str(e)) from None
             stats.compute_input.add(seconds)

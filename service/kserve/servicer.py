@@ -214,11 +214,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         names, raw = parse_requested_outputs(request.outputs, output_names(status))
         batch = await self._dp.run_cpu(self._images, request, status.spec.max_queue)
         images = await self._decode(batch.images)
+        # Masks not asked for (mask_format none, or outputs without "masks") are not computed.
+        masks = options.detect.mask_format != "none" and "masks" in names
         outcomes = await self._dp.infer_timed(
             status.name,
             images,
             version=request.model_version or None,
             deadline=_deadline(context, options.timeout_s),
+            masks=masks,
         )
         # One failed image fails the request: a Triton response has no per-image status.
         failure = next((o.error for o in outcomes if o.error is not None), None)

@@ -60,7 +60,7 @@ def model_info(status: ModelStatus, config: ServerConfig) -> pb.ModelInfo:
             max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms, max_queue=spec.max_queue
         ),
         device=status.device or spec.device,
-        precision=spec.precision,
+        precision=status.precision or spec.precision,
     )
 
 
@@ -95,7 +95,12 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         return status
 
     async def _predict(
-        self, status: ModelStatus, version: str, image: types_pb.Image, deadline: float | None
+        self,
+        status: ModelStatus,
+        version: str,
+        image: types_pb.Image,
+        deadline: float | None,
+        masks: bool = True,
     ) -> Any:
         def decode() -> Any:
             begun = time.perf_counter()
@@ -105,7 +110,7 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
 
         array = await self._dp.run_cpu(decode)
         (outcome,) = await self._dp.infer_timed(
-            status.name, [array], version=version or None, deadline=deadline
+            status.name, [array], version=version or None, deadline=deadline, masks=masks
         )
         if outcome.error is not None:
             raise outcome.error
@@ -115,7 +120,8 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         started = time.monotonic()
         status = self._model_for(request.model, request.model_version, Task.INSTANCE, "Detect")
         options = codec.parse_detect_options(request.options, status.class_names)
-        outcome = await self._predict(status, request.model_version, request.image, deadline)
+        masks = options.mask_format != "none"  # no mask asked: the mask head and pasting are skipped
+        outcome = await self._predict(status, request.model_version, request.image, deadline, masks)
 
         def encode() -> pb.DetectResponse:
             begun = time.perf_counter()

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from cvserve.models.build import build_model
+from cvserve.models.checkpoint import read_checkpoint_meta
 from cvserve.models.demo.build import build_demo_repository, ensure_demo_repository, toy_scale
+from cvserve.models.precision import BF16_LOSS_KEY, cpu_bf16
 from cvserve.models.repository import load_repository
 from cvserve.models.types import Task
 
@@ -44,6 +46,11 @@ def test_layout_and_report(repo: Path) -> None:
     for part in ("instance", "semantic"):
         assert report[part]["stored_precision"] in ("fp16", "fp32")
         assert report[part]["checkpoint_mib"] > 0
+        if cpu_bf16().native:  # bf16 measured on the test split and recorded for precision auto
+            assert set(report[part]["test_bf16"]) == set(report[part]["test_fp32"])
+            assert report[part]["bf16_loss"] >= 0
+            meta = read_checkpoint_meta(repo / part / "model.pth")
+            assert meta[BF16_LOSS_KEY] == report[part]["bf16_loss"]
     assert "loaded" in report["semantic"]["transfer"]
     assert report["build_seconds"] > 0
 

@@ -96,3 +96,9 @@ def test_read_report(tmp_path: Path) -> None:
         demo.read_report(tmp_path)
     (tmp_path / "report.json").write_text(json.dumps({"build_seconds": 1.5}))
     assert demo.read_report(tmp_path) == {"build_seconds": 1.5}
+
+
+def test_bf16_loss_is_the_largest_drop_in_points() -> None:
+    fp32 = {"bbox/AP": 80.0, "segm/AP": 85.0}
+    assert demo_stages._bf16_loss(fp32, {"bbox/AP": 79.8, "segm/AP": 85.1}, ("bbox/AP", "segm/AP")) == 0.2
+    assert demo_stages._bf16_loss(fp32, {"bbox/AP": 80.5, "segm/AP": 85.5}, ("bbox/AP", "segm/AP")) == 0.0

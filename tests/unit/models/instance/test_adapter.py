@@ -17,7 +17,7 @@ from cvserve.models.checkpoint import save_checkpoint
 from cvserve.models.instance.adapter import DetectronModel
 from cvserve.models.instance.config import tiny_instance_config
 from cvserve.models.repository import ModelSpec
-from cvserve.models.types import Task
+from cvserve.models.types import Instance, Task
 
 CLASSES = ("circle", "square", "triangle")
 
@@ -37,15 +37,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[CfgNode, Path, Path]
     return cfg, config, weights
 
 
-def _spec(config: Path, weights: Path | str, **options: object) -> ModelSpec:
-    # Pinned to the CPU: these tests assert CPU facts (channels-last by default, agreement
-    # with a CPU DefaultPredictor), which a GPU host would otherwise not run.
+def _spec(config: Path, weights: Path | str, precision: str = "fp32", **options: object) -> ModelSpec:
+    """CPU and fp32 unless asked: these tests assert CPU facts (channels-last by default,
+    agreement with a CPU DefaultPredictor in fp32; bf16: test_precision), which a GPU host
+    would otherwise not run."""
     return ModelSpec(
         name="tiny",
         task=Task.INSTANCE,
         config=str(config),
         weights=str(weights),
         device="cpu",
+        precision=precision,
         options=options,
     )
 
@@ -182,3 +184,80 @@ def test_bad_inputs_raise_clear_errors(tiny: tuple[CfgNode, Path, Path], model: 
         DetectronModel(_spec(Path("no/such/config.yaml"), "")).load()
     with pytest.raises(RuntimeError, match="not loaded"):
         DetectronModel(_spec(config, "")).preprocess(_image(8, 8))
+
+
+def _match(expected: list[Instance], got: list[Instance]) -> tuple[np.ndarray, np.ndarray]:
+    """For each expected detection: the best IoU with a same-class detection of ``got`` and
+    that detection's score difference (IoU 0 and difference 1 where none)."""
+    ious, diffs = [], []
+    for e in expected:
+        same = [g for g in got if g.category_id == e.category_id]
+        if not same:
+            ious.append(0.0)
+            diffs.append(1.0)
+            continue
+        xywh = [[b[0], b[1], b[2] - b[0], b[3] - b[1]] for b in (e.box, *(g.box for g in same))]
+        iou = mask_util.iou(xywh[1:], xywh[:1], [0])[:, 0]
+        k = int(np.argmax(iou))
+        ious.append(float(iou[k]))
+        diffs.append(abs(same[k].score - e.score))
+    return np.array(ious), np.array(diffs)
+
+
+def test_bf16_runs_the_forward_in_bf16_close_to_fp32(tiny: tuple[CfgNode, Path, Path]) -> None:
+    _, config, weights = tiny
+    fp32 = DetectronModel(_spec(config, weights))
+    bf16 = DetectronModel(_spec(config, weights, precision="bf16"))
+    fp32.load()
+    bf16.load()
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert bf16.describe()["precision"] == "bf16"
+    dtypes: list[torch.dtype] = []
+    assert bf16._model is not None
+    hook = bf16._model.backbone.register_forward_hook(
+        lambda m, i, o: dtypes.extend(v.dtype for v in o.values())
+    )
+    images = [_image(64, 96, seed=s) for s in range(3)]
+    try:
+        low = bf16.predict_batch(images)
+    finally:
+        hook.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    for reference, pred in zip(fp32.predict_batch(images), low, strict=True):
+        top = list(reference.instances[:20])
+        ious, diffs = _match(top, list(pred.instances))
+        assert np.median(ious) >= 0.9 and (ious >= 0.5).mean() >= 0.8, ious
+        assert np.median(diffs) <= 0.02, diffs
+
+
+def test_requests_without_masks_skip_the_mask_head(model: DetectronModel) -> None:
+    assert model._model is not None
+    calls: list[int] = []
+    hook = model._model.roi_heads.mask_head.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    images = [_image(48, 80), _image(64, 64, seed=1)]
+    try:
+        full = model.predict_batch(images)
+        assert calls and sum(calls) > 0
+        calls.clear()
+        bare = model.predict_batch(images, masks=False)
+        assert calls == []  # the mask head never ran
+        # One batch of a request with masks and one without: only the first gets masks.
+        mixed = [
+            model.postprocess(r, (int(i.shape[0]), int(i.shape[1])))
+            for r, i in zip(
+                model.forward([model.prepare(images[0]), model.prepare(images[1], masks=False)]),
+                images,
+                strict=True,
+            )
+        ]
+    finally:
+        hook.remove()
+    assert sum(calls) == len(full[0].instances) > 0
+    for with_masks, without in zip(full, bare, strict=True):
+        assert [(i.box, i.score, i.category_id) for i in with_masks.instances] == [
+            (i.box, i.score, i.category_id) for i in without.instances
+        ]
+        assert all(i.mask is not None for i in with_masks.instances)
+        assert all(i.mask is None for i in without.instances)
+    assert mixed[0].instances == full[0].instances  # Prediction compares by identity
+    assert mixed[1].instances == bare[1].instances

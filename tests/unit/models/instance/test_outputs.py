@@ -12,7 +12,6 @@ from detectron2.layers.mask_ops import paste_masks_in_image
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from cvserve.models.instance import outputs as detectron_outputs
 from cvserve.models.instance.outputs import (
     block_rles,
     box_rle,
@@ -136,17 +135,24 @@ def _boxes(n: int, seed: int, height: int, width: int) -> torch.Tensor:
     return boxes
 
 
-@pytest.mark.parametrize("chunk_pixels", [1 << 22, 5000, 1])
-@pytest.mark.parametrize("seed", range(3))
-def test_paste_rles_equals_detectron2_paste(
-    monkeypatch: pytest.MonkeyPatch, chunk_pixels: int, seed: int
-) -> None:
-    # Small chunk limits split the boxes into many grid_sample calls, and 1 forces every
-    # box (larger than the limit) into a chunk of its own: the pixels must not change.
-    monkeypatch.setattr(detectron_outputs, "PASTE_CHUNK_PIXELS", chunk_pixels)
-    height, width = 90, 120
+def _smooth(n: int, seed: int, size: int = 28) -> torch.Tensor:
+    """Mask-head-like probabilities: blurred blobs, mostly saturated, smooth edges."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 1, size // 4, size // 4, generator=g) * 6
+    up = torch.nn.functional.interpolate(logits, size=(size, size), mode="bicubic", align_corners=False)
+    return up[:, 0].sigmoid()
+
+
+@pytest.mark.parametrize("kind", ["noise", "smooth"])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("height", "width"), [(90, 120), (3024, 4032)])
+def test_paste_rles_equals_detectron2_paste(kind: str, seed: int, height: int, width: int) -> None:
     boxes = _boxes(25, seed, height, width)
-    probs = torch.rand(25, 28, 28, generator=torch.Generator().manual_seed(seed))
+    if seed % 3 == 2:  # boxes on the image's edges and corners
+        boxes[: len(boxes) // 2, :2] = 0.0
+        boxes[len(boxes) // 4 :, 2:] = torch.tensor([float(width), float(height)])
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(25, 28, 28, generator=g) if kind == "noise" else _smooth(25, seed)
     full = paste_masks_in_image(probs, Boxes(boxes), (height, width)).numpy()
     expected = mask_util.encode(np.asfortranarray(full.transpose(1, 2, 0).astype(np.uint8)))
     assert paste_rles(probs, boxes, height, width) == [r["counts"] for r in expected]

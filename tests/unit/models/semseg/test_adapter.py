@@ -40,12 +40,14 @@ def _build(spec: ModelSpec) -> SemanticSegmentationModel:
 
 
 def _spec(config: Path, weights: Path, **options: object) -> ModelSpec:
+    """fp32: these tests compare outputs to the float rounding (bf16 would be precision auto's pick)."""
     return ModelSpec(
         name="seg",
         task=Task.SEMANTIC,
         config=str(config),
         weights=str(weights),
         device="cpu",
+        precision="fp32",
         options=options,
     )
 

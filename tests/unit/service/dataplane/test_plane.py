@@ -205,3 +205,26 @@ def test_close_while_a_model_is_loading() -> None:
             await dp.infer("slow", [image()])
 
     run(main())
+
+
+def test_requests_without_masks_reach_the_model() -> None:
+    async def main() -> None:
+        dp = plane(spec("det"))
+        await dp.start()
+        await dp.wait_loaded(10)
+        model = dp.model_object("det")
+        assert model is not None
+        asked: list[bool] = []
+        prepare = model.prepare
+
+        def recording(img: np.ndarray, *, masks: bool = True) -> object:
+            asked.append(masks)
+            return prepare(img, masks=masks)
+
+        model.prepare = recording  # type: ignore[method-assign]
+        await dp.infer("det", [image()])
+        await dp.infer("det", [image(), image(50)], masks=False)
+        assert asked == [True, False, False]
+        await dp.close()
+
+    run(main())
