@@ -94,6 +94,7 @@ def _served(config: Path, weights: Path, **options: object) -> DetectronModel:
         config=str(config),
         weights=str(weights),
         device="cpu",
+        precision="fp32",  # fused and plain compared to 1e-3: the exact path
         options=options,
     )
     model = DetectronModel(spec)
