@@ -19,13 +19,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHON=python3.11 \
-    CVSERVE_EXTRAS=ray
+    CVSERVE_EXTRAS=ray \
+    CVSERVE_HOME=/var/lib/cvserve
 
 # make: the README's commands; libglib2.0-0: OpenCV's one system dependency.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make libglib2.0-0 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin cvserve
+    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin cvserve \
+    && install -d -o cvserve -g cvserve /var/lib/cvserve
 
 WORKDIR /opt/cvserve
 COPY --chown=cvserve:cvserve . .

@@ -53,7 +53,7 @@ class BenchModel:
 
     def cfg(self, device: str = "cpu") -> Any:
         """The detectron2 config ``DefaultPredictor`` uses, with the server's options applied."""
-        from cvserve.models.instance.adapter import load_config
+        from cvserve.models.instance.config import load_config
 
         cfg = load_config(str(self.config_path))
         cfg.MODEL.WEIGHTS = str(self.weights_path or "")
@@ -93,7 +93,8 @@ def demo_instance_entry() -> tuple[Path, Path]:
         FileNotFoundError: the demo repository is not built.
     """
     from cvserve.models.demo.build import INSTANCE_NAME
-    from cvserve.models.repository import default_repository_path, load_repository
+    from cvserve.models.paths import default_repository_path
+    from cvserve.models.repository import load_repository
 
     path = default_repository_path()
     if not path.is_file():
@@ -117,7 +118,7 @@ def prepare_model(kind: str, workdir: Path) -> BenchModel:
     from detectron2.modeling import build_model
 
     from cvserve.models.data.synthetic import CATEGORIES
-    from cvserve.models.instance.adapter import load_config
+    from cvserve.models.instance.config import load_config
 
     trained: Path | None = None
     if kind == "demo":

@@ -52,7 +52,7 @@ def fail_without_cuda(device: str) -> None:
 
 def user_model(config: str, weights: str, workdir: Path) -> _common.BenchModel:
     """A model from the user's config and trained weights, at its own score threshold."""
-    from cvserve.models.instance.adapter import load_config
+    from cvserve.models.instance.config import load_config
 
     cfg = load_config(config)
     path = workdir / "user.yaml"
@@ -64,7 +64,7 @@ def user_model(config: str, weights: str, workdir: Path) -> _common.BenchModel:
 def with_min_size(model: _common.BenchModel, min_size: int | None) -> _common.BenchModel:
     """The same model with ``INPUT.MIN_SIZE_TEST`` set (None: as configured)."""
     if min_size is not None:
-        from cvserve.models.instance.adapter import load_config
+        from cvserve.models.instance.config import load_config
 
         cfg = load_config(str(model.config_path))
         cfg.INPUT.MIN_SIZE_TEST = min_size

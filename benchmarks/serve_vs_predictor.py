@@ -275,7 +275,7 @@ def main() -> None:
         work = Path(tmp)
         model = _common.prepare_model(args.model, work)
         if args.min_size:
-            from cvserve.models.instance.adapter import load_config
+            from cvserve.models.instance.config import load_config
 
             cfg = load_config(str(model.config_path))
             cfg.INPUT.MIN_SIZE_TEST = args.min_size

@@ -48,7 +48,8 @@ class _Clock(logging.Handler):
 def _run(name: str, dataset: str, out: Path, args: argparse.Namespace, **kw: int) -> float:
     from cvserve.models.data.synthetic import CATEGORIES
     from cvserve.models.instance.config import tiny_instance_config
-    from cvserve.models.training.engine import TrainOptions, train
+    from cvserve.models.training.engine import train
+    from cvserve.models.training.options import TrainOptions
 
     clock = _Clock()
     logging.getLogger("cvserve.models.training.engine").addHandler(clock)

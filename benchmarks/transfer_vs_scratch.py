@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     from cvserve.models.data.datasets import register_semantic_split
     from cvserve.models.data.synthetic import CATEGORIES, generate_dataset
     from cvserve.models.demo.build import DEMO_SCALE
-    from cvserve.models.repository import default_repository_path
+    from cvserve.models.paths import default_repository_path
     from cvserve.models.semseg.class_weights import parse_class_weights
     from cvserve.models.semseg.training import train_semantic
-    from cvserve.models.training.engine import TrainOptions
+    from cvserve.models.training.options import TrainOptions
 
     lr = DEMO_SCALE.semantic_lr if args.lr is None else args.lr
     input_size = DEMO_SCALE.semantic_input_size if args.input_size is None else args.input_size

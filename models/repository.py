@@ -43,13 +43,14 @@ from typing import Any
 import yaml
 
 from cvserve.models.device import DEVICE_HELP, is_device
+from cvserve.models.errors import RepositoryError
 from cvserve.models.types import Task
+from cvserve.models.versions import served_versions
 
 __all__ = [
     "AUTO_BATCH_LIMIT",
     "ModelSpec",
     "RepositoryError",
-    "default_repository_path",
     "load_repository",
     "parse_spec",
 ]
@@ -74,13 +75,6 @@ _KNOWN_FIELDS = {
     "instances",
     "version_policy",
 }
-CHECKPOINT_SUFFIXES = (".pth", ".pkl", ".pt")
-# The checkpoint a version folder holds when it has several files (detectron2's trainer name).
-DEFAULT_CHECKPOINT = "model_final.pth"
-
-
-class RepositoryError(ValueError):
-    """A model repository file is missing, unreadable or has an invalid field."""
 
 
 @dataclass(frozen=True)
@@ -172,80 +166,108 @@ def parse_spec(raw: Any, where: str, base: Path) -> ModelSpec:
     unknown = sorted(set(raw) - _KNOWN_FIELDS)
     if unknown:
         raise RepositoryError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    batching = "auto" if raw.get("max_batch_size") == "auto" else "fixed"
+    if batching == "auto":
+        raw = {**raw, "max_batch_size": AUTO_BATCH_LIMIT}
+    devices = _parse_devices(raw, where)
+    weights = raw.get("weights", "") or ""
+    if not isinstance(weights, str):
+        raise RepositoryError(f"{where}.weights: must be a string path or URL")
+    weights = _resolve(weights, base)
+    version, versions = served_versions(raw, where, weights)
+    return ModelSpec(
+        name=_name(raw, where),
+        task=_task(raw, where),
+        config=_resolve(_required_string(raw, where, "config"), base),
+        weights=versions[version] if versions else weights,
+        version=version,
+        device=_device(raw, where, devices),
+        precision=_choice(raw, where, "precision", PRECISIONS),
+        max_batch_size=_number(raw, where, "max_batch_size", 1, integer=True),
+        max_wait_ms=float(_number(raw, where, "max_wait_ms", 0.0, integer=False, allow_zero=True)),
+        max_queue=_number(raw, where, "max_queue", 64, integer=True),
+        options=_options(raw, where),
+        handler=_handler(raw, where),
+        batching=batching,
+        instances=_instances(raw, where),
+        devices=devices,
+        versions=versions,
+    )
 
-    def req_str(key: str) -> str:
-        value = raw.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise RepositoryError(f"{where}.{key}: required, must be a non-empty string")
-        return value.strip()
 
-    def pos_number(key: str, default: float, integer: bool, allow_zero: bool = False) -> Any:
-        value = raw.get(key, default)
-        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type or value < 0 or (value == 0 and not allow_zero):
-            kind = "integer" if integer else "number"
-            bound = ">= 0" if allow_zero else "> 0"
-            auto = " or auto" if key == "max_batch_size" else ""
-            raise RepositoryError(f"{where}.{key}: must be a {kind} {bound}{auto}, got {value!r}")
-        return value
+def _required_string(raw: Mapping[str, Any], where: str, key: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise RepositoryError(f"{where}.{key}: required, must be a non-empty string")
+    return value.strip()
 
-    name = req_str("name")
+
+def _number(
+    raw: Mapping[str, Any], where: str, key: str, default: float, integer: bool, allow_zero: bool = False
+) -> Any:
+    value = raw.get(key, default)
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or value < 0 or (value == 0 and not allow_zero):
+        kind = "integer" if integer else "number"
+        bound = ">= 0" if allow_zero else "> 0"
+        auto = " or auto" if key == "max_batch_size" else ""
+        raise RepositoryError(f"{where}.{key}: must be a {kind} {bound}{auto}, got {value!r}")
+    return value
+
+
+def _choice(raw: Mapping[str, Any], where: str, key: str, choices: tuple[str, ...]) -> str:
+    value = str(raw.get(key, choices[0]))
+    if value not in choices:
+        raise RepositoryError(f"{where}.{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _name(raw: Mapping[str, Any], where: str) -> str:
+    name = _required_string(raw, where, "name")
     if not all(c.isalnum() or c in "-_." for c in name):
         raise RepositoryError(
             f"{where}.name: may contain only letters, digits, '-', '_' and '.', got {name!r}"
         )
+    return name
+
+
+def _task(raw: Mapping[str, Any], where: str) -> Task:
     try:
-        task = Task(str(raw.get("task")))
+        return Task(str(raw.get("task")))
     except ValueError:
         raise RepositoryError(
             f"{where}.task: must be one of {', '.join(t.value for t in Task)}, got {raw.get('task')!r}"
         ) from None
-    devices = _parse_devices(raw, where)
+
+
+def _device(raw: Mapping[str, Any], where: str, devices: tuple[str, ...]) -> str:
     device = devices[0] if devices else str(raw.get("device", "auto"))
     if not is_device(device):
         raise RepositoryError(f"{where}.device: must be {DEVICE_HELP}, got {device!r}")
-    precision = str(raw.get("precision", "auto"))
-    if precision not in PRECISIONS:
-        raise RepositoryError(f"{where}.precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return device
+
+
+def _options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     options = raw.get("options", {}) or {}
     if not isinstance(options, dict):
         raise RepositoryError(f"{where}.options: must be a mapping")
+    return dict(options)
+
+
+def _handler(raw: Mapping[str, Any], where: str) -> str:
     handler = raw.get("handler", "") or ""
     if not isinstance(handler, str) or (handler and ":" not in handler):
         raise RepositoryError(f"{where}.handler: must look like 'package.module:callable', got {handler!r}")
-    batching = "auto" if raw.get("max_batch_size") == "auto" else "fixed"
-    if batching == "auto":
-        raw = {**raw, "max_batch_size": AUTO_BATCH_LIMIT}
+    return handler
+
+
+def _instances(raw: Mapping[str, Any], where: str) -> int | str:
     instances = raw.get("instances", 1)
     if instances != "auto" and (
         isinstance(instances, bool) or not isinstance(instances, int) or instances < 1
     ):
         raise RepositoryError(f"{where}.instances: must be an integer > 0 or auto, got {instances!r}")
-    weights = raw.get("weights", "") or ""
-    if not isinstance(weights, str):
-        raise RepositoryError(f"{where}.weights: must be a string path or URL")
-    weights = _resolve(weights, base)
-    version, versions = _versions(raw, where, weights)
-    if versions:
-        weights = versions[version]
-    return ModelSpec(
-        name=name,
-        task=task,
-        config=_resolve(req_str("config"), base),
-        weights=weights,
-        version=version,
-        device=device,
-        precision=precision,
-        max_batch_size=pos_number("max_batch_size", 1, integer=True),
-        max_wait_ms=float(pos_number("max_wait_ms", 0.0, integer=False, allow_zero=True)),
-        max_queue=pos_number("max_queue", 64, integer=True),
-        options=dict(options),
-        handler=handler,
-        batching=batching,
-        instances=instances,
-        devices=devices,
-        versions=versions,
-    )
+    return instances  # type: ignore[no-any-return]
 
 
 def _parse_devices(raw: Mapping[str, Any], where: str) -> tuple[str, ...]:
@@ -266,83 +288,6 @@ def _parse_devices(raw: Mapping[str, Any], where: str) -> tuple[str, ...]:
     if len(set(devices)) != len(devices):
         raise RepositoryError(f"{where}.devices: {', '.join(devices)} names a GPU twice")
     return devices
-
-
-def _positive_int(value: Any) -> int | None:
-    """``value`` as a positive integer (``3`` or ``"3"``), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def _versions(raw: dict[str, Any], where: str, weights: str) -> tuple[str, dict[str, str]]:
-    """The served version and, for a directory of version folders, each served version's checkpoint."""
-    policy = raw.get("version_policy")
-    if not (weights and Path(weights).is_dir()):
-        if policy is not None:
-            raise RepositoryError(
-                f"{where}.version_policy: needs weights to be a directory of numbered version folders"
-            )
-        version = _positive_int(raw.get("version", 1))
-        if version is None:
-            raise RepositoryError(f"{where}.version: must be a positive integer, got {raw.get('version')!r}")
-        return str(version), {}
-    if "version" in raw:
-        raise RepositoryError(
-            f"{where}.version: not allowed when weights is a directory of version folders "
-            "(the folders' numbers are the versions; choose them with version_policy)"
-        )
-    found = sorted(int(p.name) for p in Path(weights).iterdir() if p.is_dir() and _positive_int(p.name))
-    if not found:
-        raise RepositoryError(
-            f"{where}.weights: directory {weights} has no numbered version folders (1/, 2/ ...)"
-        )
-    served = _apply_policy(policy, found, f"{where}.version_policy")
-    versions = {str(v): _checkpoint(Path(weights) / str(v), f"{where}.weights") for v in served}
-    return str(served[-1]), versions
-
-
-def _apply_policy(policy: Any, found: list[int], where: str) -> list[int]:
-    """The versions of ``found`` (ascending) that Triton's ``version_policy`` ``policy`` serves."""
-    usage = "must be {latest: N}, {specific: [versions]} or all"
-    if policy is None:
-        return found[-1:]
-    if policy == "all" or policy == {"all": {}} or policy == {"all": None}:
-        return found
-    if not isinstance(policy, dict) or len(policy) != 1:
-        raise RepositoryError(f"{where}: {usage}, got {policy!r}")
-    ((kind, value),) = policy.items()
-    if kind == "latest":
-        count = _positive_int(value)
-        if count is None:
-            raise RepositoryError(f"{where}.latest: must be a positive integer, got {value!r}")
-        return found[-count:]
-    if kind == "specific":
-        listed = [_positive_int(v) for v in value] if isinstance(value, list) and value else [None]
-        wanted = {v for v in listed if v is not None}
-        if len(wanted) != len(set(listed)):
-            raise RepositoryError(f"{where}.specific: must be a non-empty list of positive integers")
-        missing = sorted(wanted - set(found))
-        if missing:
-            raise RepositoryError(f"{where}.specific: no version folder for {missing}; found {found}")
-        return sorted(wanted)
-    raise RepositoryError(f"{where}: {usage}, got {policy!r}")
-
-
-def _checkpoint(folder: Path, where: str) -> str:
-    """The checkpoint a version folder holds: ``model_final.pth``, or its only checkpoint file."""
-    if (folder / DEFAULT_CHECKPOINT).is_file():
-        return str(folder / DEFAULT_CHECKPOINT)
-    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
-    if len(found) != 1:
-        what = "no checkpoint" if not found else f"{len(found)} checkpoints"
-        raise RepositoryError(
-            f"{where}: version folder {folder} holds {what}; it needs {DEFAULT_CHECKPOINT} or exactly one "
-            f"file ending {', '.join(CHECKPOINT_SUFFIXES)}"
-        )
-    return str(found[0])
 
 
 def load_repository(path: str | os.PathLike[str]) -> list[ModelSpec]:
@@ -372,10 +317,3 @@ def load_repository(path: str | os.PathLike[str]) -> list[ModelSpec]:
         seen.add(spec.name)
         specs.append(spec)
     return specs
-
-
-def default_repository_path() -> Path:
-    """The demo repository's ``models.yaml``: ``$CVSERVE_DEMO_DIR`` or ``<checkout>/demo_repository``."""
-    root = os.environ.get("CVSERVE_DEMO_DIR")
-    base = Path(root) if root else Path(__file__).resolve().parents[1] / "demo_repository"
-    return base / "models.yaml"

@@ -83,6 +83,10 @@ echo "==> torch${TORCH_INDEX:+ from $TORCH_INDEX}${TORCH_REQUIREMENTS:+ (hash-ch
 "${PIP[@]}" install -q "${TORCH_ARGS[@]}"
 echo "==> cvserve[$EXTRAS]"
 "${PIP[@]}" install -q -e "$ROOT[$EXTRAS]" "${CONSTRAINTS[@]}"
+if [[ ",$EXTRAS," == *,dev,* ]]; then
+    echo "==> lvis, tidecv (without their opencv-python: requirements/no-deps.txt)"
+    "${PIP[@]}" install -q --no-deps -r "$ROOT/requirements/no-deps.txt"
+fi
 # After cvserve, which lists detectron2's runtime dependencies itself (see pyproject.toml).
 echo "==> detectron2 (hash-pinned sdist, pure Python build)"
 "$VENV/bin/python" "$ROOT/scripts/install_detectron2.py"

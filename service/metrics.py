@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -34,76 +34,59 @@ class Metrics:
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self.registry = r = registry or CollectorRegistry()
+        model = ["model", "version"]
+
+        def histogram(
+            name: str, doc: str, labels: list[str], buckets: Sequence[float] = _LATENCY_BUCKETS
+        ) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
         self.requests = Counter(
             "cvserve_requests", "RPCs handled, by method and status code", ["method", "code"], registry=r
         )
-        self.request_latency = Histogram(
-            "cvserve_request_latency_seconds",
-            "Total time to handle an RPC, by method",
-            ["method"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.request_latency = histogram(
+            "cvserve_request_latency_seconds", "Total time to handle an RPC, by method", ["method"]
         )
         self.inferences = Counter(
             "cvserve_inferences",
             "Images inferred, by model and outcome (ok / error)",
-            ["model", "version", "outcome"],
+            [*model, "outcome"],
             registry=r,
         )
-        self.queue_latency = Histogram(
-            "cvserve_queue_latency_seconds",
-            "Time an image waited in its model's batch queue",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.queue_latency = histogram(
+            "cvserve_queue_latency_seconds", "Time an image waited in its model's batch queue", model
         )
-        self.inference_latency = Histogram(
-            "cvserve_inference_latency_seconds",
-            "Duration of one batched forward pass",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.inference_latency = histogram(
+            "cvserve_inference_latency_seconds", "Duration of one batched forward pass", model
         )
-        self.batch_size = Histogram(
-            "cvserve_batch_size",
-            "Images per forward pass",
-            ["model", "version"],
-            buckets=_BATCH_BUCKETS,
-            registry=r,
-        )
+        self.batch_size = histogram("cvserve_batch_size", "Images per forward pass", model, _BATCH_BUCKETS)
         self.queue_depth = Gauge(
-            "cvserve_queue_depth", "Images waiting in a model's batch queue", ["model", "version"], registry=r
+            "cvserve_queue_depth", "Images waiting in a model's batch queue", model, registry=r
         )
-        self.model_ready = Gauge(
-            "cvserve_model_ready", "1 when the model serves, else 0", ["model", "version"], registry=r
-        )
-        self.stage_latency = Histogram(
+        self.model_ready = Gauge("cvserve_model_ready", "1 when the model serves, else 0", model, registry=r)
+        self.stage_latency = histogram(
             "cvserve_stage_seconds",
             "Per-image time in each stage (decode, preprocess, queue, inference, postprocess, encode)",
-            ["model", "version", "stage"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            [*model, "stage"],
         )
         self.max_batch_size = Gauge(
             "cvserve_max_batch_size",
             "Largest batch the model's batcher forms; policy=auto when measured at warm-up",
-            ["model", "version", "policy"],
+            [*model, "policy"],
             registry=r,
         )
-
         self.instances = Gauge(
             "cvserve_model_instances",
             "Batches a model runs at once on each device (Triton's instance_group)",
-            ["model", "version", "device"],
+            [*model, "device"],
             registry=r,
         )
         self._devices: dict[tuple[str, str], tuple[str, ...]] = {}  # instances published, to forget
         self.device_batches = Counter(
             "cvserve_device_batches",
             "Forward passes run, by model and device",
-            ["model", "version", "device"],
+            [*model, "device"],
             registry=r,
         )
 

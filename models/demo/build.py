@@ -164,14 +164,14 @@ def ensure_demo_repository(path: str | os.PathLike[str] | None = None, progress:
     """Return the demo repository's ``models.yaml``, building the repository first if it is missing.
 
     Args:
-        path: the ``models.yaml`` path; default ``cvserve.models.repository.default_repository_path()``.
+        path: the ``models.yaml`` path; default ``cvserve.models.paths.default_repository_path()``.
         progress: receives progress lines while building.
 
     Raises:
         FileExistsError: the directory exists, is not empty and has no ``models.yaml``
             (it is not ours to replace).
     """
-    from cvserve.models.repository import default_repository_path
+    from cvserve.models.paths import default_repository_path
 
     yaml_path = Path(path) if path is not None else default_repository_path()
     if yaml_path.is_file():

@@ -61,7 +61,7 @@ def _make_data(build: DemoBuild) -> None:
 
 
 def _options(build: DemoBuild, iters: int, eval_period: int, **kw: Any) -> Any:
-    from cvserve.models.training.engine import TrainOptions
+    from cvserve.models.training.options import TrainOptions
 
     warmup = min(100, max(1, iters // 6))
     kw.setdefault("num_workers", build.scale.num_workers)
@@ -165,7 +165,7 @@ def _evaluate(cfg: Any, weights: Path, dataset: str, precision: str = "fp32") ->
 
     from cvserve.models.instance.roi_align import keep_roi_align_fp32
     from cvserve.models.precision import autocast, keep_outputs_fp32
-    from cvserve.models.training.engine import evaluate
+    from cvserve.models.training.validation import evaluate
 
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(weights))

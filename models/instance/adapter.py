@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.config import CfgNode, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.structures import Instances
@@ -31,7 +31,7 @@ from cvserve.models.base import VisionModel
 from cvserve.models.checkpoint import META_KEY
 from cvserve.models.device import auto_device, resolve_device
 from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
-from cvserve.models.instance.config import config_file
+from cvserve.models.instance.config import load_config
 from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
 from cvserve.models.instance.roi_align import keep_roi_align_fp32
 from cvserve.models.precision import autocast, cpu_bf16, keep_outputs_fp32, resolve_precision
@@ -41,7 +41,7 @@ from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
 from cvserve.models.threads import forward_threads
 from cvserve.models.types import Prediction, Task
 
-__all__ = ["DetectronModel", "build_detectron_model", "load_config"]
+__all__ = ["DetectronModel", "build_detectron_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,23 +77,6 @@ class _Input:
     height: int  # original size
     width: int
     masks: bool = True  # False: the request wants no masks (skip the mask head and pasting)
-
-
-def load_config(config: str) -> CfgNode | Any:
-    """Read a model-zoo name, a YAML file or a LazyConfig ``.py`` file.
-
-    Raises:
-        ValueError: the file does not exist and is not a model-zoo name.
-    """
-    path = config_file(config)
-    if path is None:
-        raise ValueError(f"config {config!r}: neither a file nor a detectron2 model-zoo config")
-    if path.suffix == ".py":
-        return LazyConfig.load(str(path))
-    cfg = get_cfg()
-    cfg.set_new_allowed(True)  # configs of custom heads carry keys the default config lacks
-    cfg.merge_from_file(str(path))
-    return cfg
 
 
 def _parse_options(spec: ModelSpec) -> dict[str, Any]:

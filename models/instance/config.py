@@ -1,14 +1,15 @@
-"""Ready-made detectron2 configs: the tiny Mask R-CNN trained from scratch on CPU."""
+"""Reading detectron2 configs, and the tiny Mask R-CNN trained from scratch on a CPU."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # isort: split
 
 from detectron2 import model_zoo
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode, LazyConfig, get_cfg
 
 from cvserve.models.instance.backbone import SLIM_BACKBONE_NAME
 from cvserve.models.instance.roi_heads import LAST_STAGE_MASK_HEADS_NAME
@@ -17,6 +18,7 @@ __all__ = [
     "LAST_STAGE_MASK_HEADS_NAME",
     "TINY_INSTANCE_YAML",
     "config_file",
+    "load_config",
     "tiny_instance_config",
 ]
 
@@ -33,6 +35,23 @@ def config_file(config: str) -> Path | None:
         return Path(model_zoo.get_config_file(config))
     except RuntimeError:
         return None
+
+
+def load_config(config: str) -> CfgNode | Any:
+    """Read a model-zoo name, a YAML file or a LazyConfig ``.py`` file.
+
+    Raises:
+        ValueError: the file does not exist and is not a model-zoo name.
+    """
+    path = config_file(config)
+    if path is None:
+        raise ValueError(f"config {config!r}: neither a file nor a detectron2 model-zoo config")
+    if path.suffix == ".py":
+        return LazyConfig.load(str(path))
+    cfg = get_cfg()
+    cfg.set_new_allowed(True)  # configs of custom heads carry keys the default config lacks
+    cfg.merge_from_file(str(path))
+    return cfg
 
 
 def tiny_instance_config(
@@ -69,41 +88,54 @@ def tiny_instance_config(
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]  # not the Caffe2 [1, 1, 1]: no pretrained weights
+    _slim_backbone(cfg.MODEL)
+    _small_heads(cfg.MODEL, num_classes)
+    _schedule(cfg, sizes, input_size)
+    return cfg
+
+
+def _slim_backbone(model: CfgNode) -> None:
     # ResNet-18 at half width (32 to 256 channels) under a 32-channel FPN: 2.4x cheaper per
     # training iteration than the standard 64-channel ResNet-18 with a 64-channel FPN.
-    cfg.MODEL.BACKBONE.NAME = SLIM_BACKBONE_NAME
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 32
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 32
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
-    cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 128
+    model.BACKBONE.NAME = SLIM_BACKBONE_NAME
+    model.RESNETS.DEPTH = 18
+    model.RESNETS.STEM_OUT_CHANNELS = 32
+    model.RESNETS.RES2_OUT_CHANNELS = 32
+    model.RESNETS.NORM = "BN"
+    model.BACKBONE.FREEZE_AT = 0
+    model.FPN.OUT_CHANNELS = 32
+    model.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
+
+
+def _small_heads(model: CfgNode, num_classes: int) -> None:
+    model.RPN.BATCH_SIZE_PER_IMAGE = 128
     # At most a dozen objects per image: 500 / 250 training proposals (COCO's are 2000 /
     # 1000) save NMS time (see benchmarks/README.md, "The demo recipe at 192 px").
-    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 500
-    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 250
+    model.RPN.PRE_NMS_TOPK_TRAIN = 500
+    model.RPN.POST_NMS_TOPK_TRAIN = 250
     # The same 250 at test time: each cascade stage classifies every proposal, and 1000
     # made the demo detector 1.7x slower for the same AP (benchmarks/README.md, "Several
     # training sizes, testing at 256 px, and AdamW").
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 250
-    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    model.RPN.POST_NMS_TOPK_TEST = 250
+    model.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 64
+    model.ROI_HEADS.NUM_CLASSES = num_classes
     # Cascade R-CNN (three box stages at IoU 0.5 / 0.6 / 0.7), the mask head trained on the
-    # last stage's boxes (models/configs/roi_heads.py): in the same 900 demo steps, 83.8 bbox
+    # last stage's boxes (models/instance/roi_heads.py): in the same 900 demo steps, 83.8 bbox
     # and 72.9 segm test AP against 68.7 / 63.5 for StandardROIHeads, for about 1.15x the
     # training time (benchmarks/README.md, "Cascade heads").
-    cfg.MODEL.ROI_HEADS.NAME = LAST_STAGE_MASK_HEADS_NAME
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 256
+    model.ROI_HEADS.NAME = LAST_STAGE_MASK_HEADS_NAME
+    model.ROI_BOX_HEAD.FC_DIM = 256
     # The mask head runs four 3x3 convolutions on every positive RoI: at 64 channels they
     # cost more than the backbone per training step at 128 px; at 32 they cost a quarter.
-    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32
+    model.ROI_MASK_HEAD.CONV_DIM = 32
     # One box regressor and one mask predictor shared by every class: each learns from all
     # positives instead of a fifth of them, which matters when training from scratch.
-    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
-    cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
-    cfg.INPUT.MIN_SIZE_TRAIN = sizes
+    model.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
+    model.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
+
+
+def _schedule(cfg: CfgNode, sizes: Sequence[int], input_size: int) -> None:
+    cfg.INPUT.MIN_SIZE_TRAIN = tuple(sizes)
     cfg.INPUT.MAX_SIZE_TRAIN = round(max(sizes) * 1333 / 800)
     cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
     cfg.INPUT.MIN_SIZE_TEST = input_size
@@ -119,4 +151,3 @@ def tiny_instance_config(
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 5.0
     cfg.TEST.EVAL_PERIOD = 200
-    return cfg

@@ -108,6 +108,22 @@ def _bags(
     return index.reshape(shape2d), weight.reshape(shape2d)
 
 
+def _sampling_grids(
+    rois: torch.Tensor, output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes in feature-map pixels (R, 4) and each RoI's samples per bin, (R, 2) as (x, y)."""
+    ph, pw = output_size
+    boxes = rois[:, 1:].float() * spatial_scale - (0.5 if aligned else 0.0)
+    sizes = boxes[:, 2:] - boxes[:, :2]  # (R, 2): width, height
+    if not aligned:
+        sizes = sizes.clamp(min=1.0)
+        boxes = torch.cat([boxes[:, :2], boxes[:, :2] + sizes], dim=1)
+    if sampling_ratio > 0:
+        return boxes, torch.full_like(sizes, sampling_ratio, dtype=torch.long)
+    # A box of zero or negative extent has no samples: its bins are zero, as in torchvision.
+    return boxes, torch.ceil(sizes / sizes.new_tensor([pw, ph])).long().clamp(min=0)
+
+
 def roi_align_gather(
     input: torch.Tensor,
     rois: torch.Tensor,
@@ -134,16 +150,7 @@ def roi_align_gather(
     if rois.shape[0] == 0:
         return input.new_zeros((0, channels, ph, pw))
     with torch.no_grad():
-        boxes = rois[:, 1:].float() * spatial_scale - (0.5 if aligned else 0.0)
-        sizes = boxes[:, 2:] - boxes[:, :2]  # (R, 2): width, height
-        if not aligned:
-            sizes = sizes.clamp(min=1.0)
-            boxes = torch.cat([boxes[:, :2], boxes[:, :2] + sizes], dim=1)
-        if sampling_ratio > 0:
-            grids = torch.full_like(sizes, sampling_ratio, dtype=torch.long)
-        else:
-            # A box of zero or negative extent has no samples: its bins are zero, as in torchvision.
-            grids = torch.ceil(sizes / sizes.new_tensor([pw, ph])).long().clamp(min=0)
+        boxes, grids = _sampling_grids(rois, output_size, spatial_scale, sampling_ratio, aligned)
         image = rois[:, 0].long()
         key = grids[:, 1] * (int(grids[:, 0].max()) + 1) + grids[:, 0]
         indices, weights, bag_sizes, order = [], [], [], []

@@ -130,14 +130,7 @@ def semseg_config(
         cfg.MODEL[key] = copy.deepcopy(source.MODEL[key])
     cfg.INPUT.FORMAT = source.INPUT.FORMAT
     if encoder == "resnet":
-        builder = cfg.MODEL.BACKBONE.NAME
-        if builder in _BOTTOM_UP_BUILDERS:
-            cfg.MODEL.BACKBONE.NAME = _BOTTOM_UP_BUILDERS[builder]
-        elif builder not in _BOTTOM_UP_BUILDERS.values():
-            raise ValueError(
-                f"encoder 'resnet': no ResNet-only counterpart of backbone {builder!r} is known"
-                f" ({', '.join(sorted(_BOTTOM_UP_BUILDERS))}); use encoder 'fpn'"
-            )
+        cfg.MODEL.BACKBONE.NAME = _bottom_up_builder(cfg.MODEL.BACKBONE.NAME)
     cfg.MODEL.META_ARCHITECTURE = META_ARCH_NAME
     cfg.MODEL.MASK_ON = False
     cfg.MODEL.WEIGHTS = ""
@@ -152,3 +145,15 @@ def semseg_config(
     cfg.INPUT.MIN_SIZE_TEST = input_size
     cfg.INPUT.MAX_SIZE_TEST = max(input_size, 1333 * input_size // 800)
     return cfg
+
+
+def _bottom_up_builder(builder: str) -> str:
+    """The ResNet-only counterpart of a detection backbone builder (FPN over ResNet -> ResNet)."""
+    if builder in _BOTTOM_UP_BUILDERS:
+        return _BOTTOM_UP_BUILDERS[builder]
+    if builder in _BOTTOM_UP_BUILDERS.values():
+        return builder
+    raise ValueError(
+        f"encoder 'resnet': no ResNet-only counterpart of backbone {builder!r} is known"
+        f" ({', '.join(sorted(_BOTTOM_UP_BUILDERS))}); use encoder 'fpn'"
+    )

@@ -31,7 +31,8 @@ from cvserve.models.semseg.class_weights import (
 )
 from cvserve.models.semseg.config import FREEZE_CHOICES, add_semseg_config, semseg_config
 from cvserve.models.semseg.transfer import TransferReport, load_encoder_from_detection, read_checkpoint
-from cvserve.models.training.engine import TrainOptions, TrainResult, train
+from cvserve.models.training.engine import TrainResult, train
+from cvserve.models.training.options import TrainOptions
 
 __all__ = ["SemanticTrainResult", "backbone_config_of", "train_semantic"]
 
@@ -133,16 +134,10 @@ def train_semantic(
     cfg.MODEL.SEMSEG.FREEZE_ENCODER_AT = freeze
     if class_weights is not None:
         cfg.MODEL.SEMSEG.CLASS_WEIGHTS = _class_weights(class_weights, train_dataset, num_classes)
-    cfg.MODEL.DEVICE = "cpu"  # the initial model is only built to be saved
+    cfg.MODEL.DEVICE = "cpu"  # the initial model is only built to be saved; train() sets the device
     init_weights, report = None, None
     if encoder_from is not None:
-        # Same seed as the engine uses before build_model: the decoder starts identical to a scratch run.
-        seed_all_rng(options.seed)
-        model = build_model(cfg)
-        report = load_encoder_from_detection(model, encoder_from)
-        init_path = save_checkpoint(model, out / "init_transfer.pth", extra={"transfer": report.summary()})
-        _write_report(report, out / "transfer_report.json")
-        init_weights = str(init_path)
+        init_weights, report = _transfer_encoder(cfg, encoder_from, options.seed, out)
     result = train(
         cfg,
         options,
@@ -153,3 +148,16 @@ def train_semantic(
         progress=progress,
     )
     return SemanticTrainResult(train=result, transfer=report, config=cfg)
+
+
+def _transfer_encoder(
+    cfg: CfgNode, encoder_from: str | Path, seed: int, out: Path
+) -> tuple[str, TransferReport]:
+    """Build the model, load the detection encoder into it, save it as the initial checkpoint."""
+    # Same seed as the engine uses before build_model: the decoder starts identical to a scratch run.
+    seed_all_rng(seed)
+    model = build_model(cfg)
+    report = load_encoder_from_detection(model, encoder_from)
+    init_path = save_checkpoint(model, out / "init_transfer.pth", extra={"transfer": report.summary()})
+    _write_report(report, out / "transfer_report.json")
+    return str(init_path), report

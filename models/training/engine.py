@@ -27,11 +27,7 @@ import torch
 import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import (
-    DatasetMapper,
-    MetadataCatalog,
-    build_detection_train_loader,
-)
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
@@ -46,12 +42,13 @@ from cvserve.models.instance.roi_align import use_gather_roi_align
 from cvserve.models.training.history import MetricsHistory
 from cvserve.models.training.launch import LauncherEnvironment, joined_process_group, launcher_environment
 from cvserve.models.training.monitor import ProgressLog, Selection
-from cvserve.models.training.options import TrainOptions, add_train_options, options_from_args
-from cvserve.models.training.parallel import ProcessGroup, broadcast_object, mean_over_ranks, rank_device
+from cvserve.models.training.options import TrainOptions
+from cvserve.models.training.parallel import ProcessGroup
+from cvserve.models.training.ranks import broadcast_object, mean_over_ranks, rank_device
 from cvserve.models.training.solver import build_lr_scheduler, build_optimizer, train_step
 from cvserve.models.training.validation import dataset_classes, evaluate
 
-__all__ = ["TrainOptions", "TrainResult", "add_train_options", "evaluate", "options_from_args", "train"]
+__all__ = ["TrainResult", "train"]
 
 logger = logging.getLogger(__name__)
 

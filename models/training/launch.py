@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from detectron2.utils import comm
 
-from cvserve.models.training.parallel import COLLECTIVE_TIMEOUT
+from cvserve.models.training.ranks import collective_timeout
 
 __all__ = ["LauncherEnvironment", "joined_process_group", "launcher_environment"]
 
@@ -133,7 +133,7 @@ def joined_process_group(launch: LauncherEnvironment, device: str) -> Iterator[s
         init_method="env://",
         rank=launch.rank,
         world_size=launch.world_size,
-        timeout=COLLECTIVE_TIMEOUT,
+        timeout=collective_timeout(),
     )
     logger.info(
         "rank %d of %d (local rank %d) joined %s:%d with %s",

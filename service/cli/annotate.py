@@ -55,7 +55,7 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 def _spec(args: argparse.Namespace) -> Any:
     from cvserve.cli.common import model_spec
-    from cvserve.models.repository import default_repository_path
+    from cvserve.models.paths import default_repository_path
 
     return model_spec(args.models or str(default_repository_path()), args.model)
 
@@ -63,6 +63,7 @@ def _spec(args: argparse.Namespace) -> Any:
 def _server_predictor(args: argparse.Namespace) -> Any:
     from cvserve.annotation.predictors import PredictorError, ServerPredictor
     from cvserve.cli.common import CLIError
+    from cvserve.client.client import Client
 
     if args.engine != "local":
         raise CLIError("--server and --engine ray exclude each other")
@@ -73,7 +74,7 @@ def _server_predictor(args: argparse.Namespace) -> Any:
             args.model,
             concurrency=args.concurrency or 4,
             timeout=connection.timeout,
-            client=connection.client(),
+            client=Client.connect(connection),
         )
     except ImportError as e:
         raise CLIError(f"the gRPC client is not available: {e}") from None

@@ -121,9 +121,9 @@ def _predict(client: Any, args: argparse.Namespace, data: bytes) -> tuple[dict[s
 
 def run(args: argparse.Namespace) -> int:
     from cvserve.cli.common import CLIError
-    from cvserve.client.client import ClientError
+    from cvserve.client.client import Client, ClientError
 
-    with connection_from_args(args).client() as client:
+    with Client.connect(connection_from_args(args)) as client:
         try:
             if args.action == "models":
                 print(json.dumps(client.list_models(), indent=2))

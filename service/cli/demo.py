@@ -60,7 +60,7 @@ def _scale(args: argparse.Namespace) -> Any:
 
 
 def _directory(out: Path | None) -> Path:
-    from cvserve.models.repository import default_repository_path
+    from cvserve.models.paths import default_repository_path
 
     return out if out is not None else default_repository_path().parent
 

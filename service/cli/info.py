@@ -31,8 +31,8 @@ def collect(models: str | None = None) -> dict[str, Any]:
 
     from cvserve.models import compat as _compat
     from cvserve.models.device import cuda_status
+    from cvserve.models.paths import default_repository_path
     from cvserve.models.precision import cpu_bf16, resolve_precision
-    from cvserve.models.repository import default_repository_path
 
     _compat.apply()
     import detectron2

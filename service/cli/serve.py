@@ -15,7 +15,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models", help="model repository YAML (default: the demo repository, built if missing)"
     )
+    parser.add_argument(
+        "--poll-repository",
+        type=float,
+        metavar="SECONDS",
+        help="re-read the repository file every SECONDS and apply its changes: new entries load, "
+        "changed ones reload without a failed request, removed ones unload (default: only on "
+        "SIGHUP and the load RPCs)",
+    )
     # Defaults come from ServerConfig, so the flags and the library never disagree.
+    _add_listening(parser.add_argument_group("listening"))
+    _add_limits(parser.add_argument_group("limits and tuning"))
+    _add_security(parser.add_argument_group("security"))
+
+
+def _add_listening(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--host", default=ServerConfig.host, help="interface to bind (default: %(default)s)")
     parser.add_argument(
         "--port",
@@ -35,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="interface of the metrics endpoint, which has no authentication (default: %(default)s)",
     )
     parser.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default=ServerConfig.log_format, help="log lines format"
+    )
+
+
+def _add_limits(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--max-message-mb",
         type=float,
@@ -60,17 +80,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds in-flight requests get on shutdown (default: %(default)g)",
     )
     parser.add_argument(
-        "--log-format", choices=LOG_FORMATS, default=ServerConfig.log_format, help="log lines format"
-    )
-    parser.add_argument(
         "--no-warmup", action="store_true", help="mark models ready without a warm-up inference"
     )
     parser.add_argument(
         "--no-malloc-tuning",
         action="store_true",
         help="leave glibc's malloc thresholds alone (by default raised so each request reuses the "
-        "memory the previous one freed instead of mapping fresh pages; see service/allocator.py)",
+        "memory the previous one freed instead of mapping fresh pages; see service/server/allocator.py)",
     )
+
+
+def _add_security(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--tls-cert", help="PEM certificate chain (serves TLS with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key")
     parser.add_argument(
@@ -90,14 +110,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--auth-health", action="store_true", help="require the token for health checks too (default: open)"
-    )
-    parser.add_argument(
-        "--poll-repository",
-        type=float,
-        metavar="SECONDS",
-        help="re-read the repository file every SECONDS and apply its changes: new entries load, "
-        "changed ones reload without a failed request, removed ones unload (default: only on "
-        "SIGHUP and the load RPCs)",
     )
 
 

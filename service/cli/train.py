@@ -104,8 +104,7 @@ def _register(json_path: Path, images: Path, role: str) -> str:
 
 def _load_config(config: str | None) -> Any:
     from cvserve.cli.common import CLIError
-    from cvserve.models.instance.adapter import load_config
-    from cvserve.models.instance.config import TINY_INSTANCE_YAML
+    from cvserve.models.instance.config import TINY_INSTANCE_YAML, load_config
 
     try:
         return load_config(config or str(TINY_INSTANCE_YAML))
@@ -162,7 +161,7 @@ def _write_fp16(source: Path, target: Path) -> None:
     from detectron2.modeling import build_model
 
     from cvserve.models.checkpoint import META_KEY, save_checkpoint
-    from cvserve.models.instance.adapter import load_config
+    from cvserve.models.instance.config import load_config
 
     model = build_model(load_config(str(source.parent / "config.yaml")))
     # load returns what the checkpoint holds besides the weights: no second read for the metadata.

@@ -153,7 +153,7 @@ def _register_split(which: str, split: tuple[Path, Path], classes: list[str]) ->
 def run(args: argparse.Namespace) -> int:
     from cvserve.cli.common import CLIError
     from cvserve.models.semseg.training import train_semantic
-    from cvserve.models.training.engine import options_from_args
+    from cvserve.models.training.options import options_from_args
 
     try:
         options = options_from_args(args)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -69,6 +69,19 @@ class _ClientBase:
         self._metadata = self.connection.metadata
         self._tasks: dict[str, Task] = {}
         self._lock = threading.Lock()  # guards _tasks for the thread-safe sync client
+
+    @classmethod
+    def connect(cls, connection: Connection, **kwargs: Any) -> Self:
+        """A client for ``connection`` (``kwargs``, e.g. ``max_message_bytes``, go to the constructor)."""
+        return cls(
+            connection.address,
+            timeout=connection.timeout,
+            tls=connection.tls,
+            root_certificates=connection.root_certificates,
+            client_certificate=connection.client_certificate,
+            token=connection.token,
+            **kwargs,
+        )
 
 
 class Client(_ClientBase):

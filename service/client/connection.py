@@ -89,17 +89,3 @@ class Connection:
         if creds is None:
             return grpc.insecure_channel(self.address, options=options)
         return grpc.secure_channel(self.address, creds, options=options)
-
-    def client(self, **kwargs: Any) -> Any:
-        """A :class:`cvserve.client.client.Client` for this connection (``kwargs`` go to it)."""
-        from cvserve.client.client import Client
-
-        return Client(
-            self.address,
-            timeout=self.timeout,
-            tls=self.tls,
-            root_certificates=self.root_certificates,
-            client_certificate=self.client_certificate,
-            token=self.token,
-            **kwargs,
-        )

@@ -15,12 +15,9 @@ everything else happens here, as in KServe's ``DataPlane``:
   run time, by repository name only (never a path a client sent), re-reading the
   repository each time (:mod:`cvserve.dataplane.repository`); a reload swaps in the new
   version without failing a request (:mod:`cvserve.dataplane.versions`);
-* each served version of a model is a :class:`~cvserve.dataplane.served_model.ServedModel` of its
-  own (Triton's model versions); a request without a version gets the newest ready one;
-* per-model :class:`ModelStats` follow the Open Inference Protocol's statistics.
-
-Each model version's own lifecycle, thread, batcher and statistics live in its
-:class:`~cvserve.dataplane.served_model.ServedModel`; this module adds what spans models.
+* each served version of a model is a :class:`~cvserve.dataplane.served_model.ServedModel`
+  (its own lifecycle, thread, batcher and statistics, as Triton's model versions); a request
+  without a version gets the newest ready one. This module adds what spans models.
 
 Deadlines are absolute ``time.monotonic()`` values.
 """
@@ -37,7 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from cvserve.config import ServerConfig
-from cvserve.dataplane.model_state import Duration, ModelState, ModelStats, ModelStatus, Outcome
+from cvserve.dataplane.model_state import ModelState, ModelStats, ModelStatus, Outcome
 from cvserve.dataplane.repository import Change, IndexEntry, RepositorySource, RepositorySync
 from cvserve.dataplane.served_model import ServedModel, run_in_pool
 from cvserve.dataplane.versions import ServedVersions
@@ -48,17 +45,7 @@ from cvserve.models.build import build_model
 from cvserve.models.repository import ModelSpec
 from cvserve.models.types import Prediction
 
-__all__ = [
-    "Change",
-    "DataPlane",
-    "Duration",
-    "IndexEntry",
-    "ModelState",
-    "ModelStats",
-    "ModelStatus",
-    "Outcome",
-    "RepositorySource",
-]
+__all__ = ["DataPlane"]
 
 logger = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -180,16 +167,14 @@ class DataPlane:
     async def unload(self, name: str) -> None:
         """Stop serving a model: refuse new requests, finish those holding it, free it.
 
-        Raises:
-            ModelNotFoundError: ``name`` is not served nor in the repository.
+        Raises ``ModelNotFoundError`` when ``name`` is neither served nor in the repository.
         """
         await self._sync.unload(name)
 
     async def reload_repository(self) -> list[Change]:
         """Re-read the repository and apply every change (new, changed and removed entries).
 
-        Raises:
-            RepositoryFileError: the repository cannot be read or is invalid; nothing changed.
+        Raises ``RepositoryFileError`` (nothing changed) when the file cannot be read or is invalid.
         """
         return await self._sync.reload()
 
@@ -246,17 +231,12 @@ class DataPlane:
     def get(self, name: str, version: str | None = None) -> ModelStatus:
         """The status of ``version`` of a model (None: the version a request without one gets).
 
-        Raises:
-            ModelNotFoundError / VersionNotFoundError: no such model or version.
+        Raises ``ModelNotFoundError`` / ``VersionNotFoundError`` for no such model or version.
         """
         return self._entry(name).select(version).status()
 
     def versions(self, name: str, ready: bool = True) -> list[str]:
-        """The versions of ``name`` served (``ready``: only the ready ones), oldest first.
-
-        Raises:
-            ModelNotFoundError: no such model.
-        """
+        """The versions of ``name`` served (``ready``: only the ready ones), oldest first."""
         return [s.version for s in self._entry(name).statuses() if s.ready or not ready]
 
     def is_ready(self, name: str, version: str | None = None) -> bool:
@@ -316,15 +296,10 @@ class DataPlane:
         deadline: float | None = None,
         masks: bool = True,
     ) -> list[Prediction | Exception]:
-        """Predict ``images`` (RGB uint8 ``(H, W, 3)``) with model ``name``.
+        """Predict ``images`` (RGB uint8 ``(H, W, 3)``) with model ``name``; ``masks=False`` skips masks.
 
-        ``masks=False`` skips instance masks (the request asks for none).
-
-        Returns:
-            One prediction, or the exception that image failed with, per image.
-
-        Raises:
-            ModelNotFoundError, VersionNotFoundError, ModelNotReadyError, ServerDrainingError.
+        Returns one prediction, or the exception that image failed with, per image. Raises
+        ModelNotFoundError, VersionNotFoundError, ModelNotReadyError or ServerDrainingError.
         """
         outcomes = await self.infer_timed(name, images, version=version, deadline=deadline, masks=masks)
         return [o.prediction if o.error is None else o.error for o in outcomes]  # type: ignore[misc]

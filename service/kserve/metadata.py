@@ -6,7 +6,8 @@ import json
 
 from cvserve._proto.inference import grpc_service_pb2 as pb
 from cvserve._proto.inference import model_config_pb2 as mc
-from cvserve.dataplane.plane import Duration, IndexEntry, ModelState, ModelStats, ModelStatus
+from cvserve.dataplane.model_state import Duration, ModelState, ModelStats, ModelStatus
+from cvserve.dataplane.repository import IndexEntry
 from cvserve.kserve.tensors import TensorSpec, input_spec, output_specs
 from cvserve.models.device import device_index
 from cvserve.models.types import Task

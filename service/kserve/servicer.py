@@ -28,7 +28,8 @@ import numpy as np
 from cvserve._proto.inference import grpc_service_pb2 as pb
 from cvserve._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from cvserve.config import ServerConfig
-from cvserve.dataplane.plane import DataPlane, ModelState, ModelStatus
+from cvserve.dataplane.model_state import ModelState, ModelStatus
+from cvserve.dataplane.plane import DataPlane
 from cvserve.errors import InvalidOptionError, NotSupportedError, ServiceError, status_of
 from cvserve.imaging import decode_image
 from cvserve.kserve.codec import read_inputs, write_output

@@ -19,7 +19,8 @@ from cvserve._proto.cvserve.v1 import types_pb2 as types_pb
 from cvserve._proto.cvserve.v1 import vision_service_pb2 as pb
 from cvserve._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
 from cvserve.config import ServerConfig
-from cvserve.dataplane.plane import DataPlane, ModelState, ModelStatus
+from cvserve.dataplane.model_state import ModelState, ModelStatus
+from cvserve.dataplane.plane import DataPlane
 from cvserve.errors import InvalidOptionError, WrongTaskError, status_of
 from cvserve.imaging import ENCODINGS
 from cvserve.models.types import Task

@@ -33,7 +33,8 @@ from cvserve.models.evaluation.coco import evaluate_coco
 from cvserve.models.evaluation.coco_io import parse_ground_truth
 from cvserve.models.evaluation.inference import PredictFiles, instance_results, semantic_confusion
 from cvserve.models.evaluation.semantic import semantic_metrics
-from cvserve.models.repository import ModelSpec, default_repository_path, load_repository
+from cvserve.models.paths import default_repository_path
+from cvserve.models.repository import ModelSpec, load_repository
 from cvserve.models.types import Instance, Prediction
 
 pytestmark = pytest.mark.slow

@@ -134,7 +134,7 @@ def test_errors_name_the_flag(data: dict, tmp_path: Path, argv: list[str], messa
 )
 def test_train_semantic_checks_class_weights_first(tmp_path: Path, weights: object, message: str) -> None:
     from cvserve.models.semseg.training import train_semantic
-    from cvserve.models.training.engine import TrainOptions
+    from cvserve.models.training.options import TrainOptions
 
     with pytest.raises(ValueError, match=message):
         train_semantic(

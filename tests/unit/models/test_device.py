@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cvserve.models import device as dev
-from cvserve.models.training.parallel import check_devices
+from cvserve.models.training.ranks import check_devices
 
 Simulate = Callable[..., None]
 DRIVER_TEXT = (

@@ -17,14 +17,10 @@ from cvserve.models.data.augment import ColorJitterTransform, GaussianNoiseTrans
 from cvserve.models.data.datasets import register_coco_split, register_semantic_split
 from cvserve.models.data.synthetic import CATEGORIES, SplitPaths, generate_dataset
 from cvserve.models.instance.config import tiny_instance_config
-from cvserve.models.training.engine import (
-    TrainOptions,
-    add_train_options,
-    options_from_args,
-    train,
-)
+from cvserve.models.training.engine import train
 from cvserve.models.training.history import MetricsHistory, flatten_results
 from cvserve.models.training.monitor import Selection
+from cvserve.models.training.options import TrainOptions, add_train_options, options_from_args
 from cvserve.models.training.solver import build_lr_scheduler, build_optimizer, l1_penalty
 
 # -- options -------------------------------------------------------------------------------------

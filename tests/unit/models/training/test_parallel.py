@@ -15,14 +15,11 @@ import torch.distributed as dist
 from cvserve.models.data.datasets import register_coco_split
 from cvserve.models.data.synthetic import CATEGORIES, generate_dataset
 from cvserve.models.instance.config import tiny_instance_config
-from cvserve.models.training.engine import TrainOptions, evaluate, train
-from cvserve.models.training.parallel import (
-    ProcessGroup,
-    check_devices,
-    collective_timeout,
-    rank_device,
-    threads_per_process,
-)
+from cvserve.models.training.engine import train
+from cvserve.models.training.options import TrainOptions
+from cvserve.models.training.parallel import ProcessGroup
+from cvserve.models.training.ranks import check_devices, collective_timeout, rank_device, threads_per_process
+from cvserve.models.training.validation import evaluate
 from tests.fixtures import parallel_targets
 
 # -- the process group ---------------------------------------------------------------------------

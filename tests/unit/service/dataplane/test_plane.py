@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cvserve.config import ServerConfig
-from cvserve.dataplane.plane import DataPlane, ModelState
+from cvserve.dataplane.model_state import ModelState
+from cvserve.dataplane.plane import DataPlane
 from cvserve.errors import (
     ModelLoadError,
     ModelNotFoundError,

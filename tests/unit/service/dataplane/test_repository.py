@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from cvserve.config import ServerConfig
-from cvserve.dataplane.plane import DataPlane, ModelState
+from cvserve.dataplane.model_state import ModelState
+from cvserve.dataplane.plane import DataPlane
 from cvserve.dataplane.repository import Change, file_source
 from cvserve.errors import ModelLoadError, ModelNotFoundError, RepositoryFileError, VersionNotFoundError
 from cvserve.metrics import Metrics
