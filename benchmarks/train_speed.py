@@ -5,8 +5,11 @@ for ``--iters`` iterations per setting, after ``--warmup`` iterations that are n
 timed, and prints images per second. The settings differ only in how the CPU is
 used: one process with all intra-op threads (with and without a data-loader
 process beside it), or ``--processes`` single-thread processes (DDP over gloo).
+``--precisions fp32 bf16`` instead compares training precisions (autocast) in the
+demo build's setting (``--processes`` single-thread processes), alternating rounds.
 
     python benchmarks/train_speed.py --iters 60 --batch-size 8
+    python benchmarks/train_speed.py --precisions fp32 bf16 --rounds 2
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +34,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--train-images", type=int, default=200)
     p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--precisions", nargs="*", default=[], help="compare these training precisions instead")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of --precisions")
     return p.parse_args(argv)
 
 
@@ -45,7 +51,7 @@ class _Clock(logging.Handler):
             self.stamps.append(time.perf_counter())
 
 
-def _run(name: str, dataset: str, out: Path, args: argparse.Namespace, **kw: int) -> float:
+def _run(name: str, dataset: str, out: Path, args: argparse.Namespace, **kw: Any) -> float:
     from cvserve.models.data.synthetic import CATEGORIES
     from cvserve.models.instance.config import tiny_instance_config
     from cvserve.models.training.engine import train
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         size = (args.image_size, args.image_size)
         paths = generate_dataset(out / "data", seed=0, splits={"train": args.train_images}, image_size=size)
         register_coco_split("bench_train", paths["train"])
-        settings = [
+        settings: list[tuple[str, dict]] = [
             (f"1 process, {torch.get_num_threads()} threads, 1 loader process", {"num_workers": 1}),
             (f"1 process, {torch.get_num_threads()} threads, loading inline", {"num_workers": 0}),
             (
@@ -97,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                 {"num_workers": 0, "processes": args.processes},
             ),
         ]
+        if args.precisions:
+            base = {"num_workers": 0, "processes": args.processes}
+            settings = [
+                (f"{args.processes} processes, DDP, {p} (round {r + 1})", {**base, "precision": p})
+                for r in range(args.rounds)
+                for p in args.precisions
+            ]
         print(machine())
         print(
             f"demo detector, batch {args.batch_size} at {args.image_size} px, {args.iters} timed iterations"

@@ -39,6 +39,7 @@ from cvserve.models.device import resolve_device
 from cvserve.models.fusion import use_channels_last
 from cvserve.models.instance import config as _configs  # noqa: F401  (registers this project's backbone and ROI heads)
 from cvserve.models.instance.roi_align import use_gather_roi_align
+from cvserve.models.precision import resolve_training_precision
 from cvserve.models.training.history import MetricsHistory
 from cvserve.models.training.launch import LauncherEnvironment, joined_process_group, launcher_environment
 from cvserve.models.training.monitor import ProgressLog, Selection
@@ -246,8 +247,9 @@ class _Trainer:
         self.optimizer = build_optimizer(self.model, options)
         self.scheduler = build_lr_scheduler(self.optimizer, options)
         self.data = _train_loader(cfg, options)
-        self.use_amp = cfg.MODEL.DEVICE.startswith("cuda")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.precision = resolve_training_precision(options.precision, cfg.MODEL.DEVICE)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.history = MetricsHistory(run.out)
         self.selection = Selection(options.early_stop_metric, options.early_stop_patience)
         self.best_path, self.last_path = run.out / "model_best.pth", run.out / "model_final.pth"
@@ -258,8 +260,9 @@ class _Trainer:
     def run(self) -> TrainResult:
         cfg, options = self.cfg, self.options
         logger.info(
-            "training %s on %s for %d iterations on %s",
+            "training %s on %s for %d iterations on %s at %s",
             cfg.MODEL.META_ARCHITECTURE, self.train_dataset, options.max_iter, cfg.MODEL.DEVICE,
+            self.precision,
         )  # fmt: skip
         self.model.train()
         iteration = 0
@@ -282,8 +285,9 @@ class _Trainer:
     def _step(self, iteration: int) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
         losses = train_step(
-            self.forward, next(self.data), self.optimizer, self.scaler, self.options, self.use_amp
-        )
+            self.forward, next(self.data), self.optimizer, self.scaler, self.options,
+            self.cfg.MODEL.DEVICE, self.precision,
+        )  # fmt: skip
         if iteration < self.options.max_iter:  # fvcore schedules are undefined past the end
             self.scheduler.step()
         row = {"iteration": iteration, "lr": lr, **mean_over_ranks(losses)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 
+from cvserve.models.repository import PRECISIONS
+
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
@@ -54,6 +56,9 @@ class TrainOptions:
             ``batch_size / processes`` images per iteration: single-thread processes sharing
             the CPU cores, or one GPU each (``device`` ``cuda``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``: the forward and loss under
+            autocast (:func:`cvserve.models.precision.resolve_training_precision`); weights,
+            gradients and optimizer state stay fp32.
         log_period: iterations between progress lines.
     """
 
@@ -84,6 +89,7 @@ class TrainOptions:
     num_workers: int = 1
     processes: int = 1
     device: str = "auto"
+    precision: str = "auto"
     log_period: int = 20
 
     def __post_init__(self) -> None:
@@ -119,6 +125,7 @@ class TrainOptions:
                 f"a multiple of processes ({self.processes})",
             ),
             (self.log_period >= 1, "log_period", ">= 1"),
+            (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
         ]
         for ok, name, rule in checks:
             if not ok:
@@ -155,20 +162,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         default=d.grad_clip_type,
         help="clip each parameter's gradient norm (detectron2's 'norm') or the whole model's",
     )
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip)
-    g.add_argument("--vflip", action=argparse.BooleanOptionalAction, default=d.vflip)
-    g.add_argument(
-        "--scale-jitter",
-        type=float,
-        nargs=2,
-        metavar=("MIN", "MAX"),
-        default=d.scale_jitter,
-        help="short-edge range: factors (<= 8) of the training size or pixels",
-    )
-    g.add_argument("--crop", type=float, default=d.crop, help="relative random crop size (default off)")
-    g.add_argument("--rotation", type=float, default=d.rotation, help="max rotation in degrees (0 = off)")
-    g.add_argument("--color-jitter", type=float, default=d.color_jitter, help="strength in [0, 1) (0 = off)")
-    g.add_argument("--noise-std", type=float, default=d.noise_std, help="max Gaussian noise std (0 = off)")
+    _add_augmentation_flags(g, d)
     g.add_argument("--eval-period", type=int, default=d.eval_period)
     g.add_argument(
         "--early-stop-patience",
@@ -190,7 +184,30 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         help="data-parallel training processes: CPU cores shared out, or one GPU each (default 1)",
     )
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="autocast precision; auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32",
+    )
     g.add_argument("--log-period", type=int, default=d.log_period)
+
+
+def _add_augmentation_flags(g: argparse._ArgumentGroup, d: TrainOptions) -> None:
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip)
+    g.add_argument("--vflip", action=argparse.BooleanOptionalAction, default=d.vflip)
+    g.add_argument(
+        "--scale-jitter",
+        type=float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=d.scale_jitter,
+        help="short-edge range: factors (<= 8) of the training size or pixels",
+    )
+    g.add_argument("--crop", type=float, default=d.crop, help="relative random crop size (default off)")
+    g.add_argument("--rotation", type=float, default=d.rotation, help="max rotation in degrees (0 = off)")
+    g.add_argument("--color-jitter", type=float, default=d.color_jitter, help="strength in [0, 1) (0 = off)")
+    g.add_argument("--noise-std", type=float, default=d.noise_std, help="max Gaussian noise std (0 = off)")
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:

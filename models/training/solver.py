@@ -17,6 +17,7 @@ from fvcore.common.param_scheduler import (
     ParamScheduler,
 )
 
+from cvserve.models.precision import autocast
 from cvserve.models.training.options import TrainOptions
 
 __all__ = ["build_lr_scheduler", "build_optimizer", "l1_penalty", "train_step"]
@@ -89,14 +90,15 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     options: TrainOptions,
-    use_amp: bool,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """One optimisation step on ``batch``; returns the loss values (``total_loss`` included).
 
     Raises:
         FloatingPointError: the loss is NaN or infinite.
     """
-    with torch.autocast("cuda", enabled=use_amp):
+    with autocast(device, precision):  # the serving path's context: one for CUDA fp16 and CPU bf16
         loss_dict = model(batch)
     total = sum(loss_dict.values())
     values = {k: float(v.detach()) for k, v in loss_dict.items()}

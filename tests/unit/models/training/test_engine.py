@@ -13,15 +13,17 @@ import pytest
 import torch
 from detectron2.data import transforms as T
 
+from cvserve.models import precision
 from cvserve.models.data.augment import ColorJitterTransform, GaussianNoiseTransform, build_augmentations
 from cvserve.models.data.datasets import register_coco_split, register_semantic_split
 from cvserve.models.data.synthetic import CATEGORIES, SplitPaths, generate_dataset
 from cvserve.models.instance.config import tiny_instance_config
+from cvserve.models.precision import CpuBf16, resolve_training_precision
 from cvserve.models.training.engine import train
 from cvserve.models.training.history import MetricsHistory, flatten_results
 from cvserve.models.training.monitor import Selection
 from cvserve.models.training.options import TrainOptions, add_train_options, options_from_args
-from cvserve.models.training.solver import build_lr_scheduler, build_optimizer, l1_penalty
+from cvserve.models.training.solver import build_lr_scheduler, build_optimizer, l1_penalty, train_step
 
 # -- options -------------------------------------------------------------------------------------
 
@@ -69,6 +71,8 @@ def test_flags_round_trip_to_options() -> None:
             "0",
             "--processes",
             "2",
+            "--precision",
+            "bf16",
         ]
     )
     opts = options_from_args(args)
@@ -76,7 +80,7 @@ def test_flags_round_trip_to_options() -> None:
         optimizer="adamw", lr=0.002, l1=1e-6, dropout=0.2, max_iter=50, warmup_iters=5,
         lr_schedule="cosine", lr_steps=(20, 40), hflip=False, vflip=True, scale_jitter=(0.8, 1.2),
         crop=0.9, rotation=15, color_jitter=0.3, noise_std=6, early_stop_patience=3,
-        early_stop_metric="bbox/AP", num_workers=0, processes=2,
+        early_stop_metric="bbox/AP", num_workers=0, processes=2, precision="bf16",
     )  # fmt: skip
     assert options_from_args(parser.parse_args([])) == TrainOptions()
 
@@ -84,7 +88,8 @@ def test_flags_round_trip_to_options() -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("optimizer", "lamb"), ("lr", 0), ("num_workers", 3), ("dropout", 1.0), ("crop", 1.5),
-     ("warmup_iters", 10_000), ("lr_steps", (700,)), ("color_jitter", 1.0), ("scale_jitter", (2.0, 1.0))],
+     ("warmup_iters", 10_000), ("lr_steps", (700,)), ("color_jitter", 1.0), ("scale_jitter", (2.0, 1.0)),
+     ("precision", "int8")],
 )  # fmt: skip
 def test_invalid_option_names_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"training option {field} must be"):
@@ -92,6 +97,43 @@ def test_invalid_option_names_field(field: str, value: object) -> None:
 
 
 # -- solver --------------------------------------------------------------------------------------
+
+
+class _Recorder(torch.nn.Module):
+    """A one-convolution "detector": records the dtype its convolution computes in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        out = self.conv(torch.stack([b["image"] for b in batch]).float())
+        self.dtypes.append(out.dtype)
+        return {"loss_test": out.float().square().mean()}
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_train_step_runs_the_forward_under_the_serving_autocast(precision: str, dtype: torch.dtype) -> None:
+    # The CPU bf16 step runs the code a CUDA fp16 step runs (models.precision.autocast).
+    model = _Recorder()
+    before = model.conv.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    batch = [{"image": torch.rand(3, 8, 8)} for _ in range(2)]
+    losses = train_step(model, batch, optimizer, scaler, TrainOptions(grad_clip=0), "cpu", precision)
+    assert model.dtypes == [dtype]
+    assert model.conv.weight.dtype == torch.float32 and not torch.equal(model.conv.weight, before)
+    assert set(losses) == {"loss_test", "total_loss"}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_training_precision_auto_is_mixed_where_native(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: CpuBf16(native, ("amx_bf16",) * native, "test"))
+    assert resolve_training_precision("auto", "cuda:0") == "fp16"
+    assert resolve_training_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_training_precision("fp16", "cpu") == "fp32"
+    assert resolve_training_precision("fp32", "cuda") == "fp32"
 
 
 def _lrs(options: TrainOptions) -> list[float]:

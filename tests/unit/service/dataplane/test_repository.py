@@ -79,6 +79,25 @@ def test_load_rereads_the_file_and_swaps_a_changed_entry(tmp_path: Path) -> None
     run(main())
 
 
+def test_a_config_file_written_anew_is_a_change(tmp_path: Path) -> None:
+    # As Triton's poll mode: the files an entry names count, not only the entry's fields.
+    config = tmp_path / "det.yaml"
+    config.write_text("a: 1\n")
+    path = write(tmp_path / "models.yaml", {"name": "det", "task": "instance", "config": str(config)})
+
+    async def main() -> None:
+        dp = await started(path)
+        first = dp.model_object("det")
+        await dp.load("det")
+        assert dp.model_object("det") is first  # nothing changed: not reloaded
+        config.write_text("a: 2\nb: 3\n")
+        assert (await dp.load("det")).ready
+        assert dp.model_object("det") is not first
+        await dp.close()
+
+    run(main())
+
+
 def test_a_new_entry_loads_and_an_unknown_name_is_not_found(tmp_path: Path) -> None:
     path = write(tmp_path / "models.yaml", {"name": "det", "task": "instance"})
 
