@@ -18,6 +18,7 @@ import numpy as np
 
 from cvserve.models.evaluation import shapes
 from cvserve.models.evaluation.coco_io import Detections, GroundTruth
+from cvserve.models.evaluation.errors import EvaluationInputError
 from cvserve.models.evaluation.params import Accumulated, EvalParams, EvalSettings
 
 __all__ = ["reference_accumulate"]
@@ -59,8 +60,13 @@ def _load(lib: str, gt_data: dict[str, Any], results: list[dict[str, Any]]) -> t
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval as Eval
     else:
-        from faster_coco_eval import COCO
-        from faster_coco_eval import COCOeval_faster as Eval
+        try:
+            from faster_coco_eval import COCO
+            from faster_coco_eval import COCOeval_faster as Eval
+        except ImportError:
+            raise EvaluationInputError(
+                "--engine faster-coco-eval needs faster-coco-eval: pip install 'cvserve[faster-coco-eval]'"
+            ) from None
     coco_gt = COCO()
     coco_gt.dataset = gt_data
     coco_gt.createIndex()

@@ -88,7 +88,8 @@ def evaluate_lvis(gt: GroundTruth, dets: Detections, iou_types: tuple[str, ...])
         from lvis import LVIS, LVISEval, LVISResults
     except ImportError:
         raise EvaluationInputError(
-            "LVIS evaluation needs the lvis package: pip install 'cvserve[lvis]'"
+            "LVIS evaluation needs the lvis package: pip install 'cvserve[lvis]' and then"
+            " pip install --no-deps lvis==0.5.3 (docs/evaluation.md)"
         ) from None
     _check_lvis(gt)
     bad = [t for t in iou_types if t not in ("bbox", "segm")]

@@ -60,7 +60,10 @@ def tide_errors(gt: GroundTruth, dets: Detections, iou_types: tuple[str, ...]) -
     try:
         from tidecv import TIDE
     except ImportError:
-        raise EvaluationInputError("TIDE error analysis needs tidecv: pip install 'cvserve[tide]'") from None
+        raise EvaluationInputError(
+            "TIDE error analysis needs tidecv: pip install 'cvserve[tide]' and then"
+            " pip install --no-deps tidecv==1.0.1 (docs/evaluation.md)"
+        ) from None
     out: dict[str, Any] = {}
     for t in iou_types:
         if t not in ("bbox", "segm"):

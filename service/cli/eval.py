@@ -182,10 +182,15 @@ def _evaluate_file(
     dets = parse_results(results, gt, types)
     zero_ids = zero_id_count(gt)
     if zero_ids and not settings.renumber_ids:
+        reference, fix = (
+            ("LVISEval", "renumber them from 1 in the file")
+            if args.lvis
+            else ("pycocotools", "--renumber-ids renumbers the annotations from 1")
+        )
         print(
-            f"warning: {args.gt}: {zero_ids} ground-truth annotation(s) have id 0; pycocotools (and so these "
-            "figures) count a detection matched to one as a false positive; --renumber-ids renumbers the "
-            "annotations from 1 for the corrected figures",
+            f"warning: {args.gt}: {zero_ids} ground-truth annotation(s) have id 0; {reference} (and so "
+            f"these figures) count a detection matched to one as a false positive; {fix} for the "
+            "corrected figures",
             file=sys.stderr,
         )
     arrays: dict[str, Any]
@@ -218,7 +223,7 @@ def _evaluate_file(
             "renumbered_from_1": settings.renumber_ids,
             "figures": "corrected: renumbered from 1"
             if settings.renumber_ids and zero_ids
-            else "as pycocotools computes them",
+            else f"as {'LVISEval' if args.lvis else 'pycocotools'} computes them",
         },
         **extra,
         "metrics": metrics,
