@@ -17,6 +17,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "DEVICE_HELP",
@@ -99,7 +100,8 @@ def _diagnose(torch_cuda: str | None, driver: str | None, note: str) -> str:
     if need is not None and have is not None and have < need:
         return (
             f"driver {driver}, this torch (CUDA {torch_cuda}) needs >= {need[0]}.{need[1]}; "
-            "install a torch build for an older CUDA (TORCH_INDEX_URL, see README) or update the driver"
+            "install a torch build for an older CUDA (CVSERVE_TORCH_VARIANT=cu126 make serve, see README) "
+            "or update the driver"
         )
     return f"driver {driver}, torch built for CUDA {torch_cuda}: {note or 'no usable device'}"
 
@@ -117,7 +119,34 @@ def cuda_status() -> CudaStatus:
     if not available and driver is not None:
         note = " ".join(str(caught[-1].message).split()) if caught else ""
         problem = _diagnose(torch.version.cuda, driver, note)
+    elif unsupported := _unsupported_gpus(torch, count):
+        # torch reports such a GPU available, then fails its first kernel ("no kernel image").
+        archs = ", ".join(torch.cuda.get_arch_list())
+        problem = (
+            f"{', '.join(unsupported)} not among this torch build's GPU architectures ({archs}; CUDA "
+            f"{torch.version.cuda}); install a build for an older CUDA (CVSERVE_TORCH_VARIANT=cu126 "
+            "make serve, see README)"
+        )
+        available, count = False, 0
     return CudaStatus(available, count, torch.version.cuda, driver, problem)
+
+
+def _unsupported_gpus(torch: Any, count: int) -> list[str]:
+    """The visible GPUs this torch build has no kernels for (``cuda:N (sm_XY)``)."""
+    archs = torch.cuda.get_arch_list() if count else []
+    if not archs:
+        return []
+    sass = [int(a[3:]) for a in archs if re.fullmatch(r"sm_\d+", a)]
+    ptx = [int(a[8:]) for a in archs if re.fullmatch(r"compute_\d+", a)]
+    unsupported = []
+    for index in range(count):
+        major, minor = torch.cuda.get_device_capability(index)
+        capability = major * 10 + minor
+        # A binary for sm_XY runs on the same major version at Y or above; PTX JIT-compiles upwards.
+        if any(s // 10 == major and s <= capability for s in sass) or any(p <= capability for p in ptx):
+            continue
+        unsupported.append(f"cuda:{index} (sm_{capability})")
+    return unsupported
 
 
 def warn_if_cuda_unusable() -> str:

@@ -80,7 +80,15 @@ if [[ -n "$TORCH_INDEX" ]]; then
     TORCH_ARGS+=(--index-url "$TORCH_INDEX")
 fi
 echo "==> torch${TORCH_INDEX:+ from $TORCH_INDEX}${TORCH_REQUIREMENTS:+ (hash-checked: $TORCH_REQUIREMENTS)}"
+# The builds of one torch version for different CUDA versions share its version number, so
+# pip would keep the one installed: a different choice of build removes it first.
+TORCH_SOURCE="$TORCH_INDEX $(if [[ -n "$TORCH_REQUIREMENTS" ]]; then sha256sum < "$TORCH_REQUIREMENTS"; fi)"
+if [[ -f "$VENV/.cvserve-torch" && "$(cat "$VENV/.cvserve-torch")" != "$TORCH_SOURCE" ]]; then
+    echo "==> another torch build was chosen: removing the installed one"
+    "${PIP[@]}" uninstall -q -y torch torchvision
+fi
 "${PIP[@]}" install -q "${TORCH_ARGS[@]}"
+echo "$TORCH_SOURCE" > "$VENV/.cvserve-torch"
 echo "==> cvserve[$EXTRAS]"
 "${PIP[@]}" install -q -e "$ROOT[$EXTRAS]" "${CONSTRAINTS[@]}"
 if [[ ",$EXTRAS," == *,dev,* ]]; then

@@ -190,19 +190,21 @@ class ServedModel:
         return batcher
 
     async def _warm_up(self) -> None:
-        """A full batch of busy images through the whole path before any traffic.
+        """A full batch of busy images through the whole path on each copy, before any traffic.
 
         Kernels, cuDNN's algorithm search and the caching allocator meet the largest batch
         now rather than on the first requests; an image that does not fit even alone fails
-        the load here.
+        the load here. One wave per copy: the replica set hands consecutive batches to its
+        copies in turn, so each GPU of a ``devices`` list runs one.
         """
         side = self._config.warmup_image_size
         image = busy_image(side, side)
         count = min(self.spec.max_batch_size, self.spec.max_queue)
-        outcomes = await asyncio.gather(*(self.run_image(image, None) for _ in range(count)))
-        errors = [o.error for o in outcomes if o.error is not None]
-        if errors:
-            raise RuntimeError(f"warm-up inference failed: {errors[0]}") from errors[0]
+        for _ in range(len(self.replicas.models) if self.replicas is not None else 1):
+            outcomes = await asyncio.gather(*(self.run_image(image, None) for _ in range(count)))
+            errors = [o.error for o in outcomes if o.error is not None]
+            if errors:
+                raise RuntimeError(f"warm-up inference failed: {errors[0]}") from errors[0]
 
     def _on_device_batch(self, device: str) -> None:
         if self._metrics is not None and self.state == ModelState.READY:  # warm-up is not traffic

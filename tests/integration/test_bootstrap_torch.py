@@ -53,8 +53,23 @@ def test_a_cuda_12_variant_installs_from_its_pytorch_index(tmp_path: Path) -> No
     assert "--index-url https://download.pytorch.org/whl/cu126" in _torch_call(calls)
     assert "==> torch from https://download.pytorch.org/whl/cu126" in proc.stdout
     # A different choice is a different environment: the stamp makes the install run again.
+    first = len(calls)
     proc, calls = _bootstrap(tmp_path, CVSERVE_TORCH_VARIANT="cu128")
-    assert "--index-url https://download.pytorch.org/whl/cu128" in _torch_call(calls[-4:])
+    again = calls[first:]
+    assert "--index-url https://download.pytorch.org/whl/cu128" in _torch_call(again)
+    # Same version number, another build: pip would keep the cu126 one unless it is removed first.
+    (uninstall,) = [c for c in again if " uninstall " in f" {c} "]
+    assert uninstall.endswith("uninstall -q -y torch torchvision")
+    assert again.index(uninstall) < again.index(_torch_call(again))
+    assert "another torch build was chosen" in proc.stdout
+
+
+def test_the_same_build_is_not_reinstalled(tmp_path: Path) -> None:
+    _bootstrap(tmp_path)
+    (tmp_path / "venv" / ".cvserve-installed").unlink()  # e.g. pyproject.toml changed
+    proc, calls = _bootstrap(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not [c for c in calls if "uninstall" in c]
 
 
 def test_hash_pinned_requirements(tmp_path: Path) -> None:

@@ -54,7 +54,8 @@ def train_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
             "--train-json", str(splits["train"].instances_json), "--train-images", str(splits["train"].images),
             "--val-json", str(splits["val"].instances_json), "--val-images", str(splits["val"].images),
             "--config", str(config), "--max-iter", "4", "--warmup-iters", "2", "--batch-size", "2",
-            "--eval-period", "2", "--log-period", "1", "--num-workers", "0", "--seed", "3"]  # fmt: skip
+            "--eval-period", "2", "--log-period", "1", "--num-workers", "0", "--seed", "3",
+            "--device", "cpu"]  # fmt: skip
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:

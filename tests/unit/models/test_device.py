@@ -23,9 +23,16 @@ DRIVER_TEXT = (
 def simulate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Simulate:
     """``simulate(gpus, driver=None, torch_cuda="13.0")``: torch sees ``gpus`` devices."""
 
-    def apply(gpus: int, driver: str | None = None, torch_cuda: str | None = "13.0") -> None:
+    def apply(
+        gpus: int, driver: str | None = None, torch_cuda: str | None = "13.0", capability: tuple = (8, 0)
+    ) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        # The architectures of the registry's CUDA 13 wheels: Turing (sm_75) and newer.
+        monkeypatch.setattr(
+            torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_86", "sm_90", "sm_120"]
+        )
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
         monkeypatch.setattr(torch.version, "cuda", torch_cuda)
         driver_file = tmp_path / "nvidia-version"
         if driver is not None:
@@ -102,6 +109,24 @@ def test_a_driver_new_enough_but_no_device_is_explained_with_torchs_words(
         "driver 590.10, torch built for CUDA 13.0: "
         "CUDA initialization: Unexpected error from cudaGetDeviceCount(). Error 802"
     )
+
+
+@pytest.mark.parametrize(
+    ("capability", "usable"), [((7, 0), False), ((6, 0), False), ((7, 5), True), ((8, 9), True)]
+)
+def test_a_gpu_older_than_the_build_s_architectures_is_unusable(
+    simulate: Simulate, capability: tuple[int, int], usable: bool
+) -> None:
+    # V100 (sm_70) and P100 (sm_60) under CUDA 13 wheels: torch sees them, no kernel runs on them.
+    simulate(1, driver="580.95.05", capability=capability)
+    status = dev.cuda_status()
+    assert status.available is usable and (dev.resolve_device("auto") == "cuda") is usable
+    if not usable:
+        sm = f"sm_{capability[0]}{capability[1]}"
+        assert status.problem.startswith(f"cuda:0 ({sm}) not among this torch build's GPU architectures")
+        assert "CVSERVE_TORCH_VARIANT=cu126" in status.problem
+        with pytest.raises(ValueError, match=f"CUDA present but unusable: cuda:0 \\({sm}\\)"):
+            dev.resolve_device("cuda")
 
 
 def test_a_cpu_only_torch_with_a_driver(simulate: Simulate) -> None:

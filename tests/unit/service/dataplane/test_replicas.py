@@ -93,6 +93,7 @@ def test_a_model_on_two_gpus_spreads_requests_and_reports_its_placement() -> Non
         dp = DataPlane([spec], config, builder=build, metrics=metrics)
         await dp.start()
         await dp.wait_loaded(10)
+        assert [m.batch_sizes for m in built] == [[2], [2]]  # warm-up: a full batch on each GPU
         await asyncio.gather(*(dp.infer("det", [image]) for _ in range(16)))
         status = dp.get("det")
         assert status.device == "cuda:0,cuda:1" and status.spec.instances == 1  # auto: 1 per GPU
