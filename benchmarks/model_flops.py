@@ -21,6 +21,9 @@ import torch
 
 
 def build(kind: str, size: int) -> torch.nn.Module:
+    from cvserve.models import compat
+
+    compat.apply()  # detectron2 v0.6 needs it before its first import
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model

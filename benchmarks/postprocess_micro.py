@@ -15,6 +15,7 @@ For N detections on an HxW image (28x28 mask logits, boxes of realistic sizes), 
     .venv/bin/python benchmarks/postprocess_micro.py --instances 20 --size 480x640
 """
 
+# ruff: noqa: E402  (detectron2 is imported after the compatibility layer is applied)
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cvserve.models import compat
+
+compat.apply()  # detectron2 v0.6 needs it before its first import
 
 # isort: split
 

@@ -80,6 +80,9 @@ def _run(name: str, dataset: str, out: Path, args: argparse.Namespace, **kw: Any
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    from cvserve.models import compat
+
+    compat.apply()  # detectron2 v0.6 needs it before its first import
     logging.getLogger("cvserve.models.training.engine").setLevel(
         logging.INFO
     )  # the clock reads the progress lines

@@ -69,6 +69,9 @@ def _plot(curves: dict[str, tuple[list[int], list[float]]], path: Path, title: s
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    from cvserve.models import compat
+
+    compat.apply()  # detectron2 v0.6 needs it before its first import
     import torch
 
     torch.set_num_threads(args.threads)

@@ -71,6 +71,7 @@ def _options(build: DemoBuild, iters: int, eval_period: int, **kw: Any) -> Any:
         lr_steps=build.scale.lr_steps(iters),
         eval_period=min(eval_period, iters),
         seed=build.seed,
+        precision=build.scale.training_precision,
         **kw,
     )
 
@@ -79,6 +80,7 @@ def _train_instance(build: DemoBuild) -> Any:
     from cvserve.models.data.synthetic import CATEGORIES
     from cvserve.models.device import data_parallel_processes, resolve_device
     from cvserve.models.instance.config import tiny_instance_config
+    from cvserve.models.precision import resolve_training_precision
     from cvserve.models.training.engine import train
 
     s = build.scale
@@ -119,6 +121,7 @@ def _train_instance(build: DemoBuild) -> Any:
         "batch_size": s.instance_batch_size,
         "processes": processes,
         "device": device,
+        "training_precision": resolve_training_precision(s.training_precision, device),
         "best_val": result.best_metric,
     }
     return result

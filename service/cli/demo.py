@@ -7,6 +7,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from cvserve.models.repository import PRECISIONS
+
 HELP = "build the demo model repository (synthetic data, trained models, test figures) or show its status"
 
 
@@ -25,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument(
         "--semantic-iters", type=_positive, help="semantic model training iterations (default: the demo's)"
+    )
+    build.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="training precision (default auto: bf16 autocast on a CPU with native bf16, fp16 on CUDA)",
     )
     build.add_argument(
         "--threads", type=int, help="torch CPU threads (default: torch's); 1 is fastest on a busy shared CPU"
@@ -53,6 +60,8 @@ def _scale(args: argparse.Namespace) -> Any:
     if args.instance_iters:
         changes["instance_iters"] = args.instance_iters
         changes["instance_eval_period"] = max(1, args.instance_iters // 2)
+    if getattr(args, "precision", None):
+        changes["training_precision"] = args.precision
     if args.semantic_iters:
         changes["semantic_iters"] = args.semantic_iters
         changes["semantic_eval_period"] = max(1, args.semantic_iters // 2)

@@ -70,3 +70,6 @@ def test_build_iteration_flags_set_the_scale(tmp_path: Path, monkeypatch: pytest
     assert (scale.instance_iters, scale.instance_eval_period) == (1500, 750)
     assert (scale.semantic_iters, scale.semantic_eval_period) == (40, 20)
     assert scale.train_images == DEMO_SCALE.train_images
+    assert scale.training_precision == "auto"
+    assert main(["demo", "build", "--out", str(tmp_path / "r2"), "--precision", "fp32"]) == 0
+    assert seen["scale"].training_precision == "fp32"
