@@ -105,6 +105,19 @@ def test_class_agnostic_and_area_ranges_recorded(
     assert report["metrics"]["bbox"]["stats"]["APm"] == -1.0  # no "medium" range given
 
 
+def test_an_image_subset_is_recorded_and_evaluated_alone(
+    tmp_path: Path, zero_based: tuple[dict[str, Any], list[dict[str, Any]]]
+) -> None:
+    gt, _ = zero_based
+    ids = sorted(im["id"] for im in gt["images"])[:2]
+    _run(tmp_path, "--img-ids", ",".join(map(str, ids)), "--out", "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["parameters"]["img_ids"] == ids and report["parameters"]["cat_ids"] == "all"
+    _run(tmp_path, "--out", "all")
+    everything = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert report["metrics"]["bbox"]["stats"] != everything["metrics"]["bbox"]["stats"]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
