@@ -1,9 +1,8 @@
 """The training engine: fine-tune or train from scratch any detectron2 META_ARCH.
 
-The model comes from ``detectron2.modeling.build_model(cfg)``, so detection,
-instance segmentation and the semantic encoder-decoder (registered in detectron2's
-META_ARCH registry) train the same way. Data flows through detectron2's
-``DatasetMapper``, which handles instance annotations and ``sem_seg_file_name`` alike.
+The model comes from ``detectron2.modeling.build_model(cfg)``, so detection, instance
+segmentation and the semantic encoder-decoder (a registered META_ARCH) train the same way.
+Data flows through detectron2's ``DatasetMapper`` (instance annotations and ``sem_seg_file_name``).
 
 Example::
 
@@ -84,7 +83,7 @@ def _prepare_config(
 ) -> CfgNode:
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.DEVICE = device
+    cfg.MODEL.DEVICE, cfg.SEED = device, options.seed
     cfg.DATASETS.TRAIN = (train_dataset,)
     cfg.DATASETS.TEST = (val_dataset,) if val_dataset else ()
     cfg.DATALOADER.NUM_WORKERS = options.num_workers
@@ -93,7 +92,6 @@ def _prepare_config(
     cfg.SOLVER.MAX_ITER = options.max_iter
     cfg.SOLVER.WARMUP_ITERS = options.warmup_iters
     cfg.TEST.EVAL_PERIOD = options.eval_period
-    cfg.SEED = options.seed
     semantic, classes = dataset_classes(train_dataset)
     if semantic:
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = len(classes)

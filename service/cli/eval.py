@@ -182,17 +182,7 @@ def _evaluate_file(
     dets = parse_results(results, gt, types)
     zero_ids = zero_id_count(gt)
     if zero_ids and not settings.renumber_ids:
-        reference, fix = (
-            ("LVISEval", "renumber them from 1 in the file")
-            if args.lvis
-            else ("pycocotools", "--renumber-ids renumbers the annotations from 1")
-        )
-        print(
-            f"warning: {args.gt}: {zero_ids} ground-truth annotation(s) have id 0; {reference} (and so "
-            f"these figures) count a detection matched to one as a false positive; {fix} for the "
-            "corrected figures",
-            file=sys.stderr,
-        )
+        _warn_zero_ids(args, zero_ids)
     arrays: dict[str, Any]
     if args.lvis:
         from cvserve.models.evaluation.lvis import evaluate_lvis
@@ -230,6 +220,20 @@ def _evaluate_file(
     }
     write_coco_report(out, report, arrays, gt.cat_names, plots=not (args.no_plots or args.lvis))
     return report
+
+
+def _warn_zero_ids(args: argparse.Namespace, count: int) -> None:
+    reference, fix = (
+        ("LVISEval", "renumber them from 1 in the file")
+        if args.lvis
+        else ("pycocotools", "--renumber-ids renumbers the annotations from 1")
+    )
+    print(
+        f"warning: {args.gt}: {count} ground-truth annotation(s) have id 0; {reference} (and so "
+        f"these figures) count a detection matched to one as a false positive; {fix} for the "
+        "corrected figures",
+        file=sys.stderr,
+    )
 
 
 def _error_analysis(
