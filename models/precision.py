@@ -41,7 +41,6 @@ __all__ = [
     "cpu_bf16",
     "keep_outputs_fp32",
     "resolve_precision",
-    "resolve_training_precision",
 ]
 
 logger = logging.getLogger(__name__)
@@ -127,7 +126,8 @@ def resolve_precision(precision: str, device: str, meta: Mapping[str, Any] | Non
             benchmarks/README.md), and ``precision: fp32`` overrides it.
 
     Explicit ``fp16`` on a CPU runs fp32 (CPU fp16 convolutions are slower than fp32);
-    explicit ``bf16`` on a CPU runs bf16 even without native support.
+    explicit ``bf16`` on a CPU runs bf16 even without native support. Training resolves its
+    precision here too, without ``meta`` (the engine adds loss scaling for fp16).
 
     Raises:
         ValueError: an unknown precision.
@@ -147,19 +147,6 @@ def resolve_precision(precision: str, device: str, meta: Mapping[str, Any] | Non
     if precision == "fp16" and not cuda:
         return "fp32"
     return precision
-
-
-def resolve_training_precision(precision: str, device: str) -> str:
-    """The precision training runs at on ``device``: ``fp32``, ``fp16`` or ``bf16``.
-
-    ``auto`` is mixed precision where the hardware has it: fp16 autocast with loss scaling
-    on CUDA (detectron2's ``AMP``), bf16 autocast on a CPU with native bf16, fp32 elsewhere.
-    Explicit values as in :func:`resolve_precision` (``fp16`` on a CPU trains fp32).
-
-    Raises:
-        ValueError: an unknown precision.
-    """
-    return resolve_precision(precision, device)
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

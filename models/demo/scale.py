@@ -52,7 +52,7 @@ class DemoScale:
     instance_lr: float = 0.001
     instance_weight_decay: float = 0.01
     processes: int = 2
-    # Training precision of both models (cvserve.models.precision.resolve_training_precision):
+    # Training precision of both models (cvserve.models.precision.resolve_precision):
     # auto is bf16 autocast on a CPU with native bf16, fp16 on CUDA, else fp32.
     training_precision: str = "auto"
     # Iterations of 4 images, 0.11-0.19 s each; 8 images on two processes did worse in the

@@ -80,7 +80,7 @@ def _train_instance(build: DemoBuild) -> Any:
     from cvserve.models.data.synthetic import CATEGORIES
     from cvserve.models.device import data_parallel_processes, resolve_device
     from cvserve.models.instance.config import tiny_instance_config
-    from cvserve.models.precision import resolve_training_precision
+    from cvserve.models.precision import resolve_precision
     from cvserve.models.training.engine import train
 
     s = build.scale
@@ -121,7 +121,7 @@ def _train_instance(build: DemoBuild) -> Any:
         "batch_size": s.instance_batch_size,
         "processes": processes,
         "device": device,
-        "training_precision": resolve_training_precision(s.training_precision, device),
+        "training_precision": resolve_precision(s.training_precision, device),
         "best_val": result.best_metric,
     }
     return result

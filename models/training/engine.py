@@ -38,7 +38,7 @@ from cvserve.models.device import resolve_device
 from cvserve.models.fusion import use_channels_last
 from cvserve.models.instance import config as _configs  # noqa: F401  (registers this project's backbone and ROI heads)
 from cvserve.models.instance.roi_align import use_gather_roi_align
-from cvserve.models.precision import resolve_training_precision
+from cvserve.models.precision import resolve_precision
 from cvserve.models.training.history import MetricsHistory
 from cvserve.models.training.launch import LauncherEnvironment, joined_process_group, launcher_environment
 from cvserve.models.training.monitor import ProgressLog, Selection
@@ -245,7 +245,7 @@ class _Trainer:
         self.optimizer = build_optimizer(self.model, options)
         self.scheduler = build_lr_scheduler(self.optimizer, options)
         self.data = _train_loader(cfg, options)
-        self.precision = resolve_training_precision(options.precision, cfg.MODEL.DEVICE)
+        self.precision = resolve_precision(options.precision, cfg.MODEL.DEVICE)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.history = MetricsHistory(run.out)

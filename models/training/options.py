@@ -57,7 +57,7 @@ class TrainOptions:
             the CPU cores, or one GPU each (``device`` ``cuda``).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``: the forward and loss under
-            autocast (:func:`cvserve.models.precision.resolve_training_precision`); weights,
+            autocast (:func:`cvserve.models.precision.resolve_precision`); weights,
             gradients and optimizer state stay fp32.
         log_period: iterations between progress lines.
     """

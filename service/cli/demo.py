@@ -60,7 +60,7 @@ def _scale(args: argparse.Namespace) -> Any:
     if args.instance_iters:
         changes["instance_iters"] = args.instance_iters
         changes["instance_eval_period"] = max(1, args.instance_iters // 2)
-    if getattr(args, "precision", None):
+    if args.precision:
         changes["training_precision"] = args.precision
     if args.semantic_iters:
         changes["semantic_iters"] = args.semantic_iters

@@ -18,7 +18,7 @@ from cvserve.models.data.augment import ColorJitterTransform, GaussianNoiseTrans
 from cvserve.models.data.datasets import register_coco_split, register_semantic_split
 from cvserve.models.data.synthetic import CATEGORIES, SplitPaths, generate_dataset
 from cvserve.models.instance.config import tiny_instance_config
-from cvserve.models.precision import CpuBf16, resolve_training_precision
+from cvserve.models.precision import CpuBf16, resolve_precision
 from cvserve.models.training.engine import train
 from cvserve.models.training.history import MetricsHistory, flatten_results
 from cvserve.models.training.monitor import Selection
@@ -130,10 +130,10 @@ def test_train_step_runs_the_forward_under_the_serving_autocast(precision: str, 
 @pytest.mark.parametrize("native", [True, False])
 def test_training_precision_auto_is_mixed_where_native(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     monkeypatch.setattr(precision, "cpu_bf16", lambda: CpuBf16(native, ("amx_bf16",) * native, "test"))
-    assert resolve_training_precision("auto", "cuda:0") == "fp16"
-    assert resolve_training_precision("auto", "cpu") == ("bf16" if native else "fp32")
-    assert resolve_training_precision("fp16", "cpu") == "fp32"
-    assert resolve_training_precision("fp32", "cuda") == "fp32"
+    assert resolve_precision("auto", "cuda:0") == "fp16"
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("fp16", "cpu") == "fp32"
+    assert resolve_precision("fp32", "cuda") == "fp32"
 
 
 def _lrs(options: TrainOptions) -> list[float]:
