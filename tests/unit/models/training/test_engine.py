@@ -322,6 +322,23 @@ def test_instance_training_is_deterministic_and_complete(shapes: dict, tmp_path:
 
 
 @pytest.mark.slow
+def test_a_bf16_training_step_matches_the_fp32_one(shapes: dict, tmp_path: Path) -> None:
+    # The same initial weights and batch (same seed): the first step's losses under bf16 autocast
+    # against fp32's. Measured: total 0.6 % apart, classification terms 0.1 %; box regression
+    # moves more (up to 10 %), since bf16 may change which proposals are sampled as positives.
+    cfg = tiny_instance_config(len(CATEGORIES), input_size=64)
+    first = {}
+    for mode in ("fp32", "bf16"):
+        run = train(cfg, _quick(max_iter=1, eval_period=1, precision=mode),
+                    train_dataset="train_test_train", val_dataset=None, output_dir=tmp_path / mode)  # fmt: skip
+        first[mode] = next(r for r in run.history if "total_loss" in r)
+    fp32, bf16 = first["fp32"], first["bf16"]
+    assert bf16["total_loss"] == pytest.approx(fp32["total_loss"], rel=0.02)
+    for term in ("loss_cls_stage0", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"):
+        assert bf16[term] == pytest.approx(fp32[term], rel=0.01), term
+
+
+@pytest.mark.slow
 def test_semantic_meta_arch_trains_through_the_same_engine(shapes: dict, tmp_path: Path) -> None:
     semseg = pytest.importorskip("cvserve.models.semseg.config")
     paths = shapes["train"]
