@@ -8,11 +8,13 @@ statistics, and equality with our own ``Detect``. Error statuses are in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import queue
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -24,7 +26,7 @@ from cvserve._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from cvserve.client.client import Client
 from cvserve.config import ServerConfig
 from cvserve.kserve.servicer import add_kserve_servicer
-from cvserve.models.repository import load_repository
+from cvserve.models.repository import ModelSpec, load_repository
 from cvserve.server.build import ServerThread
 
 tc = pytest.importorskip("tritonclient.grpc")
@@ -72,21 +74,36 @@ def uint8_input(array: np.ndarray) -> tc.InferInput:
     return tensor
 
 
+@contextlib.contextmanager
+def kserve_server(specs: list[ModelSpec], **config: Any) -> Iterator[ServerThread]:
+    """A server with both APIs on an ephemeral port, its models loaded (``config``: ServerConfig fields)."""
+    if str(ROOT) not in sys.path:  # the fake models' handler is imported from the repository root
+        sys.path.insert(0, str(ROOT))
+    settings = ServerConfig(**{"port": 0, "metrics_port": None, "worker_threads": 2, **config})
+    with ServerThread(settings, specs, servicers=[add_kserve_servicer]).start(wait_loaded=True) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def triton_client(server: ServerThread) -> Iterator[tc.InferenceServerClient]:
+    """tritonclient's gRPC client on ``server``, closed afterwards."""
+    triton = tc.InferenceServerClient(server.address)
+    try:
+        yield triton
+    finally:
+        triton.close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    specs = load_repository(write_repository(tmp_path_factory.mktemp("repo"), MODELS))
-    config = ServerConfig(port=0, metrics_port=None, worker_threads=2)
-    with ServerThread(config, specs, servicers=[add_kserve_servicer]).start(wait_loaded=True) as srv:
+    with kserve_server(load_repository(write_repository(tmp_path_factory.mktemp("repo"), MODELS))) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server: ServerThread) -> Iterator[tc.InferenceServerClient]:
-    triton = tc.InferenceServerClient(server.address)
-    yield triton
-    triton.close()
+    with triton_client(server) as triton:
+        yield triton
 
 
 def test_live_ready_and_server_metadata(client: tc.InferenceServerClient) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import queue
 import re
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from cvserve.config import ServerConfig
-from cvserve.kserve.servicer import add_kserve_servicer
 from cvserve.models.repository import load_repository
 from cvserve.server.build import ServerThread
-from tests.integration.test_kserve import ROOT, bytes_input, png, scene, uint8_input, write_repository
+from tests.integration.test_kserve import (
+    bytes_input,
+    kserve_server,
+    png,
+    scene,
+    triton_client,
+    uint8_input,
+    write_repository,
+)
 
 tc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -36,19 +41,15 @@ MODELS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     specs = load_repository(write_repository(tmp_path_factory.mktemp("repo"), MODELS))
-    config = ServerConfig(port=0, metrics_port=None, max_image_pixels=10_000, worker_threads=2)
-    with ServerThread(config, specs, servicers=[add_kserve_servicer]).start(wait_loaded=True) as srv:
+    with kserve_server(specs, max_image_pixels=10_000) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server: ServerThread) -> Iterator[tc.InferenceServerClient]:
-    triton = tc.InferenceServerClient(server.address)
-    yield triton
-    triton.close()
+    with triton_client(server) as triton:
+        yield triton
 
 
 def status_of(call) -> tuple[str, str]:

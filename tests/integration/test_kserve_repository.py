@@ -22,7 +22,14 @@ from cvserve.config import ServerConfig
 from cvserve.kserve.servicer import add_kserve_servicer
 from cvserve.models.repository import load_repository
 from cvserve.server.build import ServerThread
-from tests.integration.test_kserve import ROOT, scene, uint8_input, write_repository
+from tests.integration.test_kserve import (
+    ROOT,
+    kserve_server,
+    scene,
+    triton_client,
+    uint8_input,
+    write_repository,
+)
 
 tc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -36,19 +43,15 @@ MODELS = [
 
 @pytest.fixture
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     specs = load_repository(write_repository(tmp_path_factory.mktemp("repo"), MODELS))
-    config = ServerConfig(port=0, metrics_port=None, worker_threads=2)
-    with ServerThread(config, specs, servicers=[add_kserve_servicer]).start(wait_loaded=True) as srv:
+    with kserve_server(specs) as srv:
         yield srv
 
 
 @pytest.fixture
 def client(server: ServerThread) -> Iterator[tc.InferenceServerClient]:
-    triton = tc.InferenceServerClient(server.address)
-    yield triton
-    triton.close()
+    with triton_client(server) as triton:
+        yield triton
 
 
 def states(client: tc.InferenceServerClient) -> dict[str, str]:

@@ -8,7 +8,6 @@ its scores as well as in the response's version field.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +18,9 @@ import yaml
 from cvserve._proto.cvserve.v1 import types_pb2 as types_pb
 from cvserve._proto.cvserve.v1 import vision_service_pb2 as pb
 from cvserve._proto.cvserve.v1 import vision_service_pb2_grpc as pb_grpc
-from cvserve.config import ServerConfig
-from cvserve.kserve.servicer import add_kserve_servicer
 from cvserve.models.repository import load_repository
 from cvserve.server.build import ServerThread
-from tests.integration.test_kserve import FAKE, ROOT, scene, uint8_input
+from tests.integration.test_kserve import FAKE, kserve_server, scene, triton_client, uint8_input
 
 tc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -31,8 +28,6 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     root = tmp_path_factory.mktemp("repo")
     for version, scale in (("1", 1.0), ("2", 0.5)):
         (root / "det" / version).mkdir(parents=True)
@@ -40,17 +35,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     entry = {"name": "det", "task": "instance", "config": "fake", "handler": FAKE, "weights": "det",
              "version_policy": {"latest": 2}, "max_wait_ms": 1}  # fmt: skip
     (root / "models.yaml").write_text(yaml.safe_dump({"models": [entry]}))
-    specs = load_repository(root / "models.yaml")
-    config = ServerConfig(port=0, metrics_port=None, worker_threads=2)
-    with ServerThread(config, specs, servicers=[add_kserve_servicer]).start(wait_loaded=True) as srv:
+    with kserve_server(load_repository(root / "models.yaml")) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server: ServerThread) -> Iterator[tc.InferenceServerClient]:
-    triton = tc.InferenceServerClient(server.address)
-    yield triton
-    triton.close()
+    with triton_client(server) as triton:
+        yield triton
 
 
 def test_open_inference_protocol_selects_and_reports_versions(client: tc.InferenceServerClient) -> None:
