@@ -41,7 +41,7 @@ class DemoScale:
     # AVX512-BF16 CPU; the build spends that on steps: 880 / 1300 iterations in bf16 built in
     # 658 s to 88.7 bbox / 81.8 segm AP and 89.1 mIoU, against 700 / 1000 in fp32 in 689 s to
     # 86.5 / 78.5 and 87.9 (benchmarks/README.md, "Training in bf16"). On a CPU without native
-    # bf16 the same recipe trains in fp32, about 1.25x longer than that fp32 build.
+    # bf16 the same recipe trains in fp32: by the step counts about 1.25x that fp32 build (not measured).
     instance_iters: int = 880
     instance_eval_period: int = 440
     instance_batch_size: int = 8
