@@ -93,14 +93,19 @@ class VisionModel(abc.ABC):
         """
         if not images:
             return []
-        inputs = [self.prepare(img, masks=masks) for img in images]
-        raws = self.forward(inputs)
-        if len(raws) != len(images):
-            raise RuntimeError(f"{self.name}: forward returned {len(raws)} outputs for {len(images)} inputs")
-        return [
-            self.postprocess(r, (int(img.shape[0]), int(img.shape[1])))
-            for r, img in zip(raws, images, strict=True)
-        ]
+        try:
+            inputs = [self.prepare(img, masks=masks) for img in images]
+            raws = self.forward(inputs)
+            if len(raws) != len(images):
+                raise RuntimeError(f"{self.name}: forward returned {len(raws)} outputs for {len(images)} inputs")
+            return [
+                self.postprocess(r, (int(img.shape[0]), int(img.shape[1])))
+                for r, img in zip(raws, images, strict=True)
+            ]
+        finally:
+            from cvserve.models.threads import release_team  # torch: not for importing this module
+
+            release_team()  # pre- and postprocessing may have made one (models.threads)
 
     def describe(self) -> dict[str, Any]:
         """Static facts about the model for metadata endpoints."""

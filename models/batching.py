@@ -42,6 +42,7 @@ import numpy as np
 from cvserve.models.base import VisionModel
 from cvserve.models.device import is_out_of_memory, release_device_memory
 from cvserve.models.repository import ModelSpec
+from cvserve.models.threads import release_team
 
 __all__ = [
     "GPU_AUTO_BATCH_LIMIT",
@@ -240,5 +241,6 @@ def load_for_inference(spec: ModelSpec) -> tuple[VisionModel, ModelSpec]:
     model = build_model(spec)
     model.load()
     spec = tune_batch_size(model, spec)
+    release_team()  # loading's OpenMP team would slow the passes of other threads (models.threads)
     model.mark_ready()
     return model, spec

@@ -12,14 +12,31 @@ This relies on torch's OpenMP backend (its default CPU build), where
 ``torch.set_num_threads`` sets the calling thread's own OpenMP team size. Under the
 native or TBB backends the setting is process-wide, so the share does nothing there and
 :func:`cpu_instances` keeps one pass at a time.
+
+**Idle teams.** Under libgomp (the OpenMP runtime torch's wheels ship) every thread that
+runs a parallel region on more than one thread keeps its own team of worker threads until
+the thread exits, and once the workers of all teams outnumber the CPUs libgomp stops
+letting any of them spin between regions: each of a forward's hundreds of parallel
+regions then waits for a woken worker. Measured on 2 cores with the demo detector in
+bf16: a forward on a second thread took 94-116 ms while the main thread's idle team from
+loading the model existed, 62.6 ms once that team was released, and the main thread's
+own forward 62.3 ms (``benchmarks/README.md``, "Idle OpenMP teams"). So every thread that
+may have made a team gives it back when it is done (:func:`release_team`): a pass with
+more than one thread on leaving the share, a helper thread when it is limited, a thread
+after loading a model or predicting a batch in-process; only passes running now hold
+teams.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import functools
 import os
 import threading
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -34,6 +51,7 @@ __all__ = [
     "forward_threads",
     "limit_helper_thread",
     "per_thread_intra_op",
+    "release_team",
 ]
 
 # Most forward passes at once that ``instances: auto`` runs on a CPU: beyond a few, the
@@ -49,6 +67,44 @@ PROCESS_THREADS = torch.get_num_threads()
 def per_thread_intra_op() -> bool:
     """Whether torch's intra-op thread count is per calling thread (the OpenMP backend)."""
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+@functools.cache
+def _libgomp_pause() -> Callable[[int], int] | None:
+    """``omp_pause_resource_all`` of the libgomp torch loaded, or None (other runtimes, no OpenMP).
+
+    Only libgomp: there it frees the calling thread's team alone, while LLVM's and Intel's
+    runtimes pause every thread of the process.
+    """
+    if not per_thread_intra_op():
+        return None
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "/libgomp" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            pause = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+        return pause  # type: ignore[no-any-return]
+    return None
+
+
+_OMP_PAUSE_SOFT = 1  # omp_pause_resource_t
+
+
+def release_team() -> bool:
+    """Give back the calling thread's OpenMP worker threads (see "Idle teams" above).
+
+    Its next parallel region starts a new team (tens of microseconds). Returns whether a
+    team could be released: False where torch does not use libgomp, or inside a parallel
+    region.
+    """
+    pause = _libgomp_pause()
+    return pause is not None and pause(_OMP_PAUSE_SOFT) == 0
 
 
 def cpu_cores() -> int:
@@ -71,37 +127,59 @@ class IntraOpShare:
     """A context manager dividing ``threads`` intra-op threads among the passes inside it.
 
     Entering sets the calling thread's torch intra-op threads to ``threads // n`` (at
-    least 1), ``n`` counting the passes inside at that moment, this one included. A pass
-    keeps its count until it leaves, so a lone pass that another joins keeps all threads
-    until it ends (the machine is briefly oversubscribed) and the next one starts with
-    its share. The count is only set when it changes, so a steady load sets it once per
-    thread.
+    least 1), ``n`` being the most passes inside at once over the last ``window`` seconds,
+    this one included. So a lone request gets every thread, while under concurrent load a
+    pass that happens to start alone still takes only its share: the next pass is about
+    to join it, and a pass keeps its count until it leaves (on 2 cores, a lone pass's team
+    that another joins runs three threads on two cores). The count is only set when it
+    changes. A pass that ran on more than one thread releases its team on leaving
+    (:func:`release_team`), so idle threads hold none.
 
     Args:
         threads: the threads to share; default :data:`PROCESS_THREADS`.
+        window: seconds a moment of ``n`` passes at once keeps later passes at ``threads // n``.
+        clock: monotonic seconds (tests pass a fake).
 
     Raises:
-        ValueError: ``threads`` < 1.
+        ValueError: ``threads`` < 1 or ``window`` < 0.
     """
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(
+        self, threads: int | None = None, window: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.threads = PROCESS_THREADS if threads is None else threads
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
+        self.window = window
+        self._clock = clock
         self._lock = threading.Lock()
         self._running = 0
+        self._seen: collections.deque[tuple[float, int]] = collections.deque()  # (time, passes at once)
+        self._local = threading.local()  # the share the calling thread's pass took
 
     @property
     def running(self) -> int:
         """Passes inside the share now."""
         return self._running
 
+    def _note(self) -> int:
+        """Record the passes running now; the most at once within the window. Under the lock."""
+        now = self._clock()
+        while self._seen and self._seen[0][0] < now - self.window:
+            self._seen.popleft()
+        if self._running > 1:
+            self._seen.append((now, self._running))
+        return max([self._running, *(n for _, n in self._seen)])
+
     def __enter__(self) -> int:
         with self._lock:
             self._running += 1
-            share = max(1, self.threads // self._running)
+            share = max(1, self.threads // self._note())
         if per_thread_intra_op() and torch.get_num_threads() != share:
             torch.set_num_threads(share)
+        self._local.share = share
         return share
 
     def __exit__(
@@ -111,7 +189,11 @@ class IntraOpShare:
         tb: TracebackType | None,
     ) -> None:
         with self._lock:
+            self._note()  # a moment of overlap lasts until the pass that made it leaves
             self._running -= 1
+        if getattr(self._local, "share", 1) > 1:
+            release_team()
+        self._local.share = 1
 
 
 @functools.cache
@@ -137,7 +219,9 @@ def limit_helper_thread() -> None:
     the passes need each time it finishes. Every pass sets its own count on entering
     :func:`forward_threads`, so the process-wide side effect of ``torch.set_num_threads``
     (threads that never set a count start with the last one set) does not reach them.
-    Does nothing where the count is process-wide (it would throttle the passes).
+    Releases any team the thread made before (:func:`release_team`). Does nothing where
+    the count is process-wide (it would throttle the passes).
     """
     if per_thread_intra_op():
         torch.set_num_threads(1)
+        release_team()

@@ -233,6 +233,11 @@ def run(args: argparse.Namespace) -> int:
     from cvserve.models.device import warn_if_cuda_unusable
 
     warn_if_cuda_unusable()  # "CUDA present but unusable: driver X, this torch needs >= Y"
+    from cvserve.models.threads import limit_helper_thread
+
+    # The event loop's thread runs no forward pass: an OpenMP team of its own would only
+    # slow the passes (cvserve.models.threads, "Idle teams").
+    limit_helper_thread()
     repository = _repository(args.models)
     try:
         specs = load_repository(repository)

@@ -16,6 +16,7 @@ from typing import Any
 
 from cvserve.models.base import VisionModel
 from cvserve.models.repository import ModelSpec
+from cvserve.models.threads import release_team
 
 __all__ = ["ReplicaSet", "build_replicas", "placement"]
 
@@ -36,6 +37,7 @@ def build_replicas(spec: ModelSpec, builder: Callable[[ModelSpec], VisionModel])
         model = builder(dataclasses.replace(spec, device=device, devices=()))
         model.load()
         models.append(model)
+    release_team()  # loading's OpenMP team would slow the passes of other threads (models.threads)
     return models
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -37,7 +41,8 @@ def _in_thread(fn):
 
 @needs_openmp
 def test_a_lone_pass_gets_every_thread_and_two_passes_split_them() -> None:
-    share = IntraOpShare(threads=4)
+    now = [100.0]
+    share = IntraOpShare(threads=4, window=1.0, clock=lambda: now[0])
     inside = threading.Event()
     leave = threading.Event()
     seen: dict[str, int] = {}
@@ -62,7 +67,27 @@ def test_a_lone_pass_gets_every_thread_and_two_passes_split_them() -> None:
     t.join(10)
     assert (seen["first"], seen["first_torch"]) == (4, 4)
     assert share.running == 0
-    assert _in_thread(lambda: share.__enter__()) == 4  # alone again: all of them
+    now[0] += 0.5  # alone, but two ran at once within the window: load, so still the share
+    assert _in_thread(lambda: (share.__enter__(), share.__exit__(None, None, None))[0]) == 2
+    now[0] += 1.01  # a whole window without overlap: a lone pass gets every thread again
+    assert _in_thread(lambda: share.__enter__()) == 4
+
+
+def test_the_window_counts_the_most_passes_at_once() -> None:
+    now = [0.0]
+    share = IntraOpShare(threads=8, window=2.0, clock=lambda: now[0])
+    for _ in range(4):
+        share.__enter__()
+    for _ in range(4):
+        share.__exit__(None, None, None)
+    now[0] = 1.0
+    assert share.__enter__() == 2  # 4 at once a second ago
+    share.__exit__(None, None, None)
+    now[0] = 2.5  # the moment of 4 has left the window (the last exit, 1.0, recorded only 1)
+    assert share.__enter__() == 8
+    share.__exit__(None, None, None)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        IntraOpShare(threads=2, window=-1)
 
 
 @needs_openmp
@@ -115,3 +140,91 @@ def test_a_helper_thread_runs_on_one_thread_and_passes_still_get_their_share() -
 
     assert _in_thread(a_pass) == 2
     assert IntraOpShare().threads == threads.PROCESS_THREADS
+
+
+needs_libgomp = pytest.mark.skipif(
+    threads._libgomp_pause() is None, reason="torch does not run on libgomp here"
+)
+
+
+def _workers_named(name: str) -> int:
+    """Threads of this process whose kernel name is ``name`` (libgomp's workers take their creator's)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/comm", encoding="utf-8") as f:
+            count += f.read().strip() == name
+    return count
+
+
+def _parallel_work() -> None:
+    torch.ones(1 << 22).mul_(2).sum()  # far above at::parallel_for's grain: runs on the team
+
+
+def _teams_in_named_thread(name: str, body) -> list[int]:
+    """Run ``body(sample)`` in a thread called ``name``; ``sample()`` counts that name's threads."""
+    samples: list[int] = []
+
+    def sample(settle_to: int | None = None) -> None:
+        deadline = time.monotonic() + 5
+        count = _workers_named(name)
+        while settle_to is not None and count > settle_to and time.monotonic() < deadline:
+            time.sleep(0.01)  # a released worker exits asynchronously
+            count = _workers_named(name)
+        samples.append(count)
+
+    def run() -> None:
+        threading.current_thread().name = name
+        ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME: the kernel's name for it
+        body(sample)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    return samples
+
+
+@needs_libgomp
+def test_release_team_gives_back_the_calling_threads_openmp_workers() -> None:
+    def body(sample) -> None:
+        sample()  # the thread alone
+        torch.set_num_threads(2)
+        _parallel_work()
+        sample()  # with its team's worker
+        assert threads.release_team()
+        sample(settle_to=1)
+
+    alone, with_team, released = _teams_in_named_thread("cvs-omp-probe", body)
+    assert (alone, with_team) == (1, 2)
+    assert released == 1
+
+
+@needs_libgomp
+def test_a_pass_on_more_than_one_thread_releases_its_team_on_leaving() -> None:
+    share = IntraOpShare(threads=2)
+
+    def body(sample) -> None:
+        sample()
+        with share:
+            _parallel_work()
+            sample()
+        sample(settle_to=1)
+
+    assert _teams_in_named_thread("cvs-omp-pass", body) == [1, 2, 1]
+
+
+@needs_libgomp
+def test_a_limited_helper_thread_holds_no_team() -> None:
+    def body(sample) -> None:
+        torch.set_num_threads(2)
+        _parallel_work()
+        sample()
+        threads.limit_helper_thread()
+        _parallel_work()
+        sample(settle_to=1)
+
+    assert _teams_in_named_thread("cvs-omp-help", body) == [2, 1]
+
+
+def test_release_team_is_false_without_libgomp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads, "_libgomp_pause", lambda: None)
+    assert not threads.release_team()
