@@ -97,7 +97,9 @@ class VisionModel(abc.ABC):
             inputs = [self.prepare(img, masks=masks) for img in images]
             raws = self.forward(inputs)
             if len(raws) != len(images):
-                raise RuntimeError(f"{self.name}: forward returned {len(raws)} outputs for {len(images)} inputs")
+                raise RuntimeError(
+                    f"{self.name}: forward returned {len(raws)} outputs for {len(images)} inputs"
+                )
             return [
                 self.postprocess(r, (int(img.shape[0]), int(img.shape[1])))
                 for r, img in zip(raws, images, strict=True)
@@ -106,6 +108,23 @@ class VisionModel(abc.ABC):
             from cvserve.models.threads import release_team  # torch: not for importing this module
 
             release_team()  # pre- and postprocessing may have made one (models.threads)
+
+    def input_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """The size ``(h, w)`` :meth:`preprocess` resizes a ``height x width`` image to.
+
+        None when the model does not resize to a size known in advance, is not loaded, or
+        would refuse the image. Adapters resizing with :class:`cvserve.models.resize.InputResize`
+        keep it in ``_resize`` and get this for free.
+        """
+        resize = getattr(self, "_resize", None)
+        if resize is None:
+            return None
+        from cvserve.models.errors import InputSizeError
+
+        try:
+            return resize.output_size(height, width)  # type: ignore[no-any-return]
+        except InputSizeError:
+            return None
 
     def describe(self) -> dict[str, Any]:
         """Static facts about the model for metadata endpoints."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -86,6 +86,19 @@ class SemanticMap:
         """Pixel count per label present in the map."""
         values, counts = np.unique(self.labels, return_counts=True)
         return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+
+class ScaledImage(NamedTuple):
+    """An image decoded at a reduced scale, with the size predictions are reported in.
+
+    Attributes:
+        pixels: ``(h, w, 3)`` RGB uint8, at most ``size`` (a JPEG decoded with libjpeg's DCT
+            scaling, see ``cvserve.imaging.decode_image``).
+        size: the image's own upright ``(height, width)``: boxes and masks are in its pixels.
+    """
+
+    pixels: np.ndarray
+    size: tuple[int, int]
 
 
 @dataclass(frozen=True, eq=False)

@@ -36,6 +36,9 @@ class ServerConfig:
         log_format: ``text`` or ``json`` (one JSON object per line).
         warmup: run a synthetic image through each model before reporting it ready.
         warmup_image_size: side of the square warm-up images (a full batch of them runs).
+        scaled_decode: decode a JPEG larger than the model's input at 1/2, 1/4 or 1/8 scale
+            (libjpeg's DCT scaling), never below the input size; predictions stay in the
+            image's own pixels.
         max_stream_inflight: most items of one stream processed concurrently.
         tls_cert_file: PEM certificate chain; with ``tls_key_file`` serves TLS.
         tls_key_file: PEM private key.
@@ -60,6 +63,7 @@ class ServerConfig:
     log_format: str = "text"
     warmup: bool = True
     warmup_image_size: int = 512
+    scaled_decode: bool = True
     max_stream_inflight: int = 32
     tls_cert_file: str | None = None
     tls_key_file: str | None = None

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cvserve.errors import ImageTooLargeError, InvalidImageError
-from cvserve.models.types import Prediction
+from cvserve.models.types import Prediction, ScaledImage
 
 __all__ = [
     "ENCODINGS",
@@ -24,6 +24,7 @@ __all__ = [
     "check_pixels",
     "decode_image",
     "decode_png_array",
+    "decode_scaled",
     "draw_overlay",
     "encode_png",
     "palette",
@@ -34,6 +35,8 @@ __all__ = [
 ENCODINGS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 _ACCEPTED = {*ENCODINGS, "MPO"}
 _ORIENTATION = 0x0112  # the EXIF tag exif_transpose applies
+_TURNED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+Needed = Callable[[int, int], "tuple[int, int] | None"]
 
 
 def set_decoder_pixel_limit(max_pixels: int) -> None:
@@ -89,6 +92,28 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         InvalidImageError: empty, undecodable, truncated or of an unsupported format.
         ImageTooLargeError: over ``max_pixels``, checked before decoding.
     """
+    return _decode(data, max_pixels, None)[0]
+
+
+def decode_scaled(data: bytes, *, max_pixels: int, needed: Needed) -> np.ndarray | ScaledImage:
+    """:func:`decode_image`, with a large JPEG decoded at 1/2, 1/4 or 1/8 of its size.
+
+    ``needed(height, width)`` is the smallest ``(h, w)`` the consumer wants of an upright
+    ``height x width`` image (a model's input size), or None for the full image. A JPEG
+    is decoded with libjpeg's DCT scaling at the smallest of those scales that is still at
+    least that large (PIL's ``draft``), much faster than decoding every pixel and
+    resizing them away. Returns a :class:`~cvserve.models.types.ScaledImage` carrying
+    the image's own size when it was reduced, else the array as :func:`decode_image` does.
+
+    Raises:
+        Same as :func:`decode_image`; the pixel limit applies to the image's own size.
+    """
+    array, size = _decode(data, max_pixels, needed)
+    return array if array.shape[:2] == size else ScaledImage(array, size)
+
+
+def _decode(data: bytes, max_pixels: int, needed: Needed | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The upright RGB array, maybe reduced, and the image's own upright ``(height, width)``."""
     if not data:
         raise InvalidImageError("image is empty: no encoded bytes and no raw array")
     try:
@@ -100,6 +125,12 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
                     f"unsupported image format {img.format}; accepted: {', '.join(ENCODINGS)}"
                 )
             check_pixels(img.height, img.width, max_pixels)
+            turned = img.format in ("JPEG", "MPO") and img.getexif().get(_ORIENTATION, 1) in _TURNED
+            size = (img.width, img.height) if turned else (img.height, img.width)
+            want = needed(*size) if needed is not None and img.format in ("JPEG", "MPO") else None
+            if want is not None:
+                want_h, want_w = (want[1], want[0]) if turned else want
+                img.draft(img.mode, (max(1, want_w), max(1, want_h)))
             # Decoding happens here (lazily, on first pixel access): inside the try.
             array = np.asarray(_to_rgb(_upright(img), img.format), dtype=np.uint8)
     except (InvalidImageError, ImageTooLargeError):
@@ -112,7 +143,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         ) from None
     except Exception as e:  # PIL raises many types for corrupt data: UnidentifiedImageError, OSError ...
         raise InvalidImageError(f"cannot decode image ({len(data)} bytes): {e}") from None
-    return array
+    return array, size
 
 
 def array_from_raw(data: bytes, height: int, width: int, channels: int, *, max_pixels: int) -> np.ndarray:

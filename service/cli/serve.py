@@ -83,6 +83,12 @@ def _add_limits(parser: argparse._ArgumentGroup) -> None:
         "--no-warmup", action="store_true", help="mark models ready without a warm-up inference"
     )
     parser.add_argument(
+        "--full-decode",
+        action="store_true",
+        help="decode every JPEG at full size (by default one larger than the model's input is decoded "
+        "at 1/2, 1/4 or 1/8 scale, never below the input size)",
+    )
+    parser.add_argument(
         "--no-malloc-tuning",
         action="store_true",
         help="leave glibc's malloc thresholds alone (by default raised so each request reuses the "
@@ -197,6 +203,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
             grace_period_s=args.grace_period,
             log_format=args.log_format,
             warmup=not args.no_warmup,
+            scaled_decode=not args.full_decode,
             tls_cert_file=args.tls_cert,
             tls_key_file=args.tls_key,
             tls_client_ca_file=args.tls_client_ca,

@@ -43,7 +43,7 @@ from cvserve.metrics import Metrics
 from cvserve.models.base import VisionModel
 from cvserve.models.build import build_model
 from cvserve.models.repository import ModelSpec
-from cvserve.models.types import Prediction
+from cvserve.models.types import Prediction, ScaledImage
 
 __all__ = ["DataPlane"]
 
@@ -290,7 +290,7 @@ class DataPlane:
     async def infer(
         self,
         name: str,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | ScaledImage],
         *,
         version: str | None = None,
         deadline: float | None = None,
@@ -307,7 +307,7 @@ class DataPlane:
     async def infer_timed(
         self,
         name: str,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | ScaledImage],
         *,
         version: str | None = None,
         deadline: float | None = None,

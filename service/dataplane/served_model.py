@@ -35,6 +35,7 @@ from cvserve.models.base import VisionModel
 from cvserve.models.batching import busy_image, tune_batch_size
 from cvserve.models.errors import InputSizeError
 from cvserve.models.repository import ModelSpec
+from cvserve.models.types import ScaledImage
 
 __all__ = ["ServedModel", "run_in_pool"]
 
@@ -239,7 +240,7 @@ class ServedModel:
 
     async def run_image(
         self,
-        image: np.ndarray,
+        image: np.ndarray | ScaledImage,
         deadline: float | None,
         *,
         masks: bool = True,
@@ -247,7 +248,8 @@ class ServedModel:
         """Preprocess in the shared pool, forward through the batcher, postprocess in the pool.
 
         Args:
-            image: RGB uint8 ``(H, W, 3)``.
+            image: RGB uint8 ``(H, W, 3)``, or one decoded at a reduced scale with its own size
+                (predictions are in that size's pixels).
             deadline: absolute ``time.monotonic()`` deadline, if any.
             masks: False when the request wants no instance masks (see
                 :meth:`~cvserve.models.base.VisionModel.prepare`).
@@ -255,18 +257,18 @@ class ServedModel:
         model, batcher, stats = self.model, self.batcher, self.stats
         timing = ItemTiming()
         start = time.monotonic()
+        pixels, size = image if isinstance(image, ScaledImage) else (image, (image.shape[0], image.shape[1]))
         try:
             if model is None or batcher is None:
                 raise ModelNotReadyError(f"model {self.spec.name!r} is not loaded")
             prepare = functools.partial(model.prepare, masks=masks)
             try:
-                inputs, seconds = await run_in_pool(self._pool, _timed, prepare, image)
+                inputs, seconds = await run_in_pool(self._pool, _timed, prepare, pixels)
             except InputSizeError as e:  # the image's fault, not the server's
                 raise InvalidImageError(str(e)) from None
             stats.compute_input.add(seconds)
             self.observe_stage("preprocess", seconds)
             raw = await batcher.submit(inputs, deadline=deadline, timing=timing)
-            size = (int(image.shape[0]), int(image.shape[1]))
             prediction, seconds = await run_in_pool(self._pool, _timed, model.postprocess, raw, size)
             stats.compute_output.add(seconds)
             self.observe_stage("postprocess", seconds)

@@ -26,8 +26,8 @@ from cvserve.client.codec import (
     prediction_from_segment,
 )
 from cvserve.errors import InvalidImageError, InvalidOptionError
-from cvserve.imaging import array_from_raw, decode_image, encode_label_map, encode_png
-from cvserve.models.types import Instance, Mask, Prediction
+from cvserve.imaging import Needed, array_from_raw, decode_image, decode_scaled, encode_label_map, encode_png
+from cvserve.models.types import Instance, Mask, Prediction, ScaledImage
 
 __all__ = [
     "MASK_FORMATS",
@@ -64,8 +64,13 @@ class DetectOptions:
     mask_format: str = "rle"
 
 
-def decode_request_image(image: types_pb.Image, *, max_pixels: int) -> np.ndarray:
+def decode_request_image(
+    image: types_pb.Image, *, max_pixels: int, needed: Needed | None = None
+) -> np.ndarray | ScaledImage:
     """The ``(H, W, 3)`` RGB uint8 array a request's ``Image`` holds.
+
+    With ``needed`` (a model's ``input_size``), an encoded JPEG larger than that is
+    decoded at a reduced scale (:func:`cvserve.imaging.decode_scaled`).
 
     Raises:
         InvalidImageError: missing, undecodable or mis-shaped image.
@@ -73,6 +78,8 @@ def decode_request_image(image: types_pb.Image, *, max_pixels: int) -> np.ndarra
     """
     source = image.WhichOneof("source")
     if source == "encoded":
+        if needed is not None:
+            return decode_scaled(image.encoded, max_pixels=max_pixels, needed=needed)
         return decode_image(image.encoded, max_pixels=max_pixels)
     if source == "raw":
         raw = image.raw

@@ -103,9 +103,12 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         deadline: float | None,
         masks: bool = True,
     ) -> Any:
+        model = self._dp.model_object(status.name, version or None) if self._config.scaled_decode else None
+
         def decode() -> Any:
             begun = time.perf_counter()
-            array = codec.decode_request_image(image, max_pixels=self._config.max_image_pixels)
+            needed = model.input_size if model is not None else None
+            array = codec.decode_request_image(image, max_pixels=self._config.max_image_pixels, needed=needed)
             self._dp.observe_stage(status.name, "decode", time.perf_counter() - begun, version or None)
             return array
 

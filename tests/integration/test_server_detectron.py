@@ -72,3 +72,35 @@ def test_tiny_mask_rcnn_serves_detections_in_image_coordinates(server: ServerThr
     assert [d.score for d in first.detections] == pytest.approx(
         [i.score for i in expected.instances], abs=1e-3
     )
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_and_answered_in_its_own_pixels(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from PIL import Image
+
+    from cvserve.models.types import ScaledImage
+    from cvserve.vision import codec
+
+    decoded: list[object] = []
+    real = codec.decode_scaled
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        decoded.append(out)
+        return out
+
+    monkeypatch.setattr(codec, "decode_scaled", spy)
+    buf = io.BytesIO()
+    Image.fromarray(scene(3, 480, 640)).save(buf, format="JPEG", quality=90)
+    with Client(server.address, timeout=60) as client:
+        response = client.detect_response(buf.getvalue(), model="tiny")
+    # The tiny model tests at 64 px: 480x640 -> 64x85, so libjpeg decodes at 1/4 (120x160).
+    assert [type(d) for d in decoded] == [ScaledImage]
+    assert decoded[0].pixels.shape == (120, 160, 3) and decoded[0].size == (480, 640)
+    assert (response.image_height, response.image_width) == (480, 640) and response.detections
+    for det in response.detections:
+        assert 0 <= det.box.x0 <= det.box.x1 <= 640 and 0 <= det.box.y0 <= det.box.y1 <= 480
+        assert (det.rle.height, det.rle.width) == (480, 640)
