@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,16 +244,21 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def serve(
-    entries: list[dict[str, Any]], workdir: Path, *, workers: int = 4, extra_env: dict[str, str] | None = None
+    entries: list[dict[str, Any]],
+    workdir: Path,
+    *,
+    workers: int = 4,
+    extra_env: dict[str, str] | None = None,
+    flags: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
-    """Run ``cvserve serve`` on ``entries`` until the block exits; wait until every model is ready."""
+    """Run ``cvserve serve`` on ``entries`` (plus ``flags``) until the block exits; wait until every model is ready."""
     repo = workdir / "models.yaml"
     repo.write_text(yaml.safe_dump({"models": entries}))
     port, metrics_port = free_port(), free_port()
     log_path = workdir / f"server-{port}.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     command = [sys.executable, "-m", "cvserve", "serve", "--models", str(repo), "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--metrics-port", str(metrics_port), "--workers", str(workers)]
+    command += ["--port", str(port), "--metrics-port", str(metrics_port), "--workers", str(workers), *flags]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", log_path)

@@ -182,7 +182,7 @@ def run_concurrency(
     idles while the predictor runs), so drifts in machine speed hit both sides alike."""
     results = []
     spec = model.spec(args.max_batch_size, args.max_wait_ms, args.instances)
-    with _common.serve([spec], work, workers=args.workers) as server:
+    with _common.serve([spec], work, workers=args.workers, flags=args.server_flag) as server:
         load(server.address, model.name, payloads, 2, 4)  # warm the server's pools
         for c in args.concurrency:
             m = Measured(c)
@@ -221,7 +221,7 @@ def run_sweep(
     for size in args.sweep:
         value: int | str = size if size == "auto" else int(size)
         entry = model.spec(value, args.sweep_wait_ms, args.instances)
-        with _common.serve([entry], work, workers=args.workers) as server:
+        with _common.serve([entry], work, workers=args.workers, flags=args.server_flag) as server:
             load(server.address, model.name, payloads, 2, 4)
             before = server.scrape()
             wall, latencies = load(server.address, model.name, payloads, c, max(args.requests, 2 * c))
@@ -264,6 +264,12 @@ def main() -> None:
         "--bf16-predictor",
         action="store_true",
         help="also run DefaultPredictor under bf16 autocast (channels-last) in every round",
+    )
+    parser.add_argument(
+        "--server-flag",
+        action="append",
+        default=[],
+        help="extra `cvserve serve` flag, e.g. --server-flag=--full-decode (repeatable)",
     )
     args = parser.parse_args()
     args.max_batch_size = args.max_batch_size if args.max_batch_size == "auto" else int(args.max_batch_size)
