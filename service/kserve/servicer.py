@@ -31,12 +31,12 @@ from cvserve.config import ServerConfig
 from cvserve.dataplane.model_state import ModelState, ModelStatus
 from cvserve.dataplane.plane import DataPlane
 from cvserve.errors import InvalidOptionError, NotSupportedError, ServiceError, status_of
-from cvserve.imaging import decode_image
+from cvserve.imaging import Needed, decode_image, decode_scaled
 from cvserve.kserve.codec import read_inputs, write_output
 from cvserve.kserve.metadata import model_config, model_index, model_metadata, model_statistics, output_names
 from cvserve.kserve.parameters import RequestOptions, parse_request_parameters, parse_requested_outputs
 from cvserve.kserve.tensors import ImageBatch, output_tensors, split_images
-from cvserve.models.types import Prediction, Task
+from cvserve.models.types import Prediction, ScaledImage, Task
 from cvserve.streaming import concurrent_responses
 from cvserve.vision.codec import apply_options
 
@@ -214,7 +214,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         options = parse_request_parameters(request.parameters, status.class_names, status.task)
         names, raw = parse_requested_outputs(request.outputs, output_names(status))
         batch = await self._dp.run_cpu(self._images, request, status.spec.max_queue)
-        images = await self._decode(batch.images)
+        model = self._dp.model_object(status.name, request.model_version or None)
+        needed = model.input_size if model is not None and self._config.scaled_decode else None
+        images = await self._decode(batch.images, needed)
         # Masks not asked for (mask_format none, or outputs without "masks") are not computed.
         masks = options.detect.mask_format != "none" and "masks" in names
         outcomes = await self._dp.infer_timed(
@@ -242,15 +244,26 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         inputs = read_inputs(request, max_bytes_elements=max_images)
         return split_images(inputs, max_pixels=self._config.max_image_pixels, max_images=max_images)
 
-    async def _decode(self, images: Sequence[bytes | np.ndarray]) -> list[np.ndarray]:
-        """Decode encoded images in the shared CPU pool, concurrently; raw arrays pass through."""
+    async def _decode(
+        self, images: Sequence[bytes | np.ndarray], needed: Needed | None
+    ) -> list[np.ndarray | ScaledImage]:
+        """Decode encoded images in the shared CPU pool, concurrently; raw arrays pass through.
+
+        With ``needed`` (the model's ``input_size``) a large JPEG is decoded at a reduced
+        scale (:func:`cvserve.imaging.decode_scaled`).
+        """
         max_pixels = self._config.max_image_pixels
 
-        async def one(i: int, image: bytes | np.ndarray) -> np.ndarray:
+        def decode(image: bytes) -> np.ndarray | ScaledImage:
+            if needed is None:
+                return decode_image(image, max_pixels=max_pixels)
+            return decode_scaled(image, max_pixels=max_pixels, needed=needed)
+
+        async def one(i: int, image: bytes | np.ndarray) -> np.ndarray | ScaledImage:
             if isinstance(image, np.ndarray):
                 return image
             try:
-                return await self._dp.run_cpu(lambda: decode_image(image, max_pixels=max_pixels))
+                return await self._dp.run_cpu(decode, image)
             except ServiceError as e:
                 if len(images) == 1:
                     raise

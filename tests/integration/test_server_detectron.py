@@ -12,6 +12,7 @@ import yaml
 
 from cvserve.client.client import Client
 from cvserve.config import ServerConfig
+from cvserve.kserve.servicer import add_kserve_servicer
 from cvserve.models.checkpoint import save_checkpoint
 from cvserve.models.instance.config import tiny_instance_config
 from cvserve.models.repository import load_repository
@@ -41,7 +42,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     }
     (root / "models.yaml").write_text(yaml.safe_dump({"models": [entry]}))
     config = ServerConfig(port=0, metrics_port=None, worker_threads=2)
-    with ServerThread(config, load_repository(root / "models.yaml")).start(wait_loaded=True) as srv:
+    specs = load_repository(root / "models.yaml")
+    with ServerThread(config, specs, servicers=[add_kserve_servicer]).start(wait_loaded=True) as srv:
         yield srv
 
 
@@ -81,6 +83,7 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_and_answered_in_its_own_pixels
 
     from PIL import Image
 
+    from cvserve.kserve import servicer as kserve_servicer
     from cvserve.models.types import ScaledImage
     from cvserve.vision import codec
 
@@ -93,6 +96,7 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_and_answered_in_its_own_pixels
         return out
 
     monkeypatch.setattr(codec, "decode_scaled", spy)
+    monkeypatch.setattr(kserve_servicer, "decode_scaled", spy)
     buf = io.BytesIO()
     Image.fromarray(scene(3, 480, 640)).save(buf, format="JPEG", quality=90)
     with Client(server.address, timeout=60) as client:
@@ -104,3 +108,17 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_and_answered_in_its_own_pixels
     for det in response.detections:
         assert 0 <= det.box.x0 <= det.box.x1 <= 640 and 0 <= det.box.y0 <= det.box.y1 <= 480
         assert (det.rle.height, det.rle.width) == (480, 640)
+    # The Open Inference Protocol decodes the same way and answers the same.
+    tc = pytest.importorskip("tritonclient.grpc")
+    data = np.array([buf.getvalue()], dtype=object)
+    tensor = tc.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(data)
+    triton = tc.InferenceServerClient(server.address)
+    try:
+        result = triton.infer("tiny", [tensor])
+    finally:
+        triton.close()
+    assert [type(d) for d in decoded] == [ScaledImage, ScaledImage]
+    assert result.as_numpy("image_size").tolist() == [480, 640]
+    boxes = [[d.box.x0, d.box.y0, d.box.x1, d.box.y1] for d in response.detections]
+    np.testing.assert_allclose(result.as_numpy("boxes"), boxes, rtol=1e-5, atol=1e-3)
