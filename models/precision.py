@@ -41,6 +41,7 @@ __all__ = [
     "cpu_bf16",
     "keep_outputs_fp32",
     "resolve_precision",
+    "store_autocast_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -189,5 +190,37 @@ def keep_outputs_fp32(model: nn.Module, names: tuple[str, ...] = OUTPUT_LAYERS) 
         if name.rsplit(".", 1)[-1] in names and "forward" not in vars(module):
             device_type = next((p.device.type for p in module.parameters()), "cpu")
             module.forward = functools.partial(_fp32_forward, module.forward, device_type)  # type: ignore[method-assign]
+            count += 1
+    return count
+
+
+# Layers whose weights and biases autocast casts to its dtype at every call, on CPU and CUDA.
+_AUTOCAST_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
+
+
+@torch.no_grad()
+def store_autocast_weights(model: nn.Module, precision: str) -> int:
+    """Store in ``precision``'s autocast dtype the weights autocast casts at every call.
+
+    Under autocast a convolution or linear layer casts its fp32 weight and bias to the
+    autocast dtype each time it runs: on the demo detector a few hundred copies per image.
+    Stored in that dtype already, they are used as they are. The values are the same ones
+    (autocast casts with ``Tensor.to``, round to nearest even), so outputs under autocast
+    are bit for bit those of the fp32-stored model. Layers kept fp32
+    (:func:`keep_outputs_fp32`, run after it) are left alone. The model must then only run
+    under :func:`autocast` of that precision.
+
+    Returns:
+        The number of layers changed (0 for fp32).
+    """
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return 0
+    count = 0
+    for name, module in model.named_modules():
+        kept = "forward" in vars(module) or name.rsplit(".", 1)[-1] in OUTPUT_LAYERS
+        if isinstance(module, _AUTOCAST_LAYERS) and not kept:
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype)
             count += 1
     return count

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "decode_scaled",
     "draw_overlay",
     "encode_png",
+    "input_size_hint",
     "palette",
     "set_decoder_pixel_limit",
 ]
@@ -93,6 +95,24 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         ImageTooLargeError: over ``max_pixels``, checked before decoding.
     """
     return _decode(data, max_pixels, None)[0]
+
+
+def input_size_hint(model: object | None) -> Needed | None:
+    """``model.input_size`` for :func:`decode_scaled`, holding ``model`` only weakly.
+
+    A request decoding its image must not keep alive a model that a reload replaces
+    meanwhile (its memory is freed when its last request ends). None without a model.
+    """
+    method = getattr(model, "input_size", None)
+    if method is None:
+        return None
+    ref = weakref.WeakMethod(method)
+
+    def needed(height: int, width: int) -> tuple[int, int] | None:
+        bound = ref()
+        return bound(height, width) if bound is not None else None
+
+    return needed
 
 
 def decode_scaled(data: bytes, *, max_pixels: int, needed: Needed) -> np.ndarray | ScaledImage:

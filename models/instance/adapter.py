@@ -34,7 +34,13 @@ from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import load_config
 from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
 from cvserve.models.instance.roi_align import keep_roi_align_fp32
-from cvserve.models.precision import autocast, cpu_bf16, keep_outputs_fp32, resolve_precision
+from cvserve.models.precision import (
+    autocast,
+    cpu_bf16,
+    keep_outputs_fp32,
+    resolve_precision,
+    store_autocast_weights,
+)
 from cvserve.models.registry import register_builder
 from cvserve.models.repository import ModelSpec
 from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
@@ -157,6 +163,7 @@ class DetectronModel(VisionModel):
             logger.debug("%s: folded %d batch norms into their convolutions", self.name, fused)
         if self._options.get("channels_last", self.device == "cpu"):
             use_channels_last(model)  # oneDNN's fastest layout (models.fusion)
+        store_autocast_weights(model, self.precision)  # no weight casts per forward, same outputs
         self._model = model
         self._resize = InputResize(
             int(self._options.get("min_size_test", min_size)),

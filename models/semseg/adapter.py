@@ -34,7 +34,13 @@ from cvserve.models.checkpoint import META_KEY
 from cvserve.models.device import auto_device
 from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import config_file
-from cvserve.models.precision import autocast, cpu_bf16, keep_outputs_fp32, resolve_precision
+from cvserve.models.precision import (
+    autocast,
+    cpu_bf16,
+    keep_outputs_fp32,
+    resolve_precision,
+    store_autocast_weights,
+)
 from cvserve.models.registry import register_builder
 from cvserve.models.repository import ModelSpec
 from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
@@ -126,6 +132,7 @@ class SemanticSegmentationModel(VisionModel):
             fuse_conv_batch_norm(model)  # the same outputs for less work per layer (models.fusion)
         if channels_last:
             use_channels_last(model)  # oneDNN's fastest layout (models.fusion)
+        store_autocast_weights(model, self.precision)  # no weight casts per forward, same outputs
         if not self.class_names:
             self.class_names = self._class_names(cfg, extra)
         self.cfg, self.model = cfg, model

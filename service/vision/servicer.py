@@ -22,7 +22,7 @@ from cvserve.config import ServerConfig
 from cvserve.dataplane.model_state import ModelState, ModelStatus
 from cvserve.dataplane.plane import DataPlane
 from cvserve.errors import InvalidOptionError, WrongTaskError, status_of
-from cvserve.imaging import ENCODINGS
+from cvserve.imaging import ENCODINGS, input_size_hint
 from cvserve.models.types import Task
 from cvserve.streaming import concurrent_responses
 from cvserve.vision import codec
@@ -103,11 +103,11 @@ class VisionServicer(pb_grpc.VisionServiceServicer):
         deadline: float | None,
         masks: bool = True,
     ) -> Any:
-        model = self._dp.model_object(status.name, version or None) if self._config.scaled_decode else None
+        scaled = self._config.scaled_decode
+        needed = input_size_hint(self._dp.model_object(status.name, version or None)) if scaled else None
 
         def decode() -> Any:
             begun = time.perf_counter()
-            needed = model.input_size if model is not None else None
             array = codec.decode_request_image(image, max_pixels=self._config.max_image_pixels, needed=needed)
             self._dp.observe_stage(status.name, "decode", time.perf_counter() - begun, version or None)
             return array

@@ -105,3 +105,24 @@ def test_the_pixel_limit_applies_to_the_images_own_size() -> None:
 
     with pytest.raises(ImageTooLargeError, match="more than the limit"):
         decode_scaled(_jpeg(_scene(1200, 1600)), max_pixels=1200 * 1600 - 1, needed=_model_input)
+
+
+def test_the_input_size_hint_does_not_keep_the_model_alive() -> None:
+    import gc
+    import weakref
+
+    from cvserve.imaging import input_size_hint
+
+    class Model:
+        def input_size(self, height: int, width: int) -> tuple[int, int]:
+            return height // 4, width // 4
+
+    model = Model()
+    needed = input_size_hint(model)
+    assert needed is not None and needed(400, 800) == (100, 200)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None  # a reload frees a replaced model even while a request decodes
+    assert needed(400, 800) is None  # and the decode falls back to the full image
+    assert input_size_hint(None) is None and input_size_hint(object()) is None

@@ -230,6 +230,34 @@ def test_bf16_runs_the_forward_in_bf16_close_to_fp32(tiny: tuple[CfgNode, Path, 
         assert np.median(diffs) <= 0.02, diffs
 
 
+def test_bf16_weights_are_stored_bf16_and_answer_as_autocast_casting_them(
+    tiny: tuple[CfgNode, Path, Path],
+) -> None:
+    _, config, weights = tiny
+    bf16 = DetectronModel(_spec(config, weights, precision="bf16"))
+    bf16.load()
+    assert bf16._model is not None
+    heads = bf16._model.roi_heads
+    assert bf16._model.backbone.bottom_up.stem.conv1.weight.dtype == torch.bfloat16
+    predictor = (
+        heads.box_predictor[-1]
+        if isinstance(heads.box_predictor, torch.nn.ModuleList)
+        else heads.box_predictor
+    )
+    assert predictor.cls_score.weight.dtype == torch.float32  # output layers stay fp32
+    images = [_image(64, 96, seed=s) for s in range(3)]
+    stored = bf16.predict_batch(images)
+    # The same model with fp32 weights, which autocast casts at every call: identical bits.
+    for param in bf16._model.parameters():
+        param.data = param.data.float()
+    cast = bf16.predict_batch(images)
+    for a, b in zip(stored, cast, strict=True):
+        assert [(i.box, i.score, i.category_id) for i in a.instances] == [
+            (i.box, i.score, i.category_id) for i in b.instances
+        ]
+        assert [i.mask.counts for i in a.instances] == [i.mask.counts for i in b.instances]
+
+
 def test_requests_without_masks_skip_the_mask_head(model: DetectronModel) -> None:
     assert model._model is not None
     calls: list[int] = []
