@@ -17,7 +17,8 @@ from cvserve.models.checkpoint import save_checkpoint
 from cvserve.models.instance.adapter import DetectronModel
 from cvserve.models.instance.config import tiny_instance_config
 from cvserve.models.repository import ModelSpec
-from cvserve.models.types import Instance, Task
+from cvserve.models.types import Task
+from tests.fixtures.matching import match_detections
 
 CLASSES = ("circle", "square", "triangle")
 
@@ -186,24 +187,6 @@ def test_bad_inputs_raise_clear_errors(tiny: tuple[CfgNode, Path, Path], model: 
         DetectronModel(_spec(config, "")).preprocess(_image(8, 8))
 
 
-def _match(expected: list[Instance], got: list[Instance]) -> tuple[np.ndarray, np.ndarray]:
-    """For each expected detection: the best IoU with a same-class detection of ``got`` and
-    that detection's score difference (IoU 0 and difference 1 where none)."""
-    ious, diffs = [], []
-    for e in expected:
-        same = [g for g in got if g.category_id == e.category_id]
-        if not same:
-            ious.append(0.0)
-            diffs.append(1.0)
-            continue
-        xywh = [[b[0], b[1], b[2] - b[0], b[3] - b[1]] for b in (e.box, *(g.box for g in same))]
-        iou = mask_util.iou(xywh[1:], xywh[:1], [0])[:, 0]
-        k = int(np.argmax(iou))
-        ious.append(float(iou[k]))
-        diffs.append(abs(same[k].score - e.score))
-    return np.array(ious), np.array(diffs)
-
-
 def test_bf16_runs_the_forward_in_bf16_close_to_fp32(tiny: tuple[CfgNode, Path, Path]) -> None:
     _, config, weights = tiny
     fp32 = DetectronModel(_spec(config, weights))
@@ -225,7 +208,7 @@ def test_bf16_runs_the_forward_in_bf16_close_to_fp32(tiny: tuple[CfgNode, Path, 
     assert dtypes and set(dtypes) == {torch.bfloat16}
     for reference, pred in zip(fp32.predict_batch(images), low, strict=True):
         top = list(reference.instances[:20])
-        ious, diffs = _match(top, list(pred.instances))
+        ious, diffs = match_detections(top, list(pred.instances))
         assert np.median(ious) >= 0.9 and (ious >= 0.5).mean() >= 0.8, ious
         assert np.median(diffs) <= 0.02, diffs
 
