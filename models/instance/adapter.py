@@ -33,7 +33,7 @@ from cvserve.models.device import auto_device, resolve_device
 from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import load_config
 from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
-from cvserve.models.instance.roi_align import keep_roi_align_fp32
+from cvserve.models.instance.roi_align import keep_roi_align_fp32, shared_pooling_inputs
 from cvserve.models.precision import (
     autocast,
     cpu_bf16,
@@ -277,7 +277,12 @@ class DetectronModel(VisionModel):
         batch = [{"image": x.image, "height": x.height, "width": x.width} for x in inputs]
         model = self._model
         two_stage = isinstance(model, GeneralizedRCNN)
-        with torch.inference_mode(), autocast(self.device, self.precision), forward_threads(self.device):
+        with (
+            torch.inference_mode(),
+            autocast(self.device, self.precision),
+            forward_threads(self.device),
+            shared_pooling_inputs(),  # each feature map converted for RoIAlign once (instance.roi_align)
+        ):
             if isinstance(model, GeneralizedRCNN):
                 # Mask pasting and encoding are left to postprocess, off the model thread.
                 results = _rcnn_inference(model, batch, [x.masks for x in inputs])

@@ -22,6 +22,10 @@ from __future__ import annotations
 
 # isort: split
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from detectron2.layers import ROIAlign
@@ -32,6 +36,7 @@ __all__ = [
     "GatherROIAlign",
     "keep_roi_align_fp32",
     "roi_align_gather",
+    "shared_pooling_inputs",
     "use_gather_roi_align",
 ]
 
@@ -179,17 +184,61 @@ def roi_align_gather(
     return out.permute(0, 3, 1, 2)
 
 
+_shared = threading.local()
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def shared_pooling_inputs() -> Iterator[None]:
+    """Within the block, each feature map is converted for pooling once, not once per head.
+
+    torchvision's CPU ``roi_align`` reads NCHW fp32 and converts anything else (a
+    channels-last map, bf16 under autocast) at every call. Mask R-CNN's box and mask heads (a
+    cascade's every stage) pool the same maps, so :class:`Fp32ROIAlign` keeps each map's
+    fp32 NCHW copy for the rest of the block on this thread. The copies are freed when the
+    block ends. The adapters wrap each forward in it; the values are the same.
+    """
+    previous = getattr(_shared, "maps", None)
+    _shared.maps = {}
+    try:
+        yield
+    finally:
+        _shared.maps = previous
+
+
+def _pooling_input(input: torch.Tensor) -> torch.Tensor:
+    """``input`` as NCHW, fp32 if it was fp16 or bf16, reusing the copy made earlier in a :func:`shared_pooling_inputs` block.
+
+    A map is recognised by identity (the block holds it, so its ``id`` stays unique). The heads
+    only read the backbone's maps, and tensors made under ``torch.inference_mode`` carry no
+    version counter to check, so a map changed in place inside the block would not be seen.
+    """
+    half = input.dtype in _HALF
+    if not half and (input.is_contiguous() or input.device.type != "cpu"):
+        return input
+    maps: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = getattr(_shared, "maps", None)
+    hit = maps.get(id(input)) if maps is not None else None
+    if hit is not None and hit[0] is input:
+        return hit[1]
+    # One copy for both conversions (a cast, then torchvision's .contiguous(), would be two).
+    out = input.to(torch.float32 if half else input.dtype, memory_format=torch.contiguous_format)
+    if maps is not None:
+        maps[id(input)] = (input, out)
+    return out
+
+
 class Fp32ROIAlign(ROIAlign):
     """detectron2's ``ROIAlign`` with box coordinates and pooling in fp32 for any feature dtype.
 
     The output has the features' dtype (what detectron2's ``ROIPooler`` writes it into).
+    Inside :func:`shared_pooling_inputs` each feature map is converted once.
     """
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        if input.dtype not in (torch.float16, torch.bfloat16):
-            return self._pool(input, rois)
+        if input.dtype not in _HALF:
+            return self._pool(_pooling_input(input), rois)
         with torch.autocast(input.device.type, enabled=False):
-            return self._pool(input.float(), rois.float()).to(input.dtype)
+            return self._pool(_pooling_input(input), rois.float()).to(input.dtype)
 
     def _pool(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         return super().forward(input, rois)

@@ -123,3 +123,39 @@ def test_keep_roi_align_fp32_swaps_detectron2_modules() -> None:
     model = torch.nn.ModuleDict({"a": ROIAlign((7, 7), 0.25, 0, True), "b": torch.nn.ReLU()})
     assert keep_roi_align_fp32(model) == 1
     assert type(model["a"]) is Fp32ROIAlign and model["a"].spatial_scale == 0.25
+
+
+def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cvserve.models.instance import roi_align as module
+
+    torch.manual_seed(0)
+    # A channels-last bf16 map, as the served backbone's convolutions leave it under autocast.
+    features = torch.randn(1, 8, 40, 40).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    rois = torch.tensor([[0, 10.3, 12.7, 30.1, 38.2], [0, 1.5, 2.5, 20.5, 9.0]])
+    expected = roi_align(features.float().contiguous(), rois, (7, 7), 0.5, 0, True).to(torch.bfloat16)
+    conversions: list[torch.Tensor] = []
+    real = module._pooling_input
+
+    def counted(input: torch.Tensor) -> torch.Tensor:
+        out = real(input)
+        conversions.append(out)
+        return out
+
+    monkeypatch.setattr(module, "_pooling_input", counted)
+    box, mask = Fp32ROIAlign((7, 7), 0.5, 0, True), Fp32ROIAlign((14, 14), 0.5, 0, True)
+    with autocast("cpu", "bf16"), module.shared_pooling_inputs():
+        first = box(features, rois)
+        mask(features, rois)
+        second = box(features, rois)
+    assert conversions[0] is conversions[1] is conversions[2]  # one fp32 NCHW copy for all three
+    assert conversions[0].is_contiguous() and conversions[0].dtype == torch.float32
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert getattr(module._shared, "maps", None) is None  # the copies are dropped with the block
+    with autocast("cpu", "bf16"):
+        box(features, rois)
+        box(features, rois)
+    assert conversions[3] is not conversions[4]  # outside a block: converted at each call
+    plain = torch.randn(1, 8, 40, 40)
+    assert real(plain) is plain  # fp32 NCHW needs no copy
