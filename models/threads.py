@@ -2,11 +2,12 @@
 
 A server may run several forward passes of a model at once (Triton's model instances,
 TorchServe's workers). On a CPU, two passes of the small demo detector on one thread
-each measured 11.4 images/s on 2 cores, against 7.0-8.1 for one pass at a time on both:
-small convolutions split across threads spend much of their time in synchronisation,
-and the Python parts of a detector run on one thread anyway. A lone request still
-wants every core. :class:`IntraOpShare` gives each pass ``threads // passes running``
-intra-op threads as it starts, so one request runs on all cores and two share them.
+each ran 17.6-21.8 images/s on 2 cores, against 16.0-17.1 for one pass at a time on both
+(in process, bf16): small convolutions split across threads spend much of their time in
+synchronisation, and the Python parts of a detector run on one thread anyway. A lone
+request still wants every core. :class:`IntraOpShare` gives each pass ``threads // n``
+intra-op threads as it starts, ``n`` the most passes at once within the last second, so
+one request at a time runs on all cores and concurrent ones share them.
 
 This relies on torch's OpenMP backend (its default CPU build), where
 ``torch.set_num_threads`` sets the calling thread's own OpenMP team size. Under the
@@ -18,9 +19,10 @@ runs a parallel region on more than one thread keeps its own team of worker thre
 the thread exits, and once the workers of all teams outnumber the CPUs libgomp stops
 letting any of them spin between regions: each of a forward's hundreds of parallel
 regions then waits for a woken worker. Measured on 2 cores with the demo detector in
-bf16: a forward on a second thread took 94-116 ms while the main thread's idle team from
-loading the model existed, 62.6 ms once that team was released, and the main thread's
-own forward 62.3 ms (``benchmarks/README.md``, "Idle OpenMP teams"). So every thread that
+bf16, a forward on a second thread took 1.5-1.6x as long as on the main thread in the same
+minute while the main thread's idle team from loading the model existed (72.7 against 48.6
+ms, 93.6 against 57.6), and the same once that team was released (62.6 against 62.3;
+``benchmarks/README.md``, "Idle OpenMP teams"). So every thread that
 may have made a team gives it back when it is done (:func:`release_team`): a pass with
 more than one thread on leaving the share, a helper thread when it is limited, a thread
 after loading a model or predicting a batch in-process; only passes running now hold
