@@ -80,8 +80,8 @@ PredictFn = Callable[[Sequence[LoadedImage]], list["Prediction | Exception"]]
 def read_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[bytes, np.ndarray]:
     """Read and decode an image file into upright RGB uint8.
 
-    Decoding is the server's own (:func:`cvserve.imaging.decode_image`), so every engine
-    feeds a model the same pixels and gets the same predictions.
+    Decoding is the server's own (:func:`cvserve.imaging.decode_image`), in full: the local
+    and Ray engines feed a model the pixels a server started with ``--full-decode`` would.
 
     Raises:
         ImageReadError: with the reason the file cannot be used.
