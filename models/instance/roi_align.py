@@ -206,24 +206,26 @@ def shared_pooling_inputs() -> Iterator[None]:
         _shared.maps = previous
 
 
-def _pooling_input(input: torch.Tensor) -> torch.Tensor:
-    """``input`` as NCHW, fp32 if it was fp16 or bf16, reusing the copy made earlier in a :func:`shared_pooling_inputs` block.
+def _pooling_input(input: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """``input`` in ``layout``, fp32 if it was fp16 or bf16; inside a :func:`shared_pooling_inputs`
+    block, the copy made for an earlier call on the same map.
 
     A map is recognised by identity (the block holds it, so its ``id`` stays unique). The heads
     only read the backbone's maps, and tensors made under ``torch.inference_mode`` carry no
     version counter to check, so a map changed in place inside the block would not be seen.
     """
     half = input.dtype in _HALF
-    if not half and (input.is_contiguous() or input.device.type != "cpu"):
+    if not half and (input.is_contiguous(memory_format=layout) or input.device.type != "cpu"):
         return input
-    maps: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = getattr(_shared, "maps", None)
-    hit = maps.get(id(input)) if maps is not None else None
+    maps: dict[tuple[int, torch.memory_format], tuple[torch.Tensor, torch.Tensor]] | None
+    maps = getattr(_shared, "maps", None)
+    hit = maps.get((id(input), layout)) if maps is not None else None
     if hit is not None and hit[0] is input:
         return hit[1]
     # One copy for both conversions (a cast, then torchvision's .contiguous(), would be two).
-    out = input.to(torch.float32 if half else input.dtype, memory_format=torch.contiguous_format)
+    out = input.to(torch.float32 if half else input.dtype, memory_format=layout)
     if maps is not None:
-        maps[id(input)] = (input, out)
+        maps[(id(input), layout)] = (input, out)
     return out
 
 
@@ -234,11 +236,14 @@ class Fp32ROIAlign(ROIAlign):
     Inside :func:`shared_pooling_inputs` each feature map is converted once.
     """
 
+    # The layout the pooling reads without a copy of its own (torchvision's: NCHW).
+    layout = torch.contiguous_format
+
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         if input.dtype not in _HALF:
-            return self._pool(_pooling_input(input), rois)
+            return self._pool(_pooling_input(input, self.layout), rois)
         with torch.autocast(input.device.type, enabled=False):
-            return self._pool(_pooling_input(input), rois.float()).to(input.dtype)
+            return self._pool(_pooling_input(input, self.layout), rois.float()).to(input.dtype)
 
     def _pool(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         return super().forward(input, rois)
@@ -246,6 +251,8 @@ class Fp32ROIAlign(ROIAlign):
 
 class GatherROIAlign(Fp32ROIAlign):
     """:class:`Fp32ROIAlign` computed by :func:`roi_align_gather` for CPU features."""
+
+    layout = torch.channels_last  # its table of pixel rows is then a view
 
     def _pool(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         if input.device.type != "cpu" or input.dtype != torch.float32:

@@ -37,7 +37,7 @@ from cvserve.models.data.augment import build_augmentations
 from cvserve.models.device import resolve_device
 from cvserve.models.fusion import use_channels_last
 from cvserve.models.instance import config as _configs  # noqa: F401  (registers this project's backbone and ROI heads)
-from cvserve.models.instance.roi_align import use_gather_roi_align
+from cvserve.models.instance.roi_align import keep_roi_align_fp32, use_gather_roi_align
 from cvserve.models.precision import resolve_precision
 from cvserve.models.training.history import MetricsHistory
 from cvserve.models.training.launch import LauncherEnvironment, joined_process_group, launcher_environment
@@ -231,11 +231,11 @@ class _Trainer:
         self.model = build_model(cfg)
         if run.init_weights:
             DetectionCheckpointer(self.model).load(run.init_weights)
-        if cfg.MODEL.DEVICE == "cpu":
-            # Channels-last weights and RoIAlign as an embedding bag: 4-5 % and 11 % faster
-            # detector steps, same model (benchmarks/README.md).
+        if cfg.MODEL.DEVICE == "cpu":  # 4-5 % and 11 % faster steps, same model (benchmarks/README.md)
             use_channels_last(self.model)
-            use_gather_roi_align(self.model)
+            use_gather_roi_align(self.model)  # RoIAlign as an embedding bag, boxes in fp32
+        else:  # box coordinates stay fp32 under fp16 autocast (detectron2's ROIAlign rounds them)
+            keep_roi_align_fp32(self.model)
         # Several processes: gradients are averaged in backward; the model itself is saved and evaluated.
         self.forward: torch.nn.Module = self.model
         if dist.is_initialized():

@@ -138,8 +138,8 @@ def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
     conversions: list[torch.Tensor] = []
     real = module._pooling_input
 
-    def counted(input: torch.Tensor) -> torch.Tensor:
-        out = real(input)
+    def counted(input: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+        out = real(input, layout)
         conversions.append(out)
         return out
 
@@ -158,4 +158,6 @@ def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
         box(features, rois)
     assert conversions[3] is not conversions[4]  # outside a block: converted at each call
     plain = torch.randn(1, 8, 40, 40)
-    assert real(plain) is plain  # fp32 NCHW needs no copy
+    assert real(plain, torch.contiguous_format) is plain  # fp32 NCHW needs no copy
+    nhwc = plain.to(memory_format=torch.channels_last)
+    assert real(nhwc, torch.channels_last) is nhwc  # nor NHWC for the gather pooling

@@ -350,3 +350,27 @@ def test_semantic_meta_arch_trains_through_the_same_engine(shapes: dict, tmp_pat
     assert result.best_metric is not None
     assert any("val/sem_seg/mIoU" in r for r in result.history)
     assert "DROPOUT: 0.3" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fp16_training_on_cuda_keeps_roi_align_fp32(
+    shapes: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cvserve.models.training import engine
+
+    swapped: list[int] = []
+    real = engine.keep_roi_align_fp32
+    monkeypatch.setattr(
+        engine, "keep_roi_align_fp32", lambda model: swapped.append(real(model)) or swapped[-1]
+    )
+    cfg = tiny_instance_config(len(CATEGORIES), input_size=64)
+    result = train(
+        cfg,
+        _quick(device="cuda", precision="fp16", max_iter=2),
+        train_dataset="train_test_train",
+        val_dataset=None,
+        output_dir=tmp_path,
+    )
+    assert swapped and swapped[0] > 0  # the box and mask poolers' levels
+    assert result.last_checkpoint.exists()
