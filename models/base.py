@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from cvserve.models.types import Prediction, Task
+from cvserve.models.types import Prediction, ScaledImage, Task
 
 
 class VisionModel(abc.ABC):
@@ -81,11 +81,14 @@ class VisionModel(abc.ABC):
     def postprocess(self, raw: Any, image_size: tuple[int, int]) -> Prediction:
         """Turn one raw output into a :class:`Prediction` in original image coordinates. Thread-safe."""
 
-    def predict_batch(self, images: Sequence[np.ndarray], *, masks: bool = True) -> list[Prediction]:
+    def predict_batch(
+        self, images: Sequence[np.ndarray | ScaledImage], *, masks: bool = True
+    ) -> list[Prediction]:
         """Predict a batch of RGB uint8 images in-process.
 
         Args:
-            images: ``(H, W, 3)`` uint8 RGB arrays, sizes may differ.
+            images: ``(H, W, 3)`` uint8 RGB arrays, sizes may differ; or images decoded at a
+                reduced scale, whose predictions are in their own size's pixels.
             masks: False to skip instance masks (see :meth:`prepare`).
 
         Returns:
@@ -94,16 +97,14 @@ class VisionModel(abc.ABC):
         if not images:
             return []
         try:
-            inputs = [self.prepare(img, masks=masks) for img in images]
-            raws = self.forward(inputs)
+            pixels = [img.pixels if isinstance(img, ScaledImage) else img for img in images]
+            sizes = [img.size if isinstance(img, ScaledImage) else img.shape[:2] for img in images]
+            raws = self.forward([self.prepare(p, masks=masks) for p in pixels])
             if len(raws) != len(images):
                 raise RuntimeError(
                     f"{self.name}: forward returned {len(raws)} outputs for {len(images)} inputs"
                 )
-            return [
-                self.postprocess(r, (int(img.shape[0]), int(img.shape[1])))
-                for r, img in zip(raws, images, strict=True)
-            ]
+            return [self.postprocess(r, (int(h), int(w))) for r, (h, w) in zip(raws, sizes, strict=True)]
         finally:
             from cvserve.models.threads import release_team  # torch: not for importing this module
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cvserve.annotation.worker import LoadedImage, RenderOptions, WorkItem, process_batch
+from cvserve.imaging import Needed
 from cvserve.models.base import VisionModel
 from cvserve.models.types import Prediction, Task
 
@@ -51,6 +52,8 @@ class Predictor(abc.ABC):
     """Annotates batches of images with one model. Use as a context manager."""
 
     info: ModelInfo
+    # The model's input size for reduced-scale JPEG decoding (see worker.read_image); None: in full.
+    decode_hint: Needed | None = None
 
     @abc.abstractmethod
     def map_batches(
@@ -99,7 +102,7 @@ class ThreadedPredictor(Predictor):
                         batch = next(batch_iter, None)
                         if batch is None:
                             break
-                        pending.add(pool.submit(process_batch, batch, self.predict, render))
+                        pending.add(pool.submit(process_batch, batch, self.predict, render, self.decode_hint))
                     if not pending:
                         return
                     finished, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
@@ -122,19 +125,30 @@ class LocalPredictor(ThreadedPredictor):
         model: a loaded model.
         concurrency: batches in flight; the others are read and decoded meanwhile.
         max_batch_size: most images per forward pass (None: the whole batch).
+        scaled_decode: decode a JPEG larger than the model's input at a reduced scale, as the
+            server does by default (its ``--full-decode`` turns that off).
     """
 
-    def __init__(self, model: VisionModel, concurrency: int = 2, max_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: VisionModel,
+        concurrency: int = 2,
+        max_batch_size: int | None = None,
+        scaled_decode: bool = False,
+    ) -> None:
         super().__init__(concurrency)
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
         self.max_batch_size = max_batch_size
+        self.decode_hint = model.input_size if scaled_decode else None
         self.info = ModelInfo(model.name, model.task, tuple(model.class_names))
         self._lock = threading.Lock()  # models are not required to be thread-safe
 
     @classmethod
-    def from_repository(cls, repository: str, name: str, concurrency: int = 2) -> LocalPredictor:
+    def from_repository(
+        cls, repository: str, name: str, concurrency: int = 2, scaled_decode: bool = True
+    ) -> LocalPredictor:
         """Build and load model ``name`` of a repository YAML, batching as its spec says (``auto``: measured).
 
         Raises:
@@ -148,7 +162,7 @@ class LocalPredictor(ThreadedPredictor):
         if name not in specs:
             raise KeyError(f"{repository}: no model named {name!r} (available: {', '.join(sorted(specs))})")
         model, spec = load_for_inference(specs[name])
-        return cls(model, concurrency, spec.max_batch_size)
+        return cls(model, concurrency, spec.max_batch_size, scaled_decode)
 
     def _forward(self, images: Sequence[LoadedImage]) -> list[Prediction | Exception]:
         arrays = [img.array for img in images]

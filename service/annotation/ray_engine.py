@@ -121,16 +121,16 @@ def _model_info(spec: ModelSpec) -> ModelInfo:
 class AnnotateActor:
     """The ``map_batches`` callable class: one loaded model per actor."""
 
-    def __init__(self, spec: ModelSpec, render: RenderOptions) -> None:
+    def __init__(self, spec: ModelSpec, render: RenderOptions, scaled_decode: bool = False) -> None:
         from cvserve.models.batching import load_for_inference
 
         model, spec = load_for_inference(spec)
-        self._predictor = LocalPredictor(model, concurrency=1, max_batch_size=spec.max_batch_size)
+        self._predictor = LocalPredictor(model, 1, spec.max_batch_size, scaled_decode)
         self._render = render
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [WorkItem(str(p), str(r)) for p, r in zip(batch["path"], batch["rel"], strict=True)]
-        records = process_batch(items, self._predictor.predict, self._render)
+        records = process_batch(items, self._predictor.predict, self._render, self._predictor.decode_hint)
         # JSON strings keep records schema-free across Arrow blocks.
         return {"record": np.array([json.dumps(r, separators=(",", ":")) for r in records], dtype=object)}
 
@@ -147,6 +147,8 @@ class RayPredictor(Predictor):
         gpus_per_actor: GPUs reserved per actor; default 0 for ``device: cpu``, else 1
             when the cluster has GPUs (see :func:`plan_actors`).
         init_kwargs: extra ``ray.init`` arguments when this predictor starts Ray.
+        scaled_decode: actors decode a JPEG larger than the model's input at a reduced scale
+            (see :class:`~cvserve.annotation.predictors.LocalPredictor`).
 
     Raises:
         RayUnavailableError: Ray Data is not installed.
@@ -162,7 +164,9 @@ class RayPredictor(Predictor):
         num_actors: int | None = None,
         gpus_per_actor: float | None = None,
         init_kwargs: dict[str, Any] | None = None,
+        scaled_decode: bool = False,
     ) -> None:
+        self.scaled_decode = scaled_decode
         if num_actors is not None and num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
         if gpus_per_actor is not None and gpus_per_actor < 0:
@@ -207,7 +211,7 @@ class RayPredictor(Predictor):
         gpu_args = {"num_gpus": self.gpus_per_actor} if self.gpus_per_actor else {}
         dataset = ray_data.from_items(rows).map_batches(
             AnnotateActor,
-            fn_constructor_kwargs={"spec": self.spec, "render": render},
+            fn_constructor_kwargs={"spec": self.spec, "render": render, "scaled_decode": self.scaled_decode},
             batch_size=max(len(c) for c in chunks),
             batch_format="numpy",
             compute=ray_data.ActorPoolStrategy(size=self.num_actors),

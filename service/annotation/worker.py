@@ -20,8 +20,8 @@ from pycocotools import mask as mask_util
 from cvserve.annotation.journal import atomic_write_bytes
 from cvserve.config import DEFAULT_MAX_IMAGE_PIXELS
 from cvserve.errors import ImageTooLargeError, InvalidImageError
-from cvserve.imaging import decode_image, draw_overlay, encode_label_map
-from cvserve.models.types import Prediction
+from cvserve.imaging import Needed, decode_image, decode_scaled, draw_overlay, encode_label_map
+from cvserve.models.types import Prediction, ScaledImage
 
 __all__ = [
     "ImageReadError",
@@ -51,11 +51,25 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """A decoded image: the file's bytes and the ``(H, W, 3)`` RGB uint8 array."""
+    """A decoded image: the file's bytes and the ``(H, W, 3)`` RGB uint8 array, or a JPEG
+    decoded at a reduced scale for a smaller model input."""
 
     item: WorkItem
     data: bytes
-    array: np.ndarray
+    array: np.ndarray | ScaledImage
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The image's own upright ``(height, width)``."""
+        if isinstance(self.array, ScaledImage):
+            return self.array.size
+        return int(self.array.shape[0]), int(self.array.shape[1])
+
+    def full_pixels(self) -> np.ndarray:
+        """Every pixel (decoded again when the image was read at a reduced scale)."""
+        if isinstance(self.array, ScaledImage):
+            return decode_image(self.data, max_pixels=self.size[0] * self.size[1])
+        return self.array
 
 
 @dataclass(frozen=True)
@@ -77,11 +91,15 @@ class RenderOptions:
 PredictFn = Callable[[Sequence[LoadedImage]], list["Prediction | Exception"]]
 
 
-def read_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[bytes, np.ndarray]:
+def read_image(
+    path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, needed: Needed | None = None
+) -> tuple[bytes, np.ndarray | ScaledImage]:
     """Read and decode an image file into upright RGB uint8.
 
-    Decoding is the server's own (:func:`cvserve.imaging.decode_image`), in full: the local
-    and Ray engines feed a model the pixels a server started with ``--full-decode`` would.
+    Decoding is the server's own (:func:`cvserve.imaging.decode_image`); with ``needed`` (a
+    model's ``input_size``) a JPEG larger than the model's input is decoded at a reduced
+    scale as the server does (:func:`cvserve.imaging.decode_scaled`), so every engine feeds
+    the model the same pixels.
 
     Raises:
         ImageReadError: with the reason the file cannot be used.
@@ -94,6 +112,8 @@ def read_image(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[b
     if not data:
         raise ImageReadError("empty file")
     try:
+        if needed is not None:
+            return data, decode_scaled(data, max_pixels=max_pixels, needed=needed)
         return data, decode_image(data, max_pixels=max_pixels)
     except (InvalidImageError, ImageTooLargeError) as e:
         raise ImageReadError(e.message) from None
@@ -136,7 +156,7 @@ def _semantic_entries(labels: np.ndarray) -> list[dict[str, Any]]:
 
 
 def _image_record(image: LoadedImage, pred: Prediction, render: RenderOptions) -> dict[str, Any]:
-    height, width = (int(v) for v in image.array.shape[:2])
+    height, width = image.size
     record: dict[str, Any] = {"type": "image", "path": image.item.path, "height": height, "width": width}
     if pred.semantic is not None:
         labels = np.asarray(pred.semantic.labels)
@@ -152,7 +172,7 @@ def _image_record(image: LoadedImage, pred: Prediction, render: RenderOptions) -
             render.class_names[i.category_id] if i.category_id < len(render.class_names) else ""
             for i in pred.instances
         ]
-        drawn = draw_overlay(image.array, pred, names)
+        drawn = draw_overlay(image.full_pixels(), pred, names)
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
         if ok:
             atomic_write_bytes(output_path(render.overlays_dir, image.item.rel, ".jpg"), buf.tobytes())
@@ -160,18 +180,19 @@ def _image_record(image: LoadedImage, pred: Prediction, render: RenderOptions) -
 
 
 def process_batch(
-    items: Sequence[WorkItem], predict: PredictFn, render: RenderOptions
+    items: Sequence[WorkItem], predict: PredictFn, render: RenderOptions, needed: Needed | None = None
 ) -> list[dict[str, Any]]:
     """Annotate a batch: one journal record per item, in order.
 
     Unreadable images and images the model fails on become ``error`` records; any
-    exception ``predict`` raises (rather than returns) aborts the batch.
+    exception ``predict`` raises (rather than returns) aborts the batch. ``needed``: see
+    :func:`read_image`.
     """
     records: dict[str, dict[str, Any]] = {}
     loaded: list[LoadedImage] = []
     for item in items:
         try:
-            data, array = read_image(item.path)
+            data, array = read_image(item.path, needed=needed)
         except ImageReadError as e:
             records[item.path] = {"type": "error", "stage": "read", "path": item.path, "reason": str(e)}
             continue

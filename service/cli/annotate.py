@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a forward pass takes at most the model's max_batch_size",
     )
     parser.add_argument("--overlays", metavar="DIR", help="also write images with the predictions drawn")
+    parser.add_argument(
+        "--full-decode",
+        action="store_true",
+        help="local and Ray engines: decode every JPEG at full size (by default one larger than the "
+        "model's input is decoded at 1/2, 1/4 or 1/8 scale, as the server does)",
+    )
     parser.add_argument("--labels-dir", help="semantic label PNGs (default: <out stem>.labels/)")
     parser.add_argument("--restart", action="store_true", help="discard the journal of an earlier run")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
@@ -95,7 +101,11 @@ def _predictor(args: argparse.Namespace) -> tuple[Any, int]:
 
         try:
             predictor = RayPredictor(
-                spec, address=args.ray_address, num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor
+                spec,
+                address=args.ray_address,
+                num_actors=args.num_actors,
+                gpus_per_actor=args.gpus_per_actor,
+                scaled_decode=not args.full_decode,
             )
         except RayUnavailableError as e:
             raise CLIError(str(e)) from None
@@ -110,7 +120,8 @@ def _predictor(args: argparse.Namespace) -> tuple[Any, int]:
         raise CLIError(str(e.args[0])) from None
     except Exception as e:  # weights missing or unreadable, bad config: name the model
         raise CLIError(f"model {spec.name!r} failed to load: {e}") from None
-    return LocalPredictor(model, args.concurrency or 2, spec.max_batch_size), DEFAULT_BATCH_SIZE
+    local = LocalPredictor(model, args.concurrency or 2, spec.max_batch_size, not args.full_decode)
+    return local, DEFAULT_BATCH_SIZE
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ CLASSES = ("circle", "square", "triangle")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository file with one tiny random-weight Mask R-CNN, ``tiny``, testing at 64 px."""
     from detectron2.modeling import build_model
 
     root = tmp_path_factory.mktemp("tiny_repo")
@@ -41,8 +43,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         "max_wait_ms": 100,
     }
     (root / "models.yaml").write_text(yaml.safe_dump({"models": [entry]}))
+    return root / "models.yaml"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_repo: Path) -> Iterator[ServerThread]:
     config = ServerConfig(port=0, metrics_port=None, worker_threads=2)
-    specs = load_repository(root / "models.yaml")
+    specs = load_repository(tiny_repo)
     with ServerThread(config, specs, servicers=[add_kserve_servicer]).start(wait_loaded=True) as srv:
         yield srv
 
@@ -122,3 +129,36 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_and_answered_in_its_own_pixels
     assert result.as_numpy("image_size").tolist() == [480, 640]
     boxes = [[d.box.x0, d.box.y0, d.box.x1, d.box.y1] for d in response.detections]
     np.testing.assert_allclose(result.as_numpy("boxes"), boxes, rtol=1e-5, atol=1e-3)
+
+
+def test_the_local_annotate_engine_decodes_a_large_jpeg_as_the_server_and_answers_the_same(
+    server: ServerThread, tiny_repo: Path, tmp_path: Path
+) -> None:
+    import io
+
+    from PIL import Image
+
+    from cvserve.annotation.predictors import LocalPredictor
+    from cvserve.annotation.worker import RenderOptions, WorkItem, process_batch
+
+    buf = io.BytesIO()
+    Image.fromarray(scene(4, 480, 640)).save(buf, format="JPEG", quality=90)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(buf.getvalue())
+    render = RenderOptions(CLASSES, overlays_dir=str(tmp_path / "overlays"))
+    with LocalPredictor.from_repository(str(tiny_repo), "tiny", concurrency=1) as local:
+        assert local.decode_hint is not None and local.decode_hint(480, 640) == (64, 85)
+        (record,) = process_batch(
+            [WorkItem(str(path), "photo.jpg")], local.predict, render, local.decode_hint
+        )
+    with Client(server.address, timeout=60) as client:
+        served = client.detect(buf.getvalue(), model="tiny")
+    assert (record["height"], record["width"]) == (480, 640)
+    # The same pixels (decoded at 1/4 both ways) through the same model: the same detections.
+    assert [e["label"] for e in record["instances"]] == [i.category_id for i in served.instances]
+    for entry, inst in zip(record["instances"], served.instances, strict=True):
+        x0, y0, x1, y1 = inst.box
+        np.testing.assert_allclose(entry["bbox"], [x0, y0, x1 - x0, y1 - y0], atol=1e-3)
+        assert entry["score"] == pytest.approx(inst.score, abs=1e-5)
+    with Image.open(tmp_path / "overlays" / "photo.jpg") as overlay:
+        assert overlay.size == (640, 480)  # drawn on the image decoded again in full
