@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from cvserve.models.types import Prediction, ScaledImage, Task
+from cvserve.models.types import Prediction, ScaledImage, Task, pixels_and_size
 
 
 class VisionModel(abc.ABC):
@@ -97,14 +97,13 @@ class VisionModel(abc.ABC):
         if not images:
             return []
         try:
-            pixels = [img.pixels if isinstance(img, ScaledImage) else img for img in images]
-            sizes = [img.size if isinstance(img, ScaledImage) else img.shape[:2] for img in images]
-            raws = self.forward([self.prepare(p, masks=masks) for p in pixels])
+            split = [pixels_and_size(img) for img in images]
+            raws = self.forward([self.prepare(pixels, masks=masks) for pixels, _ in split])
             if len(raws) != len(images):
                 raise RuntimeError(
                     f"{self.name}: forward returned {len(raws)} outputs for {len(images)} inputs"
                 )
-            return [self.postprocess(r, (int(h), int(w))) for r, (h, w) in zip(raws, sizes, strict=True)]
+            return [self.postprocess(r, size) for r, (_, size) in zip(raws, split, strict=True)]
         finally:
             from cvserve.models.threads import release_team  # torch: not for importing this module
 

@@ -206,8 +206,8 @@ def store_autocast_weights(model: nn.Module, precision: str) -> int:
     autocast dtype each time it runs: on the demo detector a few hundred copies per image.
     Stored in that dtype already, they are used as they are. The values are the same ones
     (autocast casts with ``Tensor.to``, round to nearest even), so outputs under autocast
-    are bit for bit those of the fp32-stored model. Layers kept fp32
-    (:func:`keep_outputs_fp32`, run after it) are left alone. The model must then only run
+    are bit for bit those of the fp32-stored model. The layers :func:`keep_outputs_fp32`
+    keeps fp32 (by name, wrapped or not yet) are left alone. The model must then only run
     under :func:`autocast` of that precision.
 
     Returns:

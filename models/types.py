@@ -93,12 +93,19 @@ class ScaledImage(NamedTuple):
 
     Attributes:
         pixels: ``(h, w, 3)`` RGB uint8, at most ``size`` (a JPEG decoded with libjpeg's DCT
-            scaling, see ``cvserve.imaging.decode_image``).
+            scaling, see ``cvserve.imaging.decode_scaled``).
         size: the image's own upright ``(height, width)``: boxes and masks are in its pixels.
     """
 
     pixels: np.ndarray
     size: tuple[int, int]
+
+
+def pixels_and_size(image: np.ndarray | ScaledImage) -> tuple[np.ndarray, tuple[int, int]]:
+    """The pixels a model reads and the upright ``(height, width)`` its predictions are in."""
+    if isinstance(image, ScaledImage):
+        return image.pixels, image.size
+    return image, (int(image.shape[0]), int(image.shape[1]))
 
 
 @dataclass(frozen=True, eq=False)

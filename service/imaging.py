@@ -115,11 +115,12 @@ def input_size_hint(model: object | None) -> Needed | None:
     return needed
 
 
-def decode_scaled(data: bytes, *, max_pixels: int, needed: Needed) -> np.ndarray | ScaledImage:
+def decode_scaled(data: bytes, *, max_pixels: int, needed: Needed | None) -> np.ndarray | ScaledImage:
     """:func:`decode_image`, with a large JPEG decoded at 1/2, 1/4 or 1/8 of its size.
 
     ``needed(height, width)`` is the smallest ``(h, w)`` the consumer wants of an upright
-    ``height x width`` image (a model's input size), or None for the full image. A JPEG
+    ``height x width`` image (a model's input size), or None for the full image; ``needed``
+    None decodes every image in full, as :func:`decode_image` does. A JPEG
     is decoded with libjpeg's DCT scaling at the smallest of those scales that is still at
     least that large (PIL's ``draft``), much faster than decoding every pixel and
     resizing them away. Returns a :class:`~cvserve.models.types.ScaledImage` carrying

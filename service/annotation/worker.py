@@ -21,7 +21,7 @@ from cvserve.annotation.journal import atomic_write_bytes
 from cvserve.config import DEFAULT_MAX_IMAGE_PIXELS
 from cvserve.errors import ImageTooLargeError, InvalidImageError
 from cvserve.imaging import Needed, decode_image, decode_scaled, draw_overlay, encode_label_map
-from cvserve.models.types import Prediction, ScaledImage
+from cvserve.models.types import Prediction, ScaledImage, pixels_and_size
 
 __all__ = [
     "ImageReadError",
@@ -61,9 +61,7 @@ class LoadedImage:
     @property
     def size(self) -> tuple[int, int]:
         """The image's own upright ``(height, width)``."""
-        if isinstance(self.array, ScaledImage):
-            return self.array.size
-        return int(self.array.shape[0]), int(self.array.shape[1])
+        return pixels_and_size(self.array)[1]
 
     def full_pixels(self) -> np.ndarray:
         """Every pixel (decoded again when the image was read at a reduced scale)."""
@@ -112,9 +110,7 @@ def read_image(
     if not data:
         raise ImageReadError("empty file")
     try:
-        if needed is not None:
-            return data, decode_scaled(data, max_pixels=max_pixels, needed=needed)
-        return data, decode_image(data, max_pixels=max_pixels)
+        return data, decode_scaled(data, max_pixels=max_pixels, needed=needed)
     except (InvalidImageError, ImageTooLargeError) as e:
         raise ImageReadError(e.message) from None
 

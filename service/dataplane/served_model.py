@@ -35,7 +35,7 @@ from cvserve.models.base import VisionModel
 from cvserve.models.batching import busy_image, tune_batch_size
 from cvserve.models.errors import InputSizeError
 from cvserve.models.repository import ModelSpec
-from cvserve.models.types import ScaledImage
+from cvserve.models.types import ScaledImage, pixels_and_size
 
 __all__ = ["ServedModel", "run_in_pool"]
 
@@ -257,7 +257,7 @@ class ServedModel:
         model, batcher, stats = self.model, self.batcher, self.stats
         timing = ItemTiming()
         start = time.monotonic()
-        pixels, size = image if isinstance(image, ScaledImage) else (image, (image.shape[0], image.shape[1]))
+        pixels, size = pixels_and_size(image)
         try:
             if model is None or batcher is None:
                 raise ModelNotReadyError(f"model {self.spec.name!r} is not loaded")

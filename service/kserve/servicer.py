@@ -31,7 +31,7 @@ from cvserve.config import ServerConfig
 from cvserve.dataplane.model_state import ModelState, ModelStatus
 from cvserve.dataplane.plane import DataPlane
 from cvserve.errors import InvalidOptionError, NotSupportedError, ServiceError, status_of
-from cvserve.imaging import Needed, decode_image, decode_scaled, input_size_hint
+from cvserve.imaging import Needed, decode_scaled, input_size_hint
 from cvserve.kserve.codec import read_inputs, write_output
 from cvserve.kserve.metadata import model_config, model_index, model_metadata, model_statistics, output_names
 from cvserve.kserve.parameters import RequestOptions, parse_request_parameters, parse_requested_outputs
@@ -214,9 +214,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         options = parse_request_parameters(request.parameters, status.class_names, status.task)
         names, raw = parse_requested_outputs(request.outputs, output_names(status))
         batch = await self._dp.run_cpu(self._images, request, status.spec.max_queue)
-        model = self._dp.model_object(status.name, request.model_version or None)
-        needed = input_size_hint(model) if self._config.scaled_decode else None
-        del model  # held weakly from here on: a reload may free it (cvserve.imaging.input_size_hint)
+        scaled = self._config.scaled_decode  # the hint holds the model weakly: a reload may free it
+        needed = (
+            input_size_hint(self._dp.model_object(status.name, request.model_version or None))
+            if scaled
+            else None
+        )
         images = await self._decode(batch.images, needed)
         # Masks not asked for (mask_format none, or outputs without "masks") are not computed.
         masks = options.detect.mask_format != "none" and "masks" in names
@@ -256,8 +259,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         max_pixels = self._config.max_image_pixels
 
         def decode(image: bytes) -> np.ndarray | ScaledImage:
-            if needed is None:
-                return decode_image(image, max_pixels=max_pixels)
             return decode_scaled(image, max_pixels=max_pixels, needed=needed)
 
         async def one(i: int, image: bytes | np.ndarray) -> np.ndarray | ScaledImage:

@@ -26,7 +26,7 @@ from cvserve.client.codec import (
     prediction_from_segment,
 )
 from cvserve.errors import InvalidImageError, InvalidOptionError
-from cvserve.imaging import Needed, array_from_raw, decode_image, decode_scaled, encode_label_map, encode_png
+from cvserve.imaging import Needed, array_from_raw, decode_scaled, encode_label_map, encode_png
 from cvserve.models.types import Instance, Mask, Prediction, ScaledImage
 
 __all__ = [
@@ -78,9 +78,7 @@ def decode_request_image(
     """
     source = image.WhichOneof("source")
     if source == "encoded":
-        if needed is not None:
-            return decode_scaled(image.encoded, max_pixels=max_pixels, needed=needed)
-        return decode_image(image.encoded, max_pixels=max_pixels)
+        return decode_scaled(image.encoded, max_pixels=max_pixels, needed=needed)
     if source == "raw":
         raw = image.raw
         return array_from_raw(raw.data, raw.height, raw.width, raw.channels, max_pixels=max_pixels)
