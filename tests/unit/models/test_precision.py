@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.layers import ROIAlign
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchvision.ops import roi_align
 
 from cvserve.models import precision
@@ -161,3 +163,29 @@ def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
     assert real(plain, torch.contiguous_format) is plain  # fp32 NCHW needs no copy
     nhwc = plain.to(memory_format=torch.channels_last)
     assert real(nhwc, torch.channels_last) is nhwc  # nor NHWC for the gather pooling
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 2),
+    channels=st.integers(1, 40),
+    height=st.integers(1, 23),
+    width=st.integers(1, 23),
+    block=st.integers(1, 300),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+)
+def test_blocked_layout_conversion_equals_torch(
+    n: int, channels: int, height: int, width: int, block: int, dtype: torch.dtype
+) -> None:
+    from cvserve.models.instance import roi_align as module
+
+    features = torch.randn(n, channels, height, width).to(dtype).to(memory_format=torch.channels_last)
+    expected = features.to(torch.float32, memory_format=torch.contiguous_format)
+    limits = (module._BLOCKED_MIN, module._BLOCK)
+    module._BLOCKED_MIN, module._BLOCK = 1, block  # blocks of 1 to 300 elements: uneven tails, one-row blocks
+    try:
+        got = module._convert(features, torch.float32, torch.contiguous_format)
+    finally:
+        module._BLOCKED_MIN, module._BLOCK = limits
+    assert got.is_contiguous() and got.dtype == torch.float32
+    assert torch.equal(got, expected)
