@@ -9,11 +9,8 @@ result equals ``DefaultPredictor``'s on the same image and weights.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,26 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, instantiate
-from detectron2.data import MetadataCatalog
-from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Instances
 
 from cvserve.models.base import VisionModel
-from cvserve.models.checkpoint import META_KEY
 from cvserve.models.device import auto_device, resolve_device
-from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import load_config
+from cvserve.models.instance.network import apply_module_options, build_network, class_names, parse_options
 from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
-from cvserve.models.instance.roi_align import keep_roi_align_fp32, shared_pooling_inputs
-from cvserve.models.precision import (
-    autocast,
-    cpu_bf16,
-    keep_outputs_fp32,
-    resolve_precision,
-    store_autocast_weights,
-)
+from cvserve.models.instance.pooling_inputs import shared_pooling_inputs
+from cvserve.models.instance.roi_align import keep_roi_align_fp32
+from cvserve.models.loading import load_weights, log_loaded, ready_for_inference
+from cvserve.models.precision import autocast, resolve_precision
 from cvserve.models.registry import register_builder
 from cvserve.models.repository import ModelSpec
 from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
@@ -48,27 +37,6 @@ from cvserve.models.threads import forward_threads
 from cvserve.models.types import Prediction, Task
 
 __all__ = ["DetectronModel", "build_detectron_model"]
-
-logger = logging.getLogger(__name__)
-
-_OPTION_TYPES = {
-    "score_threshold": float,
-    "nms_threshold": float,
-    "min_size_test": int,
-    "max_size_test": int,
-    "max_detections": int,
-    "class_names": list,
-    "fuse_batch_norm": bool,
-    "channels_last": bool,
-    "max_input_pixels": int,
-}
-# Inference settings live on these module attributes in detectron2's box predictors
-# (FastRCNNOutputLayers) and one-stage detectors (RetinaNet) alike.
-_MODULE_ATTRS = {
-    "score_threshold": ("test_score_thresh",),
-    "nms_threshold": ("test_nms_thresh",),
-    "max_detections": ("test_topk_per_image", "max_detections_per_image"),
-}
 
 
 @dataclass(frozen=True)
@@ -83,25 +51,6 @@ class _Input:
     height: int  # original size
     width: int
     masks: bool = True  # False: the request wants no masks (skip the mask head and pasting)
-
-
-def _parse_options(spec: ModelSpec) -> dict[str, Any]:
-    options = dict(spec.options)
-    for key, value in options.items():
-        kind = _OPTION_TYPES.get(key)
-        if kind is None:
-            raise ValueError(
-                f"model {spec.name!r}: unknown option {key!r}; known: {', '.join(_OPTION_TYPES)}"
-            )
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ValueError(f"model {spec.name!r}: option {key} must be true or false, got {value!r}")
-        elif kind is list:
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"model {spec.name!r}: option class_names must be a list of strings")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"model {spec.name!r}: option {key} must be a number >= 0, got {value!r}")
-    return options
 
 
 class DetectronModel(VisionModel):
@@ -130,7 +79,7 @@ class DetectronModel(VisionModel):
         self.name = spec.name
         self.class_names = ()
         self.device = auto_device(spec.device)
-        self._options = _parse_options(spec)
+        self._options = parse_options(spec)
         self._model: torch.nn.Module | None = None
         self._resize: InputResize | None = None
         self._input_format = "BGR"
@@ -144,104 +93,30 @@ class DetectronModel(VisionModel):
             FileNotFoundError: the weights file does not exist.
         """
         self.device = resolve_device(self.spec.device)
-        cfg = load_config(self.spec.config)
-        if isinstance(cfg, CfgNode):
-            model, min_size, max_size, num_classes = self._build_from_cfg(cfg)
-            dataset_names = [*cfg.DATASETS.TEST, *cfg.DATASETS.TRAIN]
-        else:
-            model, min_size, max_size, num_classes = self._build_from_lazy(cfg)
-            dataset_names = []
-        self._apply_module_options(model)
-        meta = self._load_weights(model)
-        self.class_names = self._settle_class_names(meta, dataset_names, num_classes)
+        net = build_network(load_config(self.spec.config), self.device)
+        model = net.model
+        apply_module_options(model, self._options)
+        meta = load_weights(model, self.name, self.spec.weights)
+        self.class_names = class_names(self.name, self._options, meta, net.dataset_names, net.num_classes)
         self.precision = resolve_precision(self.spec.precision, self.device, meta)
         keep_roi_align_fp32(model)  # box coordinates and pooling stay fp32 under autocast
-        keep_outputs_fp32(model)  # and so do scores, box deltas and mask logits
-        model.eval()
-        if self._options.get("fuse_batch_norm", True):
-            fused = fuse_conv_batch_norm(model)
-            logger.debug("%s: folded %d batch norms into their convolutions", self.name, fused)
-        if self._options.get("channels_last", self.device == "cpu"):
-            use_channels_last(model)  # oneDNN's fastest layout (models.fusion)
-        store_autocast_weights(model, self.precision)  # no weight casts per forward, same outputs
+        ready_for_inference(
+            model,
+            self.precision,
+            fuse_batch_norm=self._options.get("fuse_batch_norm", True),
+            channels_last=self._options.get("channels_last", self.device == "cpu"),
+        )
         self._model = model
+        self._input_format = net.input_format
         self._resize = InputResize(
-            int(self._options.get("min_size_test", min_size)),
-            int(self._options.get("max_size_test", max_size)),
+            int(self._options.get("min_size_test", net.min_size)),
+            int(self._options.get("max_size_test", net.max_size)),
             int(self._options.get("max_input_pixels", DEFAULT_MAX_INPUT_PIXELS)),
             self.name,
         )
         self.mark_ready()
-        logger.info(
-            "%s: loaded %s on %s, %d classes, precision %s (asked %s; %s)",
-            self.name,
-            type(model).__name__,
-            self.device,
-            num_classes,
-            self.precision,
-            self.spec.precision,
-            "CUDA" if self.device.startswith("cuda") else f"CPU: {cpu_bf16().describe()}",
-        )
-
-    def _build_from_cfg(self, cfg: CfgNode) -> tuple[torch.nn.Module, int, int, int]:
-        cfg = cfg.clone()
-        cfg.MODEL.DEVICE = self.device
-        cfg.MODEL.WEIGHTS = ""
-        self._input_format = cfg.INPUT.FORMAT
-        model = build_model(cfg)
-        arch = cfg.MODEL.META_ARCHITECTURE
-        num_classes = (
-            cfg.MODEL.RETINANET.NUM_CLASSES if arch == "RetinaNet" else cfg.MODEL.ROI_HEADS.NUM_CLASSES
-        )
-        return model, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, int(num_classes)
-
-    def _build_from_lazy(self, cfg: Any) -> tuple[torch.nn.Module, int, int, int]:
-        model = instantiate(cfg.model).to(self.device)
-        self._input_format = getattr(model, "input_format", "BGR")
-        min_size, max_size = 800, 1333
-        with contextlib.suppress(AttributeError, IndexError, KeyError, TypeError):
-            resize = cfg.dataloader.test.mapper.augmentations[0]
-            min_size, max_size = int(resize.short_edge_length), int(resize.max_size)
-        num_classes: Any = getattr(getattr(model, "roi_heads", None), "num_classes", None) or getattr(
-            model, "num_classes", 0
-        )
-        return model, min_size, max_size, int(num_classes)
-
-    def _apply_module_options(self, model: torch.nn.Module) -> None:
-        for option, attrs in _MODULE_ATTRS.items():
-            if option not in self._options:
-                continue
-            for module in model.modules():
-                for attr in attrs:
-                    if hasattr(module, attr):
-                        setattr(module, attr, type(getattr(module, attr))(self._options[option]))
-
-    def _load_weights(self, model: torch.nn.Module) -> dict[str, Any]:
-        weights = self.spec.weights
-        if not weights:
-            logger.warning("%s: no weights given, the network keeps its random initialisation", self.name)
-            return {}
-        if "://" not in weights and not os.path.isfile(weights):
-            raise FileNotFoundError(f"model {self.name!r}: weights file {weights} does not exist")
-        extra = DetectionCheckpointer(model).load(weights)
-        return dict(extra.get(META_KEY, {})) if isinstance(extra, dict) else {}
-
-    def _settle_class_names(
-        self, meta: Mapping[str, Any], dataset_names: Sequence[str], num_classes: int
-    ) -> tuple[str, ...]:
-        names: Sequence[str] = self._options.get("class_names") or meta.get("class_names") or []
-        if not names:
-            for dataset in dataset_names:
-                names = MetadataCatalog.get(dataset).get("thing_classes", None) or []
-                if names:
-                    break
-        if not names:
-            return tuple(f"class_{i}" for i in range(num_classes))
-        if num_classes and len(names) != num_classes:
-            raise ValueError(
-                f"model {self.name!r}: {len(names)} class names for a model of {num_classes} classes"
-            )
-        return tuple(str(n) for n in names)
+        what = f"{type(model).__name__}, {net.num_classes} classes"
+        log_loaded(self.name, what, self.device, self.precision, self.spec.precision)
 
     def preprocess(self, image: np.ndarray) -> _Input:
         """Convert an ``(H, W, 3)`` RGB uint8 image to the network's colour order and test size.
@@ -281,7 +156,7 @@ class DetectronModel(VisionModel):
             torch.inference_mode(),
             autocast(self.device, self.precision),
             forward_threads(self.device),
-            shared_pooling_inputs(),  # each feature map converted for RoIAlign once (instance.roi_align)
+            shared_pooling_inputs(),  # each feature map converted for RoIAlign once (instance.pooling_inputs)
         ):
             if isinstance(model, GeneralizedRCNN):
                 # Mask pasting and encoding are left to postprocess, off the model thread.

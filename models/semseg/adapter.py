@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 # isort: split
@@ -24,23 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model as build_d2_model
 
 from cvserve.models.base import VisionModel
-from cvserve.models.checkpoint import META_KEY
 from cvserve.models.device import auto_device
-from cvserve.models.fusion import fuse_conv_batch_norm, use_channels_last
 from cvserve.models.instance.config import config_file
-from cvserve.models.precision import (
-    autocast,
-    cpu_bf16,
-    keep_outputs_fp32,
-    resolve_precision,
-    store_autocast_weights,
-)
+from cvserve.models.loading import load_weights, log_loaded, ready_for_inference
+from cvserve.models.precision import autocast, resolve_precision
 from cvserve.models.registry import register_builder
 from cvserve.models.repository import ModelSpec
 from cvserve.models.resize import DEFAULT_MAX_INPUT_PIXELS, InputResize
@@ -124,41 +115,19 @@ class SemanticSegmentationModel(VisionModel):
         )
         cfg.freeze()
         model = build_d2_model(cfg)
-        model.eval()
-        extra = self._load_weights(model)
-        self.precision = resolve_precision(self.spec.precision, self.device, extra.get(META_KEY))
-        keep_outputs_fp32(model)  # logits in fp32 under autocast (cvserve.models.precision)
-        if fuse:
-            fuse_conv_batch_norm(model)  # the same outputs for less work per layer (models.fusion)
-        if channels_last:
-            use_channels_last(model)  # oneDNN's fastest layout (models.fusion)
-        store_autocast_weights(model, self.precision)  # no weight casts per forward, same outputs
+        meta = load_weights(model, self.name, self.spec.weights)
+        self.precision = resolve_precision(self.spec.precision, self.device, meta)
+        ready_for_inference(model, self.precision, fuse_batch_norm=fuse, channels_last=channels_last)
         if not self.class_names:
-            self.class_names = self._class_names(cfg, extra)
+            self.class_names = self._class_names(cfg, meta)
         self.cfg, self.model = cfg, model
         self._resize = resize
         self._format = cfg.INPUT.FORMAT
         self.mark_ready()
-        logger.info(
-            "%s: loaded on %s, precision %s (asked %s; %s)",
-            self.name,
-            self.device,
-            self.precision,
-            self.spec.precision,
-            "CUDA" if self.device.startswith("cuda") else f"CPU: {cpu_bf16().describe()}",
-        )
+        log_loaded(self.name, type(model).__name__, self.device, self.precision, self.spec.precision)
 
-    def _load_weights(self, model: torch.nn.Module) -> dict[str, Any]:
-        weights = self.spec.weights
-        if not weights:
-            logger.warning("model %r has no weights: serving a randomly initialised network", self.name)
-            return {}
-        if "://" not in weights and not Path(weights).is_file():
-            raise FileNotFoundError(f"model {self.name!r}: weights file {weights} not found")
-        return dict(DetectionCheckpointer(model).load(weights) or {})
-
-    def _class_names(self, cfg: CfgNode, extra: dict[str, Any]) -> tuple[str, ...]:
-        names = (extra.get(META_KEY) or {}).get("class_names")
+    def _class_names(self, cfg: CfgNode, meta: dict[str, Any]) -> tuple[str, ...]:
+        names = meta.get("class_names")
         if not names and cfg.DATASETS.TEST:
             names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes")
         if not names:

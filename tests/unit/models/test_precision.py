@@ -130,7 +130,8 @@ def test_keep_roi_align_fp32_swaps_detectron2_modules() -> None:
 def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from cvserve.models.instance import roi_align as module
+    from cvserve.models.instance import pooling_inputs as module
+    from cvserve.models.instance import roi_align as pooling_module
 
     torch.manual_seed(0)
     # A channels-last bf16 map, as the served backbone's convolutions leave it under autocast.
@@ -138,14 +139,14 @@ def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
     rois = torch.tensor([[0, 10.3, 12.7, 30.1, 38.2], [0, 1.5, 2.5, 20.5, 9.0]])
     expected = roi_align(features.float().contiguous(), rois, (7, 7), 0.5, 0, True).to(torch.bfloat16)
     conversions: list[torch.Tensor] = []
-    real = module._pooling_input
+    real = module.pooling_input
 
     def counted(input: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
         out = real(input, layout)
         conversions.append(out)
         return out
 
-    monkeypatch.setattr(module, "_pooling_input", counted)
+    monkeypatch.setattr(pooling_module, "pooling_input", counted)
     box, mask = Fp32ROIAlign((7, 7), 0.5, 0, True), Fp32ROIAlign((14, 14), 0.5, 0, True)
     with autocast("cpu", "bf16"), module.shared_pooling_inputs():
         first = box(features, rois)
@@ -177,7 +178,7 @@ def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
 def test_blocked_layout_conversion_equals_torch(
     n: int, channels: int, height: int, width: int, block: int, dtype: torch.dtype
 ) -> None:
-    from cvserve.models.instance import roi_align as module
+    from cvserve.models.instance import pooling_inputs as module
 
     features = torch.randn(n, channels, height, width).to(dtype).to(memory_format=torch.channels_last)
     expected = features.to(torch.float32, memory_format=torch.contiguous_format)
