@@ -8,6 +8,10 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/precision_stages.py --model r50 --min-size 800
     .venv/bin/python benchmarks/precision_stages.py --model tiny --size 3024x4032 --detections 100
+    .venv/bin/python benchmarks/precision_stages.py --model demo --ops 12
+
+``--ops N`` then profiles the forward (torch.profiler, with masks) in each precision and
+prints the N operators with the most time of their own, per image.
 """
 
 from __future__ import annotations
@@ -47,6 +51,27 @@ def _stages(adapter: Any, image: Any, masks: bool) -> tuple[float, float, float]
     return t1 - t0, t2 - t1, t3 - t2
 
 
+def _op_times(adapter: Any, images: list[Any]) -> dict[str, float]:
+    """Self CPU time of each operator over one forward per image, ms per image."""
+    from torch.profiler import ProfilerActivity, profile
+
+    items = [adapter.prepare(image, masks=True) for image in images]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for item in items:
+            adapter.forward([item])
+    return {e.key: e.self_cpu_time_total / 1000 / len(items) for e in prof.key_averages()}
+
+
+def _print_ops(adapters: dict[str, Any], images: list[Any], top: int) -> None:
+    ops = {p: _op_times(a, images) for p, a in adapters.items()}
+    first = next(iter(ops))
+    names = sorted(ops[first], key=lambda k: -max(o.get(k, 0.0) for o in ops.values()))[:top]
+    print(f"\n{'operator, self CPU ms per image':36s}" + "".join(f"{p:>9s}" for p in ops))
+    for name in names:
+        print(f"{name:36s}" + "".join(f"{o.get(name, 0.0):9.2f}" for o in ops.values()))
+    print(f"{'all operators':36s}" + "".join(f"{sum(o.values()):9.2f}" for o in ops.values()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["demo", "tiny", "r50"], default="r50")
@@ -56,6 +81,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--ops", type=int, default=0, help="also print the N costliest operators")
     args = parser.parse_args()
     height, width = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory(prefix="cvserve-bench-") as tmp:
@@ -85,6 +111,8 @@ def main() -> None:
             med = [statistics.median(r[k] for r in rows) * 1000 for k in range(3)]
             label = f"{p} ({adapters[p].precision}), {'masks' if m else 'no masks'}"
             print(f"{label:32s} {med[0]:10.1f} {med[1]:9.1f} {med[2]:11.1f} {sum(med):8.1f}")
+        if args.ops:
+            _print_ops(adapters, images, args.ops)
         print(f"load average at the end: {_common.machine().rsplit('load average ', 1)[1]}")
 
 
