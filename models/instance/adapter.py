@@ -27,6 +27,7 @@ from cvserve.models.instance.config import load_config
 from cvserve.models.instance.network import apply_module_options, build_network, class_names, parse_options
 from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
 from cvserve.models.instance.pooling_inputs import shared_pooling_inputs
+from cvserve.models.instance.proposals import use_first_k_nms
 from cvserve.models.instance.roi_align import keep_roi_align_fp32
 from cvserve.models.loading import load_weights, log_loaded, ready_for_inference
 from cvserve.models.precision import autocast, resolve_precision
@@ -100,6 +101,7 @@ class DetectronModel(VisionModel):
         self.class_names = class_names(self.name, self._options, meta, net.dataset_names, net.num_classes)
         self.precision = resolve_precision(self.spec.precision, self.device, meta)
         keep_roi_align_fp32(model)  # box coordinates and pooling stay fp32 under autocast
+        use_first_k_nms(model)  # the RPN's NMS stops once it has its proposals (instance.proposals)
         ready_for_inference(
             model,
             self.precision,
