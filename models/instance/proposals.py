@@ -8,7 +8,8 @@ over all of them keeps. Once that prefix keeps ``post_nms_topk`` boxes, no later
 the level can be among the final ``post_nms_topk``: at least that many kept boxes score
 higher. :func:`batched_nms_first` therefore runs each level's NMS over a growing prefix
 of its candidates. The demo detector keeps 250 proposals of three levels of 1000
-candidates each, about 600 of which survive NMS; its NMS took 7-9 ms an image.
+candidates each, about 600 of which survive NMS; its NMS took 7-9 ms an image. Each
+level's candidates are found by ``topk`` instead of a full sort where that takes the same ones.
 
 Exactness rests on one order of the boxes: whenever two scores are equal or not finite,
 or torchvision would batch the levels with its coordinate-offset trick instead of a loop
@@ -77,6 +78,22 @@ def batched_nms_first(
     return keep[scores[keep].sort(descending=True)[1]][:k]
 
 
+def _best(logits: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``count`` largest logits and their indices, best first, as detectron2 takes them.
+
+    detectron2 sorts each row whole. ``topk`` of ``count + 1`` gives the same values and
+    indices whenever they are finite and strictly decreasing (no tie inside or at the
+    boundary), at a fraction of the cost: 0.9 against 14.4 ms for R50-FPN's 160,200
+    stride-4 anchors at 800 px. Otherwise the rows are sorted whole.
+    """
+    if count < logits.shape[1] and bool(torch.isfinite(logits).all()):
+        values, index = logits.topk(count + 1, dim=1)
+        if bool((values[:, 1:] < values[:, :-1]).all()):
+            return values[:, :count], index[:, :count]
+    ranked, index = logits.sort(descending=True, dim=1)
+    return ranked.narrow(1, 0, count), index.narrow(1, 0, count)
+
+
 def top_proposals(
     proposals: Sequence[torch.Tensor],
     logits: Sequence[torch.Tensor],
@@ -86,7 +103,8 @@ def top_proposals(
     post_nms_topk: int,
     min_box_size: float,
 ) -> list[Instances]:
-    """detectron2's ``find_top_rpn_proposals`` at test time, its NMS by :func:`batched_nms_first`.
+    """detectron2's ``find_top_rpn_proposals`` at test time, its NMS by :func:`batched_nms_first`
+    and its per-level selection by ``topk`` where that takes the same anchors (:func:`_best`).
 
     Args:
         proposals: per level, (N, Hi*Wi*A, 4) decoded boxes.
@@ -103,9 +121,9 @@ def top_proposals(
     level_scores, level_boxes, level_ids = [], [], []
     for level, (boxes_i, logits_i) in enumerate(zip(proposals, logits, strict=True)):
         count = min(int(logits_i.shape[1]), pre_nms_topk)
-        ranked, index = logits_i.sort(descending=True, dim=1)  # detectron2 sorts rather than topk
-        level_scores.append(ranked.narrow(1, 0, count))
-        level_boxes.append(boxes_i[rows, index.narrow(1, 0, count)])
+        ranked, index = _best(logits_i, count)
+        level_scores.append(ranked)
+        level_boxes.append(boxes_i[rows, index])
         level_ids.append(torch.full((count,), level, dtype=torch.int64, device=device))
     all_scores, all_boxes, all_levels = (
         cat(level_scores, dim=1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # isort: split
 
+import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
@@ -146,3 +147,24 @@ def test_model_outputs_are_unchanged_and_training_keeps_detectron2() -> None:
         reference = RPN.predict_proposals(rpn, *args)[0]
     assert len(trained) == len(reference) > 60
     assert torch.equal(trained.proposal_boxes.tensor, reference.proposal_boxes.tensor)
+
+
+@pytest.mark.parametrize(
+    ("row", "count"),
+    [
+        ([0.5, 4.0, 3.0, -1.0, 2.0], 3),  # distinct: topk's answer
+        ([3.0, 5.0, 3.0, 4.0, 1.0], 3),  # a tie at the boundary: sorted whole
+        ([2.0, 2.0, 5.0, 1.0], 3),  # a tie inside
+        ([float("nan"), 1.0, 2.0, 0.0], 2),  # NaN ranks first in a descending sort
+        ([1.0, float("inf"), float("inf"), 0.0], 1),
+        ([1.0, 2.0], 2),  # the whole row
+    ],
+)
+def test_level_selection_equals_a_full_sort(row: list[float], count: int) -> None:
+    from cvserve.models.instance.proposals import _best
+
+    logits = torch.tensor([row, row[::-1]])
+    ranked, index = logits.sort(descending=True, dim=1)
+    values, got = _best(logits, count)
+    assert torch.equal(got, index[:, :count])
+    torch.testing.assert_close(values, ranked[:, :count], rtol=0, atol=0, equal_nan=True)
