@@ -2,11 +2,13 @@
 
 ``cvserve.models.instance.proposals`` runs each level's NMS over a growing prefix of its
 candidates and stops once the level has kept ``POST_NMS_TOPK_TEST`` boxes; the proposals are
-the same. This loads the instance adapter (the demo detector by default), then times its
+the same, and each level's candidates come from ``topk`` rather than a full sort where
+that takes the same anchors. This loads the instance adapter (the demo detector by default), then times its
 forward with the RPN's own selection and with cvserve's, alternating, and checks that every
 output is equal.
 
     .venv/bin/python benchmarks/rpn_nms.py --model demo
+    .venv/bin/python benchmarks/rpn_nms.py --model r50 --min-size 800 --images 2
 """
 
 from __future__ import annotations
@@ -32,10 +34,17 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-size", type=int, default=0, help="INPUT.MIN_SIZE_TEST (default: the model's)")
     args = parser.parse_args()
     print(_common.machine())
     with tempfile.TemporaryDirectory(prefix="cvserve-rpn-") as tmp:
         model = _common.prepare_model(args.model, Path(tmp))
+        if args.min_size:
+            from cvserve.models.instance.config import load_config
+
+            cfg = load_config(str(model.config_path))
+            cfg.INPUT.MIN_SIZE_TEST = args.min_size
+            model.config_path.write_text(cfg.dump())
         adapter = precision_stages._adapter(model, args.precision)
         rpn = adapter._model.proposal_generator
         ours = rpn.predict_proposals  # the instance's method, set at load
