@@ -27,7 +27,8 @@ def shared_pooling_inputs() -> Iterator[None]:
 
     torchvision's CPU ``roi_align`` reads NCHW fp32 and converts anything else (a
     channels-last map, bf16 under autocast) at every call. Mask R-CNN's box and mask heads (a
-    cascade's every stage) pool the same maps, so :class:`Fp32ROIAlign` keeps each map's
+    cascade's every stage) pool the same maps, so
+    :class:`~cvserve.models.instance.roi_align.Fp32ROIAlign` keeps each map's
     fp32 NCHW copy for the rest of the block on this thread. The copies are freed when the
     block ends. The adapters wrap each forward in it; the values are the same.
     """
@@ -71,8 +72,9 @@ def _convert(input: torch.Tensor, dtype: torch.dtype, layout: torch.memory_forma
 
     One copy does both conversions (a cast, then torchvision's ``.contiguous()``, would be
     two). A large channels-last map going to NCHW is copied in blocks of pixel rows: torch's
-    one-pass transposing copy strides across the whole map and ran 2-3x slower on an R50-FPN
-    stride-4 map (256 x 200 x 304; benchmarks/README.md, "RoIAlign's input").
+    one-pass transposing copy strides across the whole map and took about twice as long on
+    an R50-FPN stride-4 map (256 x 200 x 304; benchmarks/README.md, "RoIAlign's input copied
+    in blocks").
     """
     if (
         layout != torch.contiguous_format

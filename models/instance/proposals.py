@@ -57,14 +57,15 @@ def batched_nms_first(
     n = scores.numel()
     if k <= 0 or n == 0 or not _loops_over_groups(boxes):
         return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]
-    if k >= int(torch.unique(idxs, return_counts=True)[1].max()):  # no group could stop early
+    present, sizes = torch.unique(idxs, return_counts=True)
+    if k >= int(sizes.max()):  # no group could stop early
         return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]
     ranked, order = scores.sort(descending=True)
     if not bool(torch.isfinite(ranked).all()) or bool((ranked[1:] == ranked[:-1]).any()):
         return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]
     groups = idxs[order]
     keep_mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
-    for group in torch.unique(idxs):
+    for group in present:
         members = order[groups == group]  # this group's boxes, best first
         size = min(members.numel(), 2 * k)
         while True:
@@ -183,12 +184,9 @@ def use_first_k_nms(model: nn.Module) -> int:
     """
     count = 0
     for module in model.modules():
-        changed = "predict_proposals" in vars(module)
-        if (
-            isinstance(module, RPN)
-            and type(module).predict_proposals is RPN.predict_proposals
-            and not changed
-        ):
+        if not isinstance(module, RPN) or type(module).predict_proposals is not RPN.predict_proposals:
+            continue  # not an RPN, or a subclass with its own selection
+        if "predict_proposals" not in vars(module):  # not changed yet
             module.predict_proposals = types.MethodType(_predict_proposals, module)  # type: ignore[method-assign]
             count += 1
     return count

@@ -58,25 +58,22 @@ def test_batched_nms_first_equals_torchvision(
     assert torch.equal(batched_nms_first(boxes, scores, idxs, threshold, k), expected)
 
 
-def test_batched_nms_first_stops_early_and_still_agrees() -> None:
+def test_batched_nms_first_stops_early_and_still_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cvserve.models.instance import proposals
+
     g = torch.Generator().manual_seed(3)
     boxes, scores = _boxes(3000, g), torch.rand(3000, generator=g)
     idxs = torch.arange(3000) % 3
+    expected = batched_nms(boxes, scores, idxs, 0.7)[:50]
     calls: list[int] = []
-    from cvserve.models.instance import proposals
-
     real = proposals.box_ops.nms
 
     def counted(b: torch.Tensor, s: torch.Tensor, t: float) -> torch.Tensor:
         calls.append(b.shape[0])
         return real(b, s, t)
 
-    proposals.box_ops.nms = counted
-    try:
-        got = batched_nms_first(boxes, scores, idxs, 0.7, 50)
-    finally:
-        proposals.box_ops.nms = real
-    assert torch.equal(got, batched_nms(boxes, scores, idxs, 0.7)[:50])
+    monkeypatch.setattr(proposals.box_ops, "nms", counted)
+    assert torch.equal(batched_nms_first(boxes, scores, idxs, 0.7, 50), expected)
     assert calls and max(calls) < 1000  # each level's NMS ran over a prefix, not its 1000 boxes
 
 
