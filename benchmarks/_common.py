@@ -148,6 +148,17 @@ def prepare_model(kind: str, workdir: Path) -> BenchModel:
     return BenchModel(kind, config_path, weights, note, options)
 
 
+def with_min_size(model: BenchModel, min_size: int | None) -> BenchModel:
+    """The same model with its config's ``INPUT.MIN_SIZE_TEST`` set (None or 0: as configured)."""
+    if min_size:
+        from cvserve.models.instance.config import load_config
+
+        cfg = load_config(str(model.config_path))
+        cfg.INPUT.MIN_SIZE_TEST = min_size
+        model.config_path.write_text(cfg.dump())
+    return model
+
+
 def fake_spec(per_image_ms: float) -> dict[str, Any]:
     """The fake detector's repository entry (sleeps ``per_image_ms`` per image in forward)."""
     return {

@@ -61,17 +61,6 @@ def user_model(config: str, weights: str, workdir: Path) -> _common.BenchModel:
     return _common.BenchModel("user", path, Path(weights), f"trained ({weights})", options)
 
 
-def with_min_size(model: _common.BenchModel, min_size: int | None) -> _common.BenchModel:
-    """The same model with ``INPUT.MIN_SIZE_TEST`` set (None: as configured)."""
-    if min_size is not None:
-        from cvserve.models.instance.config import load_config
-
-        cfg = load_config(str(model.config_path))
-        cfg.INPUT.MIN_SIZE_TEST = min_size
-        model.config_path.write_text(cfg.dump())
-    return model
-
-
 def predictions(model: _common.BenchModel, device: str, precision: str, images: list[Any]) -> list[Any]:
     """In-process ``DetectronModel`` predictions (the server's adapter) at ``precision``."""
     from cvserve.models.instance.adapter import DetectronModel
@@ -187,7 +176,7 @@ def main() -> None:
             model = user_model(args.config, args.weights, work)
         else:
             model = _common.prepare_model(args.model, work)
-        model = with_min_size(model, args.min_size)
+        model = _common.with_min_size(model, args.min_size)
         images = _common.make_images(args.images, *args.hw, shapes=args.model == "demo")
         print(f"machine: {_common.machine()}")
         if on_gpu:

@@ -60,10 +60,7 @@ def _forward(rounds: int) -> None:
     import precision_stages
 
     with tempfile.TemporaryDirectory(prefix="cvserve-pooling-") as tmp:
-        model = _common.prepare_model("r50", Path(tmp))
-        model.config_path.write_text(
-            model.config_path.read_text().replace("MIN_SIZE_TEST: 480", "MIN_SIZE_TEST: 800")
-        )
+        model = _common.with_min_size(_common.prepare_model("r50", Path(tmp)), 800)
         adapter = precision_stages._adapter(model, "auto")
         from cvserve.models.instance import pooling_inputs
 

@@ -87,12 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cvserve-bench-") as tmp:
         model = _common.prepare_model(args.model, Path(tmp))
         model.options["max_detections"] = args.detections
-        if args.min_size:
-            from cvserve.models.instance.config import load_config
-
-            cfg = load_config(str(model.config_path))
-            cfg.INPUT.MIN_SIZE_TEST = args.min_size
-            model.config_path.write_text(cfg.dump())
+        _common.with_min_size(model, args.min_size)
         images = _common.make_images(args.images, height, width, shapes=args.model in ("demo", "tiny"))
         print(f"machine: {_common.machine()}")
         print(f"model {args.model}, weights {model.weights_note}, images {height}x{width}, {model.options}")

@@ -39,12 +39,7 @@ def main() -> None:
     print(_common.machine())
     with tempfile.TemporaryDirectory(prefix="cvserve-rpn-") as tmp:
         model = _common.prepare_model(args.model, Path(tmp))
-        if args.min_size:
-            from cvserve.models.instance.config import load_config
-
-            cfg = load_config(str(model.config_path))
-            cfg.INPUT.MIN_SIZE_TEST = args.min_size
-            model.config_path.write_text(cfg.dump())
+        _common.with_min_size(model, args.min_size)
         adapter = precision_stages._adapter(model, args.precision)
         rpn = adapter._model.proposal_generator
         ours = rpn.predict_proposals  # the instance's method, set at load

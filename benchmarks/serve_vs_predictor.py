@@ -280,12 +280,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cvserve-bench-") as tmp:
         work = Path(tmp)
         model = _common.prepare_model(args.model, work)
-        if args.min_size:
-            from cvserve.models.instance.config import load_config
-
-            cfg = load_config(str(model.config_path))
-            cfg.INPUT.MIN_SIZE_TEST = args.min_size
-            model.config_path.write_text(cfg.dump())
+        _common.with_min_size(model, args.min_size)
         images = _common.make_images(args.images, height, width, shapes=args.model == "demo")
         payloads = [_common.encode_jpeg(img) for img in images]
         print(f"machine: {_common.machine()}")
