@@ -131,7 +131,7 @@ def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from cvserve.models.instance import pooling_inputs as module
-    from cvserve.models.instance import roi_align as pooling_module
+    from cvserve.models.instance import roi_align as roi_align_module
 
     torch.manual_seed(0)
     # A channels-last bf16 map, as the served backbone's convolutions leave it under autocast.
@@ -146,7 +146,7 @@ def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
         conversions.append(out)
         return out
 
-    monkeypatch.setattr(pooling_module, "pooling_input", counted)
+    monkeypatch.setattr(roi_align_module, "pooling_input", counted)  # where Fp32ROIAlign looks it up
     box, mask = Fp32ROIAlign((7, 7), 0.5, 0, True), Fp32ROIAlign((14, 14), 0.5, 0, True)
     with autocast("cpu", "bf16"), module.shared_pooling_inputs():
         first = box(features, rois)
