@@ -22,9 +22,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     CVSERVE_EXTRAS=ray \
     CVSERVE_HOME=/var/lib/cvserve
 
-# make: the README's commands; libglib2.0-0: OpenCV's one system dependency.
+# make: the README's commands; libglib2.0-0: OpenCV's one system dependency; gcc and
+# libc6-dev: the install compiles cvserve's CPU RoIAlign kernel (models/instance/_roi_align.c,
+# plain C; without them the install still succeeds and torchvision's kernel pools instead).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make libglib2.0-0 ca-certificates \
+    && apt-get install -y --no-install-recommends make libglib2.0-0 ca-certificates gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin cvserve \
     && install -d -o cvserve -g cvserve /var/lib/cvserve

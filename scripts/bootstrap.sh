@@ -2,7 +2,8 @@
 # Create or update the project environment in .venv/ from the repository's own files.
 #
 # Idempotent and quick when nothing changed: a stamp in .venv records a hash of every
-# input (pyproject.toml, requirements/, this script, the detectron2 installer), and the
+# input (pyproject.toml, requirements/, this script, the detectron2 installer, the C
+# source of the RoIAlign kernel the install compiles), and the
 # install runs again only when one of them differs.
 #
 # Environment:
@@ -49,6 +50,7 @@ fi
 
 inputs_hash() {
     (cd "$ROOT" && cat pyproject.toml requirements/*.txt scripts/bootstrap.sh scripts/install_detectron2.py \
+        models/instance/_roi_align.c \
         && echo "extras=$EXTRAS torch_index=$TORCH_INDEX" \
         && if [[ -n "$TORCH_REQUIREMENTS" ]]; then cat "$TORCH_REQUIREMENTS"; fi) | sha256sum | cut -d' ' -f1
 }

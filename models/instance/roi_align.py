@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from detectron2.layers import ROIAlign
 from torch import nn
 
+from cvserve.models.instance.nhwc_roi_align import accepts, roi_align_nhwc
 from cvserve.models.instance.pooling_inputs import HALF, pooling_input
 
 __all__ = [
@@ -185,14 +186,23 @@ class Fp32ROIAlign(ROIAlign):
     """detectron2's ``ROIAlign`` with box coordinates and pooling in fp32 for any feature dtype.
 
     The output has the features' dtype (what detectron2's ``ROIPooler`` writes it into).
-    Inside :func:`~cvserve.models.instance.pooling_inputs.shared_pooling_inputs` each feature map
-    is converted once.
+    On the CPU without a gradient it pools channels-last maps as they are
+    (:mod:`~cvserve.models.instance.nhwc_roi_align`, the same values as torchvision's
+    kernel); otherwise inside
+    :func:`~cvserve.models.instance.pooling_inputs.shared_pooling_inputs` each feature map is
+    converted once for torchvision's kernel.
     """
 
     # The layout the pooling reads without a copy of its own (torchvision's: NCHW).
     layout = torch.contiguous_format
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        if accepts(input):  # CPU inference: read the channels-last map as it is, no copy
+            assert rois.dim() == 2 and rois.size(1) == 5
+            out = roi_align_nhwc(
+                input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+            )
+            return out.to(input.dtype)
         if input.dtype not in HALF:
             return self._pool(pooling_input(input, self.layout), rois)
         with torch.autocast(input.device.type, enabled=False):

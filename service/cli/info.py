@@ -37,6 +37,8 @@ def collect(models: str | None = None) -> dict[str, Any]:
     _compat.apply()
     import detectron2
 
+    from cvserve.models.instance.nhwc_roi_align import describe as roi_align_kernel
+
     cuda = cuda_status()
     devices = []
     if cuda.available:
@@ -70,6 +72,7 @@ def collect(models: str | None = None) -> dict[str, Any]:
             "cpu": resolve_precision("auto", "cpu"),
             "cuda": resolve_precision("auto", "cuda"),
         },
+        "cpu_roi_align": roi_align_kernel(),
         "grpcio": grpc.__version__,
         "model_repository": repo,
     }
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     auto = info["auto_precision"]
     print(f"CPU          {info['cpu_capability']}, bf16 {native}, from {bf16['source']}")
     print(f"precision    auto = {auto['cpu']} on the CPU, {auto['cuda']} on CUDA")
+    print(f"RoIAlign     on the CPU: {info['cpu_roi_align']}")
     print(f"grpcio       {info['grpcio']}")
     print(f"models       {info['model_repository']}")
     return 0

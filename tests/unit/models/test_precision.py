@@ -132,6 +132,7 @@ def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
 ) -> None:
     from cvserve.models.instance import pooling_inputs as module
     from cvserve.models.instance import roi_align as roi_align_module
+    from cvserve.models.instance.nhwc_roi_align import accepts, torchvision_only
 
     torch.manual_seed(0)
     # A channels-last bf16 map, as the served backbone's convolutions leave it under autocast.
@@ -148,7 +149,8 @@ def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
 
     monkeypatch.setattr(roi_align_module, "pooling_input", counted)  # where Fp32ROIAlign looks it up
     box, mask = Fp32ROIAlign((7, 7), 0.5, 0, True), Fp32ROIAlign((14, 14), 0.5, 0, True)
-    with autocast("cpu", "bf16"), module.shared_pooling_inputs():
+    # torchvision's kernel pools (where cvserve's channels-last kernel is not built, or in training)
+    with autocast("cpu", "bf16"), module.shared_pooling_inputs(), torchvision_only():
         first = box(features, rois)
         mask(features, rois)
         second = box(features, rois)
@@ -156,10 +158,14 @@ def test_pooling_inputs_are_converted_once_per_forward_and_pool_the_same(
     assert conversions[0].is_contiguous() and conversions[0].dtype == torch.float32
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert getattr(module._shared, "maps", None) is None  # the copies are dropped with the block
-    with autocast("cpu", "bf16"):
+    with autocast("cpu", "bf16"), torchvision_only():
         box(features, rois)
         box(features, rois)
     assert conversions[3] is not conversions[4]  # outside a block: converted at each call
+    if accepts(features):  # cvserve's kernel reads the bf16 map as it is: no conversion at all
+        with autocast("cpu", "bf16"), module.shared_pooling_inputs():
+            assert torch.equal(box(features, rois), expected)
+        assert len(conversions) == 5
     plain = torch.randn(1, 8, 40, 40)
     assert real(plain, torch.contiguous_format) is plain  # fp32 NCHW needs no copy
     nhwc = plain.to(memory_format=torch.channels_last)

@@ -1,0 +1,166 @@
+"""RoIAlign's CPU forward read straight from channels-last maps, fp32 or bf16.
+
+torchvision's CPU ``roi_align`` reads NCHW fp32 and loops over one channel's plane at a
+time, on one thread. The served backbone leaves channels-last maps (bf16 under autocast),
+so every map was first converted and transposed (``pooling_inputs``), then pooled one
+scalar at a time. The kernel in ``_roi_align.c`` (a C extension built at install, no torch
+headers) computes each output with torchvision's arithmetic, in the same order and in fp32,
+but loops over the channels of each sample's four neighbouring pixels, which lie next to
+each other in NHWC and vectorise (AVX-512 or AVX2 where the CPU has them, chosen at run
+time). bf16 values are widened to fp32 exactly before any arithmetic, so the result equals
+``torchvision.ops.roi_align(input.float(), rois.float(), ...)`` bit for bit
+(tests/unit/models/instance/test_nhwc_roi_align.py checks it property by property).
+
+Inputs the kernel does not take go to torchvision unchanged: other devices and dtypes,
+boxes beyond 2**24 feature pixels or with sample grids too large to allocate, and anything
+needing a gradient (the kernel has no backward). A box with a NaN or infinite coordinate,
+for which torchvision's kernel has no defined result (its sample count overflows an int),
+pools to zeros.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import types
+from collections.abc import Iterator
+
+# isort: split
+
+import torch
+from torchvision.ops import roi_align
+
+_kernel: types.ModuleType | None
+try:  # built by pip install (pyproject.toml, optional: a C compiler is needed)
+    from cvserve.models.instance import _roi_align as _kernel
+except ImportError as exc:  # pragma: no cover - exercised only where the build failed
+    _kernel = None
+    _IMPORT_ERROR: str | None = str(exc)
+else:
+    _IMPORT_ERROR = None
+
+__all__ = ["accepts", "describe", "log_kernel", "roi_align_nhwc", "torchvision_only"]
+
+logger = logging.getLogger(__name__)
+_logged = False
+
+_off = threading.local()
+_DONE, _OUT_OF_LIMITS, _BAD_IMAGE = 0, 1, 2  # the kernel's return codes
+
+
+@contextlib.contextmanager
+def torchvision_only() -> Iterator[None]:
+    """Within the block, on this thread, :func:`accepts` is false: torchvision pools everything.
+
+    For benchmarks and tests that compare the two kernels.
+    """
+    previous = getattr(_off, "on", False)
+    _off.on = True
+    try:
+        yield
+    finally:
+        _off.on = previous
+
+
+def describe() -> str:
+    """The CPU RoIAlign in use, for logs and ``cvserve info``."""
+    if _kernel is None:
+        return f"torchvision (cvserve's NHWC kernel is not built: {_IMPORT_ERROR})"
+    return f"cvserve NHWC kernel ({_kernel.isa()})"
+
+
+def log_kernel() -> None:
+    """Log :func:`describe` once per process (the adapters call it when loading a CPU model):
+    a warning when the kernel was not built, since pooling is then several times slower."""
+    global _logged
+    if not _logged:
+        _logged = True
+        logger.log(
+            logging.INFO if _kernel is not None else logging.WARNING, "RoIAlign on the CPU: %s", describe()
+        )
+
+
+def accepts(input: torch.Tensor) -> bool:
+    """Whether :func:`roi_align_nhwc` runs its own kernel for this feature map."""
+    return (
+        _kernel is not None
+        and not getattr(_off, "on", False)
+        and input.device.type == "cpu"
+        and input.dtype in (torch.float32, torch.bfloat16)
+        and input.dim() == 4
+        and not (input.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[1])
+
+
+def roi_align_nhwc(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: int | tuple[int, int] | list[int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
+    """``torchvision.ops.roi_align(input.float(), rois.float(), ...)``, fp32, bit for bit.
+
+    Args:
+        input: (N, C, H, W) CPU features, fp32 or bf16, best channels-last (other layouts
+            are copied to it first). See :func:`accepts`.
+        rois: (R, 5) boxes: image index, then x0, y0, x1, y1 in input-image pixels.
+        output_size: bins per RoI, ``(ph, pw)`` or one int for both.
+        spatial_scale: feature-map pixels per image pixel.
+        sampling_ratio: samples per bin along each axis; 0 for ``ceil(roi size / bins)``.
+        aligned: shift the box by -0.5 pixel (detectron2's ``ROIAlignV2``).
+
+    Returns:
+        (R, C, ph, pw) fp32 features.
+
+    Raises:
+        ValueError: ``rois`` is not (R, 5), an image index is outside ``[0, N)``, or the map
+            has no pixels while there are boxes.
+    """
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f"rois must have shape (R, 5), got {tuple(rois.shape)}")
+    size = _pair(output_size)
+    n_img, channels, height, width = input.shape
+    rois = rois.to(torch.float32).contiguous()
+    if rois.shape[0] == 0 or channels == 0:
+        return input.new_zeros((rois.shape[0], channels, *size), dtype=torch.float32)
+    if height == 0 or width == 0:  # torchvision's CPU kernel would read out of bounds
+        raise ValueError(f"cannot pool from an empty feature map of shape {tuple(input.shape)}")
+    status = None
+    if accepts(input):
+        assert _kernel is not None
+        features = input.contiguous(memory_format=torch.channels_last)
+        out = torch.empty((rois.shape[0], channels, *size), dtype=torch.float32)
+        status = _kernel.forward(
+            features.data_ptr(),
+            features.dtype == torch.bfloat16,
+            n_img,
+            height,
+            width,
+            channels,
+            rois.data_ptr(),
+            rois.shape[0],
+            size[0],
+            size[1],
+            float(spatial_scale),
+            int(sampling_ratio),
+            bool(aligned),
+            out.data_ptr(),
+        )
+        if status == _DONE:
+            return out
+    images = rois[:, 0]  # truncated to int by both kernels
+    if status == _BAD_IMAGE or not bool(((images > -1) & (images < n_img)).all()):
+        raise ValueError(
+            f"RoI image indices must lie in [0, {n_img}), got {float(images.min()):g}..{float(images.max()):g}"
+        )
+    # Not this kernel's input, or a box past its limits (_roi_align.c, check_rois).
+    return roi_align(input.float(), rois, size, spatial_scale, sampling_ratio, aligned)
