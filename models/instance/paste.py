@@ -19,6 +19,10 @@ most once per knot interval, where ``(0.5 - a) / (b - a)`` puts the crossing. An
 The result is byte-identical to pasting with detectron2's ``paste_masks_in_image`` and
 encoding with ``pycocotools.mask.encode`` (the tests check it on random and smooth masks),
 for ``O(columns x M)`` work per mask instead of ``O(rows x columns)``.
+
+A block of at most :data:`DIRECT_MAX_PIXELS` pixels is sampled whole by ``grid_sample``
+(step 3 for every column) instead: at that size the fixed cost of the steps above is larger
+than sampling every pixel (``benchmarks/README.md``, "Small masks sampled whole").
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KNOT_TOL", "PIXEL_TOL", "paste_rles", "rles_from_edges"]
+__all__ = ["DIRECT_MAX_PIXELS", "KNOT_TOL", "PIXEL_TOL", "paste_rles", "rles_from_edges"]
 
 # A pixel whose value (modelled in float64) is this close to 0.5 is sampled by grid_sample:
 # the float32 grid and arithmetic move a value by at most about 2e-6.
 PIXEL_TOL = 1e-5
 # A column with a profile knot this close to 0.5 is sampled whole (a touch or a flat run).
 KNOT_TOL = 1e-4
+# A block of at most this many pixels is sampled whole: faster there than finding crossings.
+DIRECT_MAX_PIXELS = 32768
 
 
 def box_regions(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -91,8 +97,10 @@ def _mask_edges(
     size = probs.shape[-1]
     gx = _grid_axis(left, cols, box[0], box[2])
     gy = _grid_axis(top, rows, box[1], box[3])
-    ix, iy = _unnormalise(gx, size), _unnormalise(gy, size)
     everything = np.arange(cols)
+    if rows * cols <= DIRECT_MAX_PIXELS:
+        return tuple(_sample_columns(probs, gx, gy, everything))  # type: ignore[return-value]
+    ix, iy = _unnormalise(gx, size), _unnormalise(gy, size)
     if not (np.isfinite(ix).all() and np.isfinite(iy).all() and (rows == 1 or iy[-1] > iy[0])):
         return tuple(_sample_columns(probs, gx, gy, everything))  # type: ignore[return-value]
     # 1. The profile: each column interpolated along x at the mask's rows (and the zero rows

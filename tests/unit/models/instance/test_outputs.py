@@ -12,6 +12,7 @@ from detectron2.layers.mask_ops import paste_masks_in_image
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
+from cvserve.models.instance import paste
 from cvserve.models.instance.outputs import (
     block_rles,
     box_rle,
@@ -143,10 +144,16 @@ def _smooth(n: int, seed: int, size: int = 28) -> torch.Tensor:
     return up[:, 0].sigmoid()
 
 
+@pytest.mark.parametrize("direct_max", [paste.DIRECT_MAX_PIXELS, 0], ids=["default", "crossings-only"])
 @pytest.mark.parametrize("kind", ["noise", "smooth"])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize(("height", "width"), [(90, 120), (3024, 4032)])
-def test_paste_rles_equals_detectron2_paste(kind: str, seed: int, height: int, width: int) -> None:
+def test_paste_rles_equals_detectron2_paste(
+    kind: str, seed: int, height: int, width: int, direct_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of finding a mask's pixels, small blocks sampled whole (the default) and
+    crossings for every block (``DIRECT_MAX_PIXELS`` 0), give detectron2's paste exactly."""
+    monkeypatch.setattr(paste, "DIRECT_MAX_PIXELS", direct_max)
     boxes = _boxes(25, seed, height, width)
     if seed % 3 == 2:  # boxes on the image's edges and corners
         boxes[: len(boxes) // 2, :2] = 0.0
