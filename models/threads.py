@@ -225,5 +225,10 @@ def limit_helper_thread() -> None:
     the count is process-wide (it would throttle the passes).
     """
     if per_thread_intra_op():
+        # torch sets a thread's OpenMP count lazily, at its first parallel work, to the count
+        # some thread set last: a pass setting 2 before then would undo the limit (and leave
+        # this thread a team idling beside the passes). get_num_threads() does that first
+        # setting now, so the 1 below is the one that stays.
+        torch.get_num_threads()
         torch.set_num_threads(1)
         release_team()

@@ -225,6 +225,32 @@ def test_a_limited_helper_thread_holds_no_team() -> None:
     assert _teams_in_named_thread("cvs-omp-help", body) == [2, 1]
 
 
+@needs_libgomp
+def test_a_helper_keeps_one_thread_when_a_pass_sets_more_before_its_first_parallel_work() -> None:
+    """torch sets a thread's OpenMP count lazily, at its first parallel work, to the count
+    last set by *any* thread. A helper limited before that point must stay limited, or a
+    model pass setting 2 in between gives the helper a team that idles beside the passes
+    (seen in the server: a held team made lone requests 10-35 ms slower)."""
+    limited, passed = threading.Event(), threading.Event()
+
+    def body(sample) -> None:
+        threads.limit_helper_thread()  # the thread's first torch call, as in a fresh pool thread
+        limited.set()
+        passed.wait(10)
+        _parallel_work()
+        sample(settle_to=1)
+        samples.append(torch.get_num_threads())
+
+    samples: list[int] = []
+    helper = threading.Thread(target=lambda: samples.extend(_teams_in_named_thread("cvs-omp-late", body)))
+    helper.start()
+    limited.wait(10)
+    torch.set_num_threads(2)  # a pass on another thread
+    passed.set()
+    helper.join(30)
+    assert sorted(samples) == [1, 1]  # no worker beside the helper, and still one thread
+
+
 def test_release_team_is_false_without_libgomp(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threads, "_libgomp_pause", lambda: None)
     assert not threads.release_team()
