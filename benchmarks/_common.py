@@ -19,6 +19,7 @@ cap of 20 gives each image a realistic number of masks to paste and encode.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -26,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,72 @@ def with_min_size(model: BenchModel, min_size: int | None) -> BenchModel:
         cfg.INPUT.MIN_SIZE_TEST = min_size
         model.config_path.write_text(cfg.dump())
     return model
+
+
+def forward_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options of the scripts comparing two ways of running the instance adapter's forward."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=["demo", "tiny", "r50"], default="demo")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-size", type=int, default=0, help="INPUT.MIN_SIZE_TEST (default: the model's)")
+    return parser
+
+
+def alternate_forwards(
+    adapter: Any,
+    items: Sequence[Any],
+    variants: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]],
+    rounds: int,
+    size: tuple[int, int] = (480, 640),
+) -> tuple[bool, dict[str, list[float]]]:
+    """Time ``adapter.forward`` on each item under each variant, variants alternating round by round.
+
+    Args:
+        variants: name -> a function giving the context that variant's forwards run in.
+        size: the image size the detections are postprocessed to for the comparison.
+
+    Returns:
+        Whether every variant gave the same detections (boxes, classes, scores, mask RLEs;
+        one warm-up forward per item), and each variant's seconds per forward.
+    """
+    outputs = []
+    for context in variants.values():
+        with context():
+            raw = [adapter.forward([item])[0] for item in items]
+        outputs.append([adapter.postprocess(r, size).instances for r in raw])
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, context in variants.items():
+            with context():
+                for item in items:
+                    start = time.perf_counter()
+                    adapter.forward([item])
+                    times[name].append(time.perf_counter() - start)
+    return all(o == outputs[0] for o in outputs), times
+
+
+def report_forwards(
+    adapter: Any,
+    items: Sequence[Any],
+    variants: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]],
+    rounds: int,
+    label: str,
+) -> None:
+    """Run :func:`alternate_forwards` and print its comparison and each variant's median forward.
+
+    ``label`` names a variant in the output, e.g. ``"forward with {} RoIAlign"``.
+    """
+    import statistics
+
+    equal, times = alternate_forwards(adapter, items, variants, rounds)
+    print(f"detections equal (boxes, classes, scores, mask RLEs): {equal}")
+    for name, samples in times.items():
+        print(f"{label.format(name)}: median {1000 * statistics.median(samples):.1f} ms "
+              f"({len(samples)} forwards, alternating rounds)")  # fmt: skip
 
 
 def fake_spec(per_image_ms: float) -> dict[str, Any]:

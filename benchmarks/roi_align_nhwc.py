@@ -15,7 +15,6 @@ Two measurements:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -77,15 +76,7 @@ def _nhwc(calls) -> list[torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", choices=["demo", "tiny", "r50"], default="demo")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--min-size", type=int, default=0, help="INPUT.MIN_SIZE_TEST (default: the model's)")
-    args = parser.parse_args()
+    args = _common.forward_parser(__doc__).parse_args()
     print(_common.machine())
     print(f"RoIAlign: {nhwc_roi_align.describe()}")
     with tempfile.TemporaryDirectory(prefix="cvserve-roialign-") as tmp:
@@ -117,24 +108,7 @@ def main() -> None:
                   f" (map conversion included for torchvision)")  # fmt: skip
 
         variants = {"torchvision": nhwc_roi_align.torchvision_only, "nhwc": contextlib.nullcontext}
-        outputs, times = {}, {name: [] for name in variants}
-        for name, ctx in variants.items():
-            with ctx():
-                raw = [adapter.forward([item])[0] for item in items]
-            outputs[name] = [adapter.postprocess(r, (480, 640)).instances for r in raw]
-        for _ in range(args.rounds):
-            for name, ctx in variants.items():
-                with ctx():
-                    for item in items:
-                        start = time.perf_counter()
-                        adapter.forward([item])
-                        times[name].append(time.perf_counter() - start)
-        print(
-            f"detections equal (boxes, classes, scores, mask RLEs): {outputs['torchvision'] == outputs['nhwc']}"
-        )
-        for name, samples in times.items():
-            print(f"forward with {name} RoIAlign: median {1000 * statistics.median(samples):.1f} ms "
-                  f"({len(samples)} forwards, alternating rounds)")  # fmt: skip
+        _common.report_forwards(adapter, items, variants, args.rounds, "forward with {} RoIAlign")
 
 
 if __name__ == "__main__":

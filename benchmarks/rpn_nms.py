@@ -13,11 +13,10 @@ output is equal.
 
 from __future__ import annotations
 
-import argparse
-import statistics
+import contextlib
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,15 +26,7 @@ import precision_stages
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", choices=["demo", "tiny", "r50"], default="demo")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--min-size", type=int, default=0, help="INPUT.MIN_SIZE_TEST (default: the model's)")
-    args = parser.parse_args()
+    args = _common.forward_parser(__doc__).parse_args()
     print(_common.machine())
     with tempfile.TemporaryDirectory(prefix="cvserve-rpn-") as tmp:
         model = _common.prepare_model(args.model, Path(tmp))
@@ -46,29 +37,15 @@ def main() -> None:
         settings = f"pre_nms_topk {rpn.pre_nms_topk[False]}, post_nms_topk {rpn.post_nms_topk[False]}"
         print(f"model {args.model} ({model.weights_note}), precision {adapter.precision}, RPN {settings}")
         items = [adapter.prepare(image) for image in _common.make_images(args.images, 480, 640, shapes=True)]
+
+        def selection(use: Callable[[], object]) -> Callable[[], contextlib.AbstractContextManager[None]]:
+            return lambda: (use(), contextlib.nullcontext())[1]
+
         variants = {
-            "detectron2": lambda: vars(rpn).pop("predict_proposals", None),
-            "cvserve": lambda: setattr(rpn, "predict_proposals", ours),
+            "detectron2": selection(lambda: vars(rpn).pop("predict_proposals", None)),
+            "cvserve": selection(lambda: setattr(rpn, "predict_proposals", ours)),
         }
-        outputs: dict[str, list[object]] = {}
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for name, use in variants.items():  # warm-up, and the outputs to compare
-            use()
-            raw = [adapter.forward([item])[0] for item in items]
-            outputs[name] = [adapter.postprocess(r, (480, 640)).instances for r in raw]  # boxes, scores, RLEs
-        for _ in range(args.rounds):
-            for name, use in variants.items():
-                use()
-                for item in items:
-                    start = time.perf_counter()
-                    adapter.forward([item])
-                    times[name].append(time.perf_counter() - start)
-        print(
-            f"detections equal (boxes, classes, scores, mask RLEs): {outputs['detectron2'] == outputs['cvserve']}"
-        )
-        for name, samples in times.items():
-            print(f"forward, {name}'s selection: median {1000 * statistics.median(samples):.1f} ms "
-                  f"({len(samples)} forwards, alternating rounds)")  # fmt: skip
+        _common.report_forwards(adapter, items, variants, args.rounds, "forward, {}'s selection")
 
 
 if __name__ == "__main__":
