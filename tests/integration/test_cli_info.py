@@ -23,6 +23,9 @@ def test_info_reports_versions_and_devices() -> None:
     assert len(info["cuda_devices"]) == torch.cuda.device_count()
     for key in ("python", "torchvision", "grpcio", "model_repository"):
         assert info[key]
+    from cvserve.models.instance import nhwc_roi_align
+
+    assert info["cpu_roi_align"] == nhwc_roi_align.describe()  # the kernel this install built, or why not
 
 
 def test_info_text_names_the_build() -> None:
@@ -30,6 +33,7 @@ def test_info_text_names_the_build() -> None:
     assert "detectron2" in out
     assert "C++ ops" in out
     assert "CUDA" in out
+    assert "RoIAlign     on the CPU: " in out
 
 
 def test_info_uses_the_given_repository(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from cvserve.models.instance import nhwc_roi_align
 from cvserve.models.instance.nhwc_roi_align import accepts, describe, roi_align_nhwc, torchvision_only
 from cvserve.models.instance.roi_align import Fp32ROIAlign
 
-pytestmark = pytest.mark.skipif(
+needs_kernel = pytest.mark.skipif(
     nhwc_roi_align._kernel is None, reason="the C extension was not built (no C compiler at install)"
 )
 
@@ -44,6 +44,7 @@ def _rois(n: int, n_img: int, height: int, width: int, scale: float, g: torch.Ge
     return torch.cat([image, boxes], dim=1)
 
 
+@needs_kernel
 @settings(max_examples=150, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
@@ -91,6 +92,7 @@ def test_equals_torchvision(
     assert_same_bits(got, expected)
 
 
+@needs_kernel
 @pytest.mark.parametrize("bf16", [False, True])
 def test_large_map_and_many_rois(bf16: bool) -> None:
     """The served sizes: 256 channels, a stride-4 map, a thousand boxes, adaptive sampling."""
@@ -103,6 +105,7 @@ def test_large_map_and_many_rois(bf16: bool) -> None:
         assert_same_bits(roi_align_nhwc(x, rois, pooled, 0.25, 0, True), expected)
 
 
+@needs_kernel
 def test_out_of_limits_goes_to_torchvision() -> None:
     """Coordinates past 2**24 feature pixels (where the kernel's int casts could overflow) and
     sample grids too large for its scratch space are pooled by torchvision."""
@@ -133,6 +136,7 @@ def test_out_of_limits_goes_to_torchvision() -> None:
         nhwc_roi_align.roi_align = original
 
 
+@needs_kernel
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_boxes_pool_to_zeros(bad: float) -> None:
     """torchvision's CPU kernel has no defined result for them (its sample count overflows an
@@ -166,6 +170,7 @@ def test_empty_inputs() -> None:
     assert roi_align_nhwc(empty_map, torch.zeros(0, 5), 2, 1.0, 0, True).shape == (0, 5, 2, 2)
 
 
+@needs_kernel
 def test_what_it_accepts() -> None:
     x = torch.randn(1, 4, 8, 8)
     assert accepts(x) and accepts(x.to(torch.bfloat16))
@@ -181,6 +186,7 @@ def test_what_it_accepts() -> None:
     assert describe().startswith("cvserve NHWC kernel (")
 
 
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp32_roi_align_module_uses_it(dtype: torch.dtype) -> None:
     """detectron2's pooler module as served: the same values with and without the kernel,
@@ -205,3 +211,25 @@ def test_fp32_roi_align_module_uses_it(dtype: torch.dtype) -> None:
         out = module(leaf, rois)
         out.sum().backward()
         assert leaf.grad is not None and leaf.grad.shape == x.shape
+
+
+def test_without_the_kernel_torchvision_pools(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An install without a C compiler: the same outputs from torchvision, a warning at load."""
+    monkeypatch.setattr(nhwc_roi_align, "_kernel", None)
+    monkeypatch.setattr(nhwc_roi_align, "_IMPORT_ERROR", "No module named '_roi_align'")
+    monkeypatch.setattr(nhwc_roi_align, "_logged", False)
+    x = torch.randn(2, 8, 10, 12).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    rois = _rois(20, 2, 10, 12, 0.5, torch.Generator().manual_seed(2))
+    assert not accepts(x)
+    expected = roi_align(x.float().contiguous(), rois, (3, 3), 0.5, 0, True)
+    assert_same_bits(roi_align_nhwc(x, rois, (3, 3), 0.5, 0, True), expected)
+    with torch.inference_mode():
+        assert torch.equal(Fp32ROIAlign((3, 3), 0.5, 0, True)(x, rois), expected.to(torch.bfloat16))
+    assert describe() == "torchvision (cvserve's NHWC kernel is not built: No module named '_roi_align')"
+    with caplog.at_level("INFO", logger=nhwc_roi_align.__name__):
+        nhwc_roi_align.log_kernel()
+        nhwc_roi_align.log_kernel()  # once per process
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "not built" in caplog.records[0].getMessage()
