@@ -11,8 +11,10 @@
  * -ffp-contract=off: no fused multiply-adds). bf16 values are widened to fp32 exactly
  * before any arithmetic.
  *
- * The caller (cvserve/models/instance/nhwc_roi_align.py) checks shapes, dtypes, contiguity,
- * batch indices and that every box is finite and of bounded size; this file trusts them.
+ * The caller (cvserve/models/instance/nhwc_roi_align.py) passes contiguous NHWC maps of a
+ * checked dtype and shape. forward() itself checks every box first (check_rois: image index,
+ * coordinate and sample-count limits) and leaves boxes outside the limits to the caller;
+ * a box with a NaN or infinite coordinate pools to zeros.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -198,8 +198,7 @@ class Fp32ROIAlign(ROIAlign):
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         if accepts(input):  # CPU inference: read the channels-last map as it is, no copy
-            assert rois.dim() == 2 and rois.size(1) == 5
-            out = roi_align_nhwc(
+            out = roi_align_nhwc(  # checks the boxes' shape itself (ValueError)
                 input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
             )
             return out.to(input.dtype)
