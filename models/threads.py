@@ -51,6 +51,7 @@ __all__ = [
     "cpu_instances",
     "cpu_share",
     "forward_threads",
+    "libgomp",
     "limit_helper_thread",
     "per_thread_intra_op",
     "release_team",
@@ -72,11 +73,13 @@ def per_thread_intra_op() -> bool:
 
 
 @functools.cache
-def _libgomp_pause() -> Callable[[int], int] | None:
-    """``omp_pause_resource_all`` of the libgomp torch loaded, or None (other runtimes, no OpenMP).
+def libgomp() -> ctypes.CDLL | None:
+    """The libgomp torch runs its intra-op threads on, or None (other runtimes, no OpenMP).
 
-    Only libgomp: there it frees the calling thread's team alone, while LLVM's and Intel's
-    runtimes pause every thread of the process.
+    Only libgomp: there ``omp_pause_resource_all`` frees the calling thread's team alone,
+    while LLVM's and Intel's runtimes pause every thread of the process; and its
+    ``GOMP_parallel`` is what the RoIAlign kernel shares a pass's team with
+    (:mod:`cvserve.models.instance.nhwc_roi_align`).
     """
     if not per_thread_intra_op():
         return None
@@ -87,12 +90,23 @@ def _libgomp_pause() -> Callable[[int], int] | None:
         return None
     for path in sorted(paths):
         try:
-            pause = ctypes.CDLL(path).omp_pause_resource_all
-        except (OSError, AttributeError):
+            lib = ctypes.CDLL(path)
+        except OSError:
             continue
-        pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-        return pause  # type: ignore[no-any-return]
+        if hasattr(lib, "omp_pause_resource_all") and hasattr(lib, "GOMP_parallel"):
+            return lib
     return None
+
+
+@functools.cache
+def _libgomp_pause() -> Callable[[int], int] | None:
+    """``omp_pause_resource_all`` of :func:`libgomp`, or None."""
+    lib = libgomp()
+    if lib is None:
+        return None
+    pause = lib.omp_pause_resource_all
+    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+    return pause  # type: ignore[no-any-return]
 
 
 _OMP_PAUSE_SOFT = 1  # omp_pause_resource_t

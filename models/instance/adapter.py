@@ -27,6 +27,7 @@ from cvserve.models.instance.config import load_config
 from cvserve.models.instance.network import apply_module_options, build_network, class_names, parse_options
 from cvserve.models.instance.nhwc_roi_align import log_kernel
 from cvserve.models.instance.outputs import instances_to_cpu, instances_to_prediction, rescale_and_encode
+from cvserve.models.instance.pooler import pool_levels_at_once
 from cvserve.models.instance.pooling_inputs import shared_pooling_inputs
 from cvserve.models.instance.proposals import use_first_k_nms
 from cvserve.models.instance.roi_align import keep_roi_align_fp32
@@ -102,6 +103,7 @@ class DetectronModel(VisionModel):
         self.class_names = class_names(self.name, self._options, meta, net.dataset_names, net.num_classes)
         self.precision = resolve_precision(self.spec.precision, self.device, meta)
         keep_roi_align_fp32(model)  # box coordinates and pooling stay fp32 under autocast
+        pool_levels_at_once(model)  # on the CPU, one kernel call per pooler (instance.pooler)
         if self.device == "cpu":
             log_kernel()  # which kernel pools: cvserve's channels-last one or torchvision's
         use_first_k_nms(model)  # the RPN's NMS stops once it has its proposals (instance.proposals)

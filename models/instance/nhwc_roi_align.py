@@ -21,15 +21,19 @@ pools to zeros.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 # isort: split
 
 import torch
 from torchvision.ops import roi_align
+
+from cvserve.models.threads import libgomp
 
 _kernel: types.ModuleType | None
 try:  # built by pip install (pyproject.toml, optional: a C compiler is needed)
@@ -40,13 +44,13 @@ except ImportError as exc:  # pragma: no cover - exercised only where the build 
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["accepts", "describe", "log_kernel", "roi_align_nhwc", "torchvision_only"]
+__all__ = ["accepts", "describe", "log_kernel", "pool_levels", "roi_align_nhwc", "torchvision_only"]
 
 logger = logging.getLogger(__name__)
 _logged = False
 
 _off = threading.local()
-_DONE, _OUT_OF_LIMITS, _BAD_IMAGE = 0, 1, 2  # the kernel's return codes
+_DONE, _OUT_OF_LIMITS, _BAD_IMAGE, _BAD_LEVEL = 0, 1, 2, 3  # the kernel's return codes
 
 
 @contextlib.contextmanager
@@ -100,6 +104,113 @@ def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+@functools.cache
+def _share_teams() -> bool:
+    """Hand torch's libgomp to the kernel once, so it can spread boxes over a pass's team."""
+    lib = libgomp()
+    address = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value if lib is not None else None
+    assert _kernel is not None
+    _kernel.set_openmp(address or 0)
+    return bool(address)
+
+
+def pool_levels(
+    maps: Sequence[torch.Tensor],
+    rois: torch.Tensor,
+    levels: torch.Tensor | None,
+    output_size: int | tuple[int, int] | list[int],
+    scales: Sequence[float],
+    sampling_ratio: int,
+    aligned: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """Each box pooled from its own level's map, all in one kernel call; None when the
+    kernel does not take these inputs (the caller pools them another way).
+
+    Box ``r`` of the result equals ``roi_align(maps[levels[r]].float(), rois[r:r + 1], ...,
+    scales[levels[r]], ...).to(dtype)`` bit for bit. The boxes are spread over the calling
+    thread's intra-op threads (``torch.get_num_threads()``) where torch runs on libgomp.
+
+    Args:
+        maps: (N, C, H_l, W_l) feature maps, one per level, all accepted (:func:`accepts`)
+            with the same dtype, N and C; best channels-last (others are copied to it).
+        rois: (R, 5) boxes: image index, then x0, y0, x1, y1 in input-image pixels.
+        levels: (R,) index into ``maps`` of each box; None for all on ``maps[0]``.
+        output_size, sampling_ratio, aligned: as :func:`roi_align_nhwc`.
+        scales: each map's feature-map pixels per image pixel.
+        dtype: of the result: fp32, or the maps' dtype.
+
+    Raises:
+        ValueError: ``rois`` is not (R, 5), an image index is outside ``[0, N)``, or a
+            level outside the maps.
+    """
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f"rois must have shape (R, 5), got {tuple(rois.shape)}")
+    if not _takes(maps, scales, dtype):
+        return None
+    assert _kernel is not None
+    first = maps[0]
+    n_img, channels = int(first.shape[0]), int(first.shape[1])
+    size = _pair(output_size)
+    out = torch.empty((rois.shape[0], channels, *size), dtype=dtype)
+    if rois.shape[0] == 0 or channels == 0:
+        return out
+    rois = rois.to(torch.float32).contiguous()
+    maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+    if levels is not None:
+        levels = levels.to(torch.int64).contiguous()
+        if levels.shape != (rois.shape[0],):
+            raise ValueError(f"levels must have shape ({rois.shape[0]},), got {tuple(levels.shape)}")
+    threads = torch.get_num_threads() if _share_teams() else 1
+    status = _kernel.pool(
+        [
+            (m.data_ptr(), int(m.shape[2]), int(m.shape[3]), float(s))
+            for m, s in zip(maps, scales, strict=True)
+        ],
+        first.dtype == torch.bfloat16,
+        n_img,
+        channels,
+        rois.data_ptr(),
+        rois.shape[0],
+        0 if levels is None else levels.data_ptr(),
+        size[0],
+        size[1],
+        int(sampling_ratio),
+        bool(aligned),
+        out.data_ptr(),
+        dtype == torch.bfloat16,
+        threads,
+    )
+    if status == _DONE:
+        return out
+    if status == _BAD_IMAGE:
+        _bad_images(rois, n_img)
+    if status == _BAD_LEVEL:
+        assert levels is not None
+        raise ValueError(f"levels must lie in [0, {len(maps)}), got {int(levels.min())}..{int(levels.max())}")
+    return None  # a box past the kernel's limits (_roi_align.c, check_roi)
+
+
+def _takes(maps: Sequence[torch.Tensor], scales: Sequence[float], dtype: torch.dtype) -> bool:
+    """Whether :func:`pool_levels` runs the kernel on these maps (see its Args)."""
+    first = maps[0]
+    return (
+        all(accepts(m) for m in maps)
+        and all(m.dtype == first.dtype and m.shape[:2] == first.shape[:2] for m in maps)
+        and dtype in (torch.float32, first.dtype)
+        and len(scales) == len(maps)
+        and all(m.shape[2] > 0 and m.shape[3] > 0 for m in maps)
+    )
+
+
+def _bad_images(rois: torch.Tensor, n_img: int) -> None:
+    images = rois[:, 0]  # truncated to int by both kernels
+    if not bool(((images > -1) & (images < n_img)).all()):
+        raise ValueError(
+            f"RoI image indices must lie in [0, {n_img}), got {float(images.min()):g}..{float(images.max()):g}"
+        )
+
+
 def roi_align_nhwc(
     input: torch.Tensor,
     rois: torch.Tensor,
@@ -107,8 +218,9 @@ def roi_align_nhwc(
     spatial_scale: float,
     sampling_ratio: int,
     aligned: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``torchvision.ops.roi_align(input.float(), rois.float(), ...)``, fp32, bit for bit.
+    """``torchvision.ops.roi_align(input.float(), rois.float(), ...).to(dtype)``, bit for bit.
 
     Args:
         input: (N, C, H, W) CPU features, fp32 or bf16, best channels-last (other layouts
@@ -118,9 +230,10 @@ def roi_align_nhwc(
         spatial_scale: feature-map pixels per image pixel.
         sampling_ratio: samples per bin along each axis; 0 for ``ceil(roi size / bins)``.
         aligned: shift the box by -0.5 pixel (detectron2's ``ROIAlignV2``).
+        dtype: of the result: fp32 (default) or the input's dtype.
 
     Returns:
-        (R, C, ph, pw) fp32 features.
+        (R, C, ph, pw) features in ``dtype``.
 
     Raises:
         ValueError: ``rois`` is not (R, 5), an image index is outside ``[0, N)``, or the map
@@ -130,38 +243,14 @@ def roi_align_nhwc(
         raise ValueError(f"rois must have shape (R, 5), got {tuple(rois.shape)}")
     size = _pair(output_size)
     n_img, channels, height, width = input.shape
-    rois = rois.to(torch.float32).contiguous()
+    rois = rois.to(torch.float32)
     if rois.shape[0] == 0 or channels == 0:
-        return input.new_zeros((rois.shape[0], channels, *size), dtype=torch.float32)
+        return input.new_zeros((rois.shape[0], channels, *size), dtype=dtype)
     if height == 0 or width == 0:  # torchvision's CPU kernel would read out of bounds
         raise ValueError(f"cannot pool from an empty feature map of shape {tuple(input.shape)}")
-    status = None
-    if accepts(input):
-        assert _kernel is not None
-        features = input.contiguous(memory_format=torch.channels_last)
-        out = torch.empty((rois.shape[0], channels, *size), dtype=torch.float32)
-        status = _kernel.forward(
-            features.data_ptr(),
-            features.dtype == torch.bfloat16,
-            n_img,
-            height,
-            width,
-            channels,
-            rois.data_ptr(),
-            rois.shape[0],
-            size[0],
-            size[1],
-            float(spatial_scale),
-            int(sampling_ratio),
-            bool(aligned),
-            out.data_ptr(),
-        )
-        if status == _DONE:
-            return out
-    images = rois[:, 0]  # truncated to int by both kernels
-    if status == _BAD_IMAGE or not bool(((images > -1) & (images < n_img)).all()):
-        raise ValueError(
-            f"RoI image indices must lie in [0, {n_img}), got {float(images.min()):g}..{float(images.max()):g}"
-        )
-    # Not this kernel's input, or a box past its limits (_roi_align.c, check_rois).
-    return roi_align(input.float(), rois, size, spatial_scale, sampling_ratio, aligned)
+    out = pool_levels([input], rois, None, size, [spatial_scale], sampling_ratio, aligned, dtype)
+    if out is not None:
+        return out
+    _bad_images(rois, n_img)
+    # Not this kernel's input, or a box past its limits (_roi_align.c, check_roi).
+    return roi_align(input.float(), rois.contiguous(), size, spatial_scale, sampling_ratio, aligned).to(dtype)

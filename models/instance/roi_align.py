@@ -198,10 +198,15 @@ class Fp32ROIAlign(ROIAlign):
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         if accepts(input):  # CPU inference: read the channels-last map as it is, no copy
-            out = roi_align_nhwc(  # checks the boxes' shape itself (ValueError)
-                input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+            return roi_align_nhwc(  # checks the boxes' shape itself (ValueError)
+                input,
+                rois,
+                self.output_size,
+                self.spatial_scale,
+                self.sampling_ratio,
+                self.aligned,
+                input.dtype,
             )
-            return out.to(input.dtype)
         if input.dtype not in HALF:
             return self._pool(pooling_input(input, self.layout), rois)
         with torch.autocast(input.device.type, enabled=False):

@@ -90,6 +90,23 @@ def test_equals_torchvision(
     expected = roi_align(x.float().contiguous(), rois, pooled, scale, sampling_ratio, aligned)
     got = roi_align_nhwc(x, rois, pooled, scale, sampling_ratio, aligned)
     assert_same_bits(got, expected)
+    if bf16:  # written in the features' dtype: torch's fp32 -> bf16 rounding of the same values
+        rounded = roi_align_nhwc(x, rois, pooled, scale, sampling_ratio, aligned, torch.bfloat16)
+        assert rounded.dtype == torch.bfloat16
+        assert torch.equal(rounded.view(torch.int16), expected.to(torch.bfloat16).view(torch.int16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("magnitude", [1e-39, 1e-41, 1e-44, 3e38, 1.0])
+def test_bf16_output_rounds_as_torch(magnitude: float) -> None:
+    """Subnormal results, results past bf16's largest value (to infinity) and ordinary ones
+    round as ``Tensor.to(torch.bfloat16)`` rounds them (to nearest even)."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(1, 64, 16, 16, generator=g) * magnitude).contiguous(memory_format=torch.channels_last)
+    rois = torch.tensor([[0.0, 1, 1, 12, 12], [0.0, 0.3, 0.7, 5.5, 15.2]] * 8)
+    expected = roi_align(x.contiguous(), rois, 7, 1.0, 0, True).to(torch.bfloat16)
+    got = roi_align_nhwc(x, rois, 7, 1.0, 0, True, torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
 
 
 @needs_kernel
