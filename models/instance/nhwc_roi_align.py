@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where the build 
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["accepts", "describe", "log_kernel", "pool_levels", "roi_align_nhwc", "torchvision_only"]
+__all__ = ["accepts", "describe", "log_kernel", "one_thread", "pool_levels", "roi_align_nhwc", "torchvision_only"]
 
 logger = logging.getLogger(__name__)
 _logged = False
@@ -65,6 +65,20 @@ def torchvision_only() -> Iterator[None]:
         yield
     finally:
         _off.on = previous
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Within the block, on this thread, the kernel pools on the calling thread alone.
+
+    For benchmarks and tests comparing it with the boxes spread over the pass's team.
+    """
+    previous = getattr(_off, "one_thread", False)
+    _off.one_thread = True
+    try:
+        yield
+    finally:
+        _off.one_thread = previous
 
 
 def describe() -> str:
@@ -161,7 +175,7 @@ def pool_levels(
         levels = levels.to(torch.int64).contiguous()
         if levels.shape != (rois.shape[0],):
             raise ValueError(f"levels must have shape ({rois.shape[0]},), got {tuple(levels.shape)}")
-    threads = torch.get_num_threads() if _share_teams() else 1
+    threads = torch.get_num_threads() if _share_teams() and not getattr(_off, "one_thread", False) else 1
     status = _kernel.pool(
         [
             (m.data_ptr(), int(m.shape[2]), int(m.shape[3]), float(s))
