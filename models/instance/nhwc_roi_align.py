@@ -44,7 +44,15 @@ except ImportError as exc:  # pragma: no cover - exercised only where the build 
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["accepts", "describe", "log_kernel", "one_thread", "pool_levels", "roi_align_nhwc", "torchvision_only"]
+__all__ = [
+    "accepts",
+    "describe",
+    "log_kernel",
+    "one_thread",
+    "pool_levels",
+    "roi_align_nhwc",
+    "torchvision_only",
+]
 
 logger = logging.getLogger(__name__)
 _logged = False
