@@ -93,7 +93,8 @@ def describe() -> str:
     """The CPU RoIAlign in use, for logs and ``cvserve info``."""
     if _kernel is None:
         return f"torchvision (cvserve's NHWC kernel is not built: {_IMPORT_ERROR})"
-    return f"cvserve NHWC kernel ({_kernel.isa()})"
+    shared = "boxes shared over each pass's OpenMP threads" if _share_teams() else "one thread per call"
+    return f"cvserve NHWC kernel ({_kernel.isa()}; {shared})"
 
 
 def log_kernel() -> None:
