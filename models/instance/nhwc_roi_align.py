@@ -59,6 +59,7 @@ _logged = False
 
 _off = threading.local()
 _DONE, _OUT_OF_LIMITS, _BAD_IMAGE, _BAD_LEVEL = 0, 1, 2, 3  # the kernel's return codes
+_MAX_MAPS = 16  # the most levels one kernel call takes (MAX_MAPS in _roi_align.c)
 
 
 @contextlib.contextmanager
@@ -155,8 +156,9 @@ def pool_levels(
     thread's intra-op threads (``torch.get_num_threads()``) where torch runs on libgomp.
 
     Args:
-        maps: (N, C, H_l, W_l) feature maps, one per level, all accepted (:func:`accepts`)
-            with the same dtype, N and C; best channels-last (others are copied to it).
+        maps: (N, C, H_l, W_l) feature maps, one per level (1 to 16), all accepted
+            (:func:`accepts`) with the same dtype, N and C; best channels-last (others are
+            copied to it). More levels are not the kernel's input.
         rois: (R, 5) boxes: image index, then x0, y0, x1, y1 in input-image pixels.
         levels: (R,) index into ``maps`` of each box; None for all on ``maps[0]``.
         output_size, sampling_ratio, aligned: as :func:`roi_align_nhwc`.
@@ -218,7 +220,8 @@ def _takes(maps: Sequence[torch.Tensor], scales: Sequence[float], dtype: torch.d
     """Whether :func:`pool_levels` runs the kernel on these maps (see its Args)."""
     first = maps[0]
     return (
-        all(accepts(m) for m in maps)
+        len(maps) <= _MAX_MAPS
+        and all(accepts(m) for m in maps)
         and all(m.dtype == first.dtype and m.shape[:2] == first.shape[:2] for m in maps)
         and dtype in (torch.float32, first.dtype)
         and len(scales) == len(maps)

@@ -191,3 +191,11 @@ def test_only_fp32_roi_align_poolers_change() -> None:
     assert kinds == ["NhwcROIPooler", "ROIPooler", "NhwcROIPooler"]
     assert pool_levels_at_once(model) == 0  # already changed
     assert model.state_dict().keys() == state.keys()
+
+
+@needs_kernel
+def test_more_levels_than_one_call_takes_are_not_its_input() -> None:
+    maps = _maps(1, 4, 32, 32, 1, torch.float32, torch.Generator().manual_seed(8)) * 17
+    rois = torch.tensor([[0.0, 1, 1, 9, 9]])
+    assert pool_levels(maps, rois, None, 3, [0.25] * 17, 0, True, torch.float32) is None
+    assert pool_levels(maps[:16], rois, None, 3, [0.25] * 16, 0, True, torch.float32) is not None
