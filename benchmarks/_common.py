@@ -173,6 +173,25 @@ def forward_parser(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def instance_adapter(model: BenchModel, precision: str) -> Any:
+    """The server's instance adapter (``DetectronModel``) for ``model`` at ``precision``, loaded."""
+    from cvserve.models.instance.adapter import DetectronModel
+    from cvserve.models.repository import parse_spec
+
+    adapter = DetectronModel(parse_spec({**model.spec(), "precision": precision}, "benchmark", Path(".")))
+    adapter.load()
+    return adapter
+
+
+def forward_setup(args: argparse.Namespace, workdir: Path) -> tuple[BenchModel, Any, list[Any]]:
+    """For :func:`forward_parser`'s options: the model, its loaded adapter and the prepared images."""
+    model = prepare_model(args.model, workdir)
+    with_min_size(model, args.min_size)
+    adapter = instance_adapter(model, args.precision)
+    items = [adapter.prepare(image) for image in make_images(args.images, 480, 640, shapes=True)]
+    return model, adapter, items
+
+
 def alternate_forwards(
     adapter: Any,
     items: Sequence[Any],

@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
-import precision_stages
 
 from cvserve.models.instance import paste
 
@@ -47,7 +46,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="cvserve-paste-") as tmp:
         model = _common.prepare_model(args.model, Path(tmp))
-        adapter = precision_stages._adapter(model, "auto")
+        adapter = _common.instance_adapter(model, "auto")
         images = _common.make_images(args.images, height, width, shapes=True)
         raws = [adapter.forward([adapter.prepare(image)])[0] for image in images]
         default = paste.DIRECT_MAX_PIXELS

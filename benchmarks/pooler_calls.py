@@ -29,7 +29,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
-import precision_stages
 
 from cvserve.models import compat
 
@@ -95,11 +94,8 @@ def main() -> None:
     print(_common.machine())
     print(f"RoIAlign: {nhwc_roi_align.describe()}")
     with tempfile.TemporaryDirectory(prefix="cvserve-pooler-") as tmp:
-        model = _common.prepare_model(args.model, Path(tmp))
-        _common.with_min_size(model, args.min_size)
-        adapter = precision_stages._adapter(model, args.precision)
+        model, adapter, items = _common.forward_setup(args, Path(tmp))
         print(f"model {args.model} ({model.weights_note}), precision {adapter.precision}")
-        items = [adapter.prepare(image) for image in _common.make_images(args.images, 480, 640, shapes=True)]
         variants = _variants(adapter._model)
         _common.report_forwards(adapter, items, variants, args.rounds, "forward, pooling {}")
         pooling: dict[str, list[float]] = {name: [] for name in variants}

@@ -29,16 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 
 
-def _adapter(model: _common.BenchModel, precision: str) -> Any:
-    from cvserve.models.instance.adapter import DetectronModel
-    from cvserve.models.repository import parse_spec
-
-    entry = {**model.spec(), "precision": precision}
-    adapter = DetectronModel(parse_spec(entry, "benchmark", Path(".")))
-    adapter.load()
-    return adapter
-
-
 def _stages(adapter: Any, image: Any, masks: bool) -> tuple[float, float, float]:
     size = (int(image.shape[0]), int(image.shape[1]))
     t0 = time.perf_counter()
@@ -91,7 +81,7 @@ def main() -> None:
         images = _common.make_images(args.images, height, width, shapes=args.model in ("demo", "tiny"))
         print(f"machine: {_common.machine()}")
         print(f"model {args.model}, weights {model.weights_note}, images {height}x{width}, {model.options}")
-        adapters = {p: _adapter(model, p) for p in args.precisions.split(",")}
+        adapters = {p: _common.instance_adapter(model, p) for p in args.precisions.split(",")}
         variants = [(p, m) for p in adapters for m in (True, False)]
         times: dict[tuple[str, bool], list[tuple[float, float, float]]] = {v: [] for v in variants}
         for p, m in variants:

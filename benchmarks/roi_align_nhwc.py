@@ -7,7 +7,8 @@ Two measurements:
    backbone leaves them: channels-last, bf16 under ``precision: auto`` where the CPU has
    native bf16), replayed through both kernels; the outputs are compared bit for bit.
 2. The adapter's whole forward with each kernel, alternating rounds; detections (boxes,
-   classes, scores, mask RLEs) compared.
+   classes, scores, mask RLEs) compared. With the kernel the poolers make one call each
+   (``cvserve.models.instance.pooler``; ``pooler_calls.py`` separates the two changes).
 
     .venv/bin/python benchmarks/roi_align_nhwc.py --model demo
     .venv/bin/python benchmarks/roi_align_nhwc.py --model r50 --min-size 800 --images 2
@@ -25,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
-import precision_stages
 import torch
 from torchvision.ops import roi_align
 
@@ -47,7 +47,8 @@ def _capture(adapter, item) -> list[tuple[torch.Tensor, torch.Tensor, Fp32ROIAli
 
     Fp32ROIAlign.forward = record
     try:
-        adapter.forward([item])
+        with nhwc_roi_align.torchvision_only():  # the poolers call Fp32ROIAlign level by level
+            adapter.forward([item])
     finally:
         Fp32ROIAlign.forward = original
     return calls
@@ -80,11 +81,8 @@ def main() -> None:
     print(_common.machine())
     print(f"RoIAlign: {nhwc_roi_align.describe()}")
     with tempfile.TemporaryDirectory(prefix="cvserve-roialign-") as tmp:
-        model = _common.prepare_model(args.model, Path(tmp))
-        _common.with_min_size(model, args.min_size)
-        adapter = precision_stages._adapter(model, args.precision)
+        model, adapter, items = _common.forward_setup(args, Path(tmp))
         print(f"model {args.model} ({model.weights_note}), precision {adapter.precision}")
-        items = [adapter.prepare(image) for image in _common.make_images(args.images, 480, 640, shapes=True)]
 
         captured = [_capture(adapter, item) for item in items]
         n_calls = sum(len(c) for c in captured)

@@ -22,21 +22,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
-import precision_stages
 
 
 def main() -> None:
     args = _common.forward_parser(__doc__).parse_args()
     print(_common.machine())
     with tempfile.TemporaryDirectory(prefix="cvserve-rpn-") as tmp:
-        model = _common.prepare_model(args.model, Path(tmp))
-        _common.with_min_size(model, args.min_size)
-        adapter = precision_stages._adapter(model, args.precision)
+        model, adapter, items = _common.forward_setup(args, Path(tmp))
         rpn = adapter._model.proposal_generator
         ours = rpn.predict_proposals  # the instance's method, set at load
         settings = f"pre_nms_topk {rpn.pre_nms_topk[False]}, post_nms_topk {rpn.post_nms_topk[False]}"
         print(f"model {args.model} ({model.weights_note}), precision {adapter.precision}, RPN {settings}")
-        items = [adapter.prepare(image) for image in _common.make_images(args.images, 480, 640, shapes=True)]
 
         def selection(use: Callable[[], object]) -> Callable[[], contextlib.AbstractContextManager[None]]:
             return lambda: (use(), contextlib.nullcontext())[1]

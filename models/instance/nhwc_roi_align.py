@@ -63,31 +63,30 @@ _MAX_MAPS = 16  # the most levels one kernel call takes (MAX_MAPS in _roi_align.
 
 
 @contextlib.contextmanager
-def torchvision_only() -> Iterator[None]:
+def _flag(name: str) -> Iterator[None]:
+    """Set the calling thread's flag ``name`` within the block."""
+    previous = getattr(_off, name, False)
+    setattr(_off, name, True)
+    try:
+        yield
+    finally:
+        setattr(_off, name, previous)
+
+
+def torchvision_only() -> contextlib.AbstractContextManager[None]:
     """Within the block, on this thread, :func:`accepts` is false: torchvision pools everything.
 
     For benchmarks and tests that compare the two kernels.
     """
-    previous = getattr(_off, "on", False)
-    _off.on = True
-    try:
-        yield
-    finally:
-        _off.on = previous
+    return _flag("on")
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
+def one_thread() -> contextlib.AbstractContextManager[None]:
     """Within the block, on this thread, the kernel pools on the calling thread alone.
 
     For benchmarks and tests comparing it with the boxes spread over the pass's team.
     """
-    previous = getattr(_off, "one_thread", False)
-    _off.one_thread = True
-    try:
-        yield
-    finally:
-        _off.one_thread = previous
+    return _flag("one_thread")
 
 
 def describe() -> str:
