@@ -183,13 +183,24 @@ def instance_adapter(model: BenchModel, precision: str) -> Any:
     return adapter
 
 
-def forward_setup(args: argparse.Namespace, workdir: Path) -> tuple[BenchModel, Any, list[Any]]:
-    """For :func:`forward_parser`'s options: the model, its loaded adapter and the prepared images."""
-    model = prepare_model(args.model, workdir)
-    with_min_size(model, args.min_size)
-    adapter = instance_adapter(model, args.precision)
-    items = [adapter.prepare(image) for image in make_images(args.images, 480, 640, shapes=True)]
-    return model, adapter, items
+@contextlib.contextmanager
+def forward_session(
+    description: str | None,
+) -> Iterator[tuple[argparse.Namespace, BenchModel, Any, list[Any]]]:
+    """For the scripts comparing forwards: parse :func:`forward_parser`'s options, print the
+    machine, and give the model (in a temporary directory for the block), its loaded adapter
+    and the prepared images."""
+    import tempfile
+
+    args = forward_parser(description).parse_args()
+    print(machine())
+    with tempfile.TemporaryDirectory(prefix="cvserve-bench-") as tmp:
+        model = prepare_model(args.model, Path(tmp))
+        with_min_size(model, args.min_size)
+        adapter = instance_adapter(model, args.precision)
+        print(f"model {args.model} ({model.weights_note}), precision {adapter.precision}")
+        items = [adapter.prepare(image) for image in make_images(args.images, 480, 640, shapes=True)]
+        yield args, model, adapter, items
 
 
 def alternate_forwards(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,12 +89,8 @@ def _pooling_ms(adapter: Any, items: list[Any], context: Any) -> float:
 
 
 def main() -> None:
-    args = _common.forward_parser(__doc__).parse_args()
-    print(_common.machine())
-    print(f"RoIAlign: {nhwc_roi_align.describe()}")
-    with tempfile.TemporaryDirectory(prefix="cvserve-pooler-") as tmp:
-        model, adapter, items = _common.forward_setup(args, Path(tmp))
-        print(f"model {args.model} ({model.weights_note}), precision {adapter.precision}")
+    with _common.forward_session(__doc__) as (args, _, adapter, items):
+        print(f"RoIAlign: {nhwc_roi_align.describe()}")
         variants = _variants(adapter._model)
         _common.report_forwards(adapter, items, variants, args.rounds, "forward, pooling {}")
         pooling: dict[str, list[float]] = {name: [] for name in variants}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -77,12 +76,8 @@ def _nhwc(calls) -> list[torch.Tensor]:
 
 
 def main() -> None:
-    args = _common.forward_parser(__doc__).parse_args()
-    print(_common.machine())
-    print(f"RoIAlign: {nhwc_roi_align.describe()}")
-    with tempfile.TemporaryDirectory(prefix="cvserve-roialign-") as tmp:
-        model, adapter, items = _common.forward_setup(args, Path(tmp))
-        print(f"model {args.model} ({model.weights_note}), precision {adapter.precision}")
+    with _common.forward_session(__doc__) as (args, _, adapter, items):
+        print(f"RoIAlign: {nhwc_roi_align.describe()}")
 
         captured = [_capture(adapter, item) for item in items]
         n_calls = sum(len(c) for c in captured)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,14 +24,10 @@ import _common
 
 
 def main() -> None:
-    args = _common.forward_parser(__doc__).parse_args()
-    print(_common.machine())
-    with tempfile.TemporaryDirectory(prefix="cvserve-rpn-") as tmp:
-        model, adapter, items = _common.forward_setup(args, Path(tmp))
+    with _common.forward_session(__doc__) as (args, _, adapter, items):
         rpn = adapter._model.proposal_generator
         ours = rpn.predict_proposals  # the instance's method, set at load
-        settings = f"pre_nms_topk {rpn.pre_nms_topk[False]}, post_nms_topk {rpn.post_nms_topk[False]}"
-        print(f"model {args.model} ({model.weights_note}), precision {adapter.precision}, RPN {settings}")
+        print(f"RPN: pre_nms_topk {rpn.pre_nms_topk[False]}, post_nms_topk {rpn.post_nms_topk[False]}")
 
         def selection(use: Callable[[], object]) -> Callable[[], contextlib.AbstractContextManager[None]]:
             return lambda: (use(), contextlib.nullcontext())[1]

@@ -240,25 +240,19 @@ typedef struct {
 static int pool_box(const Job *job, Py_ssize_t r, Scratch *scratch) {
     const float *roi = job->rois + r * 5;
     const Map *map = &job->maps[job->levels == NULL ? 0 : job->levels[r]];
-    const long plane = (long)map->height * map->width * job->channels;
-    const long image = (long)(int)roi[0];
+    const long offset = (long)(int)roi[0] * map->height * map->width * job->channels;
     const long row = (long)job->channels * job->pooled_h * job->pooled_w;
-    const int h = map->height, w = map->width, c = job->channels, ph = job->pooled_h,
-              pw = job->pooled_w, sr = job->sampling_ratio, al = job->aligned;
-    if (job->is_bf16) {
-        const uint16_t *base = (const uint16_t *)map->data + image * plane;
-        if (job->out_bf16)
-            return bf16_to_bf16(base, h, w, c, roi, ph, pw, map->scale, sr, al, scratch,
-                                (uint16_t *)job->output + r * row);
-        return bf16_to_f32(base, h, w, c, roi, ph, pw, map->scale, sr, al, scratch,
-                           (float *)job->output + r * row);
+#define POOL_BOX(KERNEL, IN_T, OUT_T)                                                            \
+    KERNEL((const IN_T *)map->data + offset, map->height, map->width, job->channels, roi,        \
+           job->pooled_h, job->pooled_w, map->scale, job->sampling_ratio, job->aligned, scratch, \
+           (OUT_T *)job->output + r * row)
+    switch (job->is_bf16 * 2 + job->out_bf16) {
+        case 0: return POOL_BOX(f32_to_f32, float, float);
+        case 1: return POOL_BOX(f32_to_bf16, float, uint16_t);
+        case 2: return POOL_BOX(bf16_to_f32, uint16_t, float);
+        default: return POOL_BOX(bf16_to_bf16, uint16_t, uint16_t);
     }
-    const float *base = (const float *)map->data + image * plane;
-    if (job->out_bf16)
-        return f32_to_bf16(base, h, w, c, roi, ph, pw, map->scale, sr, al, scratch,
-                           (uint16_t *)job->output + r * row);
-    return f32_to_f32(base, h, w, c, roi, ph, pw, map->scale, sr, al, scratch,
-                      (float *)job->output + r * row);
+#undef POOL_BOX
 }
 
 /* The body every thread of the team runs: take boxes until none is left. */
