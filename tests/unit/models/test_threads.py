@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cvserve.models import threads
+from cvserve.models.instance import nhwc_roi_align
 from cvserve.models.threads import IntraOpShare, cpu_instances, per_thread_intra_op
 
 needs_openmp = pytest.mark.skipif(
@@ -254,3 +255,28 @@ def test_a_helper_keeps_one_thread_when_a_pass_sets_more_before_its_first_parall
 def test_release_team_is_false_without_libgomp(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threads, "_libgomp_pause", lambda: None)
     assert not threads.release_team()
+
+
+@needs_libgomp
+@pytest.mark.skipif(nhwc_roi_align._kernel is None, reason="the C extension was not built")
+def test_the_roi_align_kernel_pools_on_the_calling_threads_team() -> None:
+    """No thread pool of its own: its boxes go to the calling thread's libgomp team (made by its
+    call, as torch's parallel work makes it), and on one thread no team is made."""
+    maps = [torch.randn(1, 8, 32, 32).contiguous(memory_format=torch.channels_last)]
+    rois = torch.tensor([[0.0, 1.0, 1.0, 20.0, 20.0]] * 32)
+
+    def pool() -> None:
+        out = nhwc_roi_align.pool_levels(maps, rois, None, 7, [1.0], 0, True, torch.float32)
+        assert out is not None
+
+    def body(sample) -> None:
+        torch.set_num_threads(2)
+        with nhwc_roi_align.one_thread():
+            pool()
+        sample()  # on one thread: no team
+        pool()
+        sample()  # shared: the team's worker
+        assert threads.release_team()
+
+    assert _teams_in_named_thread("cvs-omp-pool", body) == [1, 2]
+    assert "shared over each pass's OpenMP threads" in nhwc_roi_align.describe()
