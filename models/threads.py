@@ -88,7 +88,9 @@ def libgomp() -> ctypes.CDLL | None:
             paths = {line.split()[-1] for line in maps if "/libgomp" in line}
     except OSError:
         return None
-    for path in sorted(paths):
+    # torch's own copy first, should another package have loaded a second libgomp.
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), p)):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
