@@ -3,13 +3,12 @@
 detectron2's ``ROIPooler.forward`` pools a feature pyramid level by level: it zeroes an
 output, and for each level gathers that level's boxes (``nonzero``, indexing), pools them
 (:class:`~cvserve.models.instance.roi_align.Fp32ROIAlign`: fp32 out, cast to the features'
-dtype) and scatters them back (``index_put_``). For the demo detector at 192 px that
-bookkeeping took about as long again as the pooling itself (``benchmarks/README.md``,
-"One pooling call per pooler"). :class:`NhwcROIPooler` assigns the levels as detectron2
-does and hands all boxes to :func:`~cvserve.models.instance.nhwc_roi_align.pool_levels`,
-which writes each box's row of the output in the features' dtype, spread over the pass's
-intra-op threads. The values are the same bit for bit
-(tests/unit/models/instance/test_pooler.py). Inputs the kernel does not take (a GPU,
+dtype) and scatters them back (``index_put_``): for the demo detector about a quarter of
+the time in its poolers (``benchmarks/README.md``, "One pooling call per pooler").
+:class:`NhwcROIPooler` assigns the levels as detectron2 does and hands all boxes to
+:func:`~cvserve.models.instance.nhwc_roi_align.pool_levels`, which writes each box's row of
+the output in the features' dtype, spread over the pass's intra-op threads. The values are
+the same bit for bit (tests/unit/models/instance/test_pooler.py). Inputs the kernel does not take (a GPU,
 fp16, a gradient, boxes past its limits) go through detectron2's forward unchanged.
 """
 
