@@ -23,8 +23,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     CVSERVE_HOME=/var/lib/cvserve
 
 # make: the README's commands; libglib2.0-0: OpenCV's one system dependency; gcc and
-# libc6-dev: the install compiles cvserve's CPU RoIAlign kernel (models/instance/_roi_align.c,
-# plain C; without them the install still succeeds and torchvision's kernel pools instead).
+# libc6-dev: the install compiles cvserve's CPU RoIAlign and NMS kernels (models/instance/
+# _roi_align.c, _nms.c, plain C; without them the install still succeeds and torchvision's
+# kernels run instead).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make libglib2.0-0 ca-certificates gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \

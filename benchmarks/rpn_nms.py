@@ -3,9 +3,12 @@
 ``cvserve.models.instance.proposals`` runs each level's NMS over a growing prefix of its
 candidates and stops once the level has kept ``POST_NMS_TOPK_TEST`` boxes; the proposals are
 the same, and each level's candidates come from ``topk`` rather than a full sort where
-that takes the same anchors. This loads the instance adapter (the demo detector by default), then times its
-forward with the RPN's own selection and with cvserve's, alternating, and checks that every
-output is equal.
+that takes the same anchors. The levels' NMS runs in a C kernel (``_nms.c``: torchvision's
+arithmetic, stopping at ``POST_NMS_TOPK_TEST`` kept boxes, the levels over the pass's OpenMP
+threads), or in torchvision's ``nms`` over growing prefixes where that is not built. This
+loads the instance adapter (the demo detector by default), then times its forward with the
+RPN's own selection, with cvserve's on torchvision's nms and with cvserve's on the kernel,
+alternating, and checks that every output is equal.
 
     .venv/bin/python benchmarks/rpn_nms.py --model demo
     .venv/bin/python benchmarks/rpn_nms.py --model r50 --min-size 800 --images 2
@@ -22,6 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
 
+from cvserve.models import compat
+
+compat.apply()  # before detectron2's first import: the shims of cvserve.models.compat
+
+from cvserve.models.instance import proposals  # noqa: E402
+
 
 def main() -> None:
     with _common.forward_session(__doc__) as (args, _, adapter, items):
@@ -32,11 +41,20 @@ def main() -> None:
         def selection(use: Callable[[], object]) -> Callable[[], contextlib.AbstractContextManager[None]]:
             return lambda: (use(), contextlib.nullcontext())[1]
 
+        kernel = proposals._nms
+
+        def cvserve(nms: object) -> Callable[[], contextlib.AbstractContextManager[None]]:
+            return selection(
+                lambda: (setattr(rpn, "predict_proposals", ours), setattr(proposals, "_nms", nms))
+            )
+
         variants = {
-            "detectron2": selection(lambda: vars(rpn).pop("predict_proposals", None)),
-            "cvserve": selection(lambda: setattr(rpn, "predict_proposals", ours)),
+            "detectron2's selection": selection(lambda: vars(rpn).pop("predict_proposals", None)),
+            "cvserve's selection, torchvision's nms": cvserve(None),
+            "cvserve's selection, NMS kernel": cvserve(kernel),
         }
-        _common.report_forwards(adapter, items, variants, args.rounds, "forward, {}'s selection")
+        _common.report_forwards(adapter, items, variants, args.rounds, "forward, {}")
+        proposals._nms = kernel
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ __all__ = [
     "cpu_instances",
     "cpu_share",
     "forward_threads",
+    "gomp_parallel_address",
     "libgomp",
     "limit_helper_thread",
     "per_thread_intra_op",
@@ -98,6 +99,17 @@ def libgomp() -> ctypes.CDLL | None:
         if hasattr(lib, "omp_pause_resource_all") and hasattr(lib, "GOMP_parallel"):
             return lib
     return None
+
+
+@functools.cache
+def gomp_parallel_address() -> int:
+    """The address of :func:`libgomp`'s ``GOMP_parallel``, or 0 without libgomp.
+
+    What cvserve's C kernels (RoIAlign, the RPN's NMS) call to run on the calling thread's
+    own OpenMP team, the threads torch's parallel work uses, rather than a pool of their own.
+    """
+    lib = libgomp()
+    return (ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value or 0) if lib is not None else 0
 
 
 @functools.cache

@@ -21,7 +21,6 @@ pools to zeros.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 import threading
@@ -33,7 +32,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torchvision.ops import roi_align
 
-from cvserve.models.threads import libgomp
+from cvserve.models.threads import gomp_parallel_address
 
 _kernel: types.ModuleType | None
 try:  # built by pip install (pyproject.toml, optional: a C compiler is needed)
@@ -130,11 +129,9 @@ def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 @functools.cache
 def _share_teams() -> bool:
     """Hand torch's libgomp to the kernel once, so it can spread boxes over a pass's team."""
-    lib = libgomp()
-    address = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value if lib is not None else None
     assert _kernel is not None
-    _kernel.set_openmp(address or 0)
-    return bool(address)
+    _kernel.set_openmp(gomp_parallel_address())
+    return gomp_parallel_address() != 0
 
 
 def pool_levels(

@@ -11,6 +11,11 @@ of its candidates. The demo detector keeps 250 proposals of three levels of 1000
 candidates each, about 600 of which survive NMS; its NMS took 7-9 ms an image. Each
 level's candidates are found by ``topk`` instead of a full sort where that takes the same ones.
 
+On the CPU the levels' NMS runs in a C kernel (``_nms.c``, built at install): torchvision's
+arithmetic, each level stopping at its ``k``-th kept box, the levels spread over the calling
+thread's OpenMP team as torch's own parallel work is (``models.threads``). Where it is not
+built, torchvision's ``nms`` runs over the growing prefixes.
+
 Exactness rests on one order of the boxes: whenever two scores are equal or not finite,
 or torchvision would batch the levels with its coordinate-offset trick instead of a loop
 over levels (small inputs, where NMS is cheap), :func:`batched_nms_first` returns
@@ -21,6 +26,7 @@ on random inputs (hypothesis), ties and non-finite values included.
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Sequence
 
@@ -33,6 +39,14 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 from torch import nn
 from torchvision.ops import boxes as box_ops
+
+from cvserve.models.threads import gomp_parallel_address
+
+_nms: types.ModuleType | None
+try:  # built by pip install (pyproject.toml, optional: a C compiler is needed)
+    from cvserve.models.instance import _nms
+except ImportError:  # pragma: no cover - exercised only where the build failed
+    _nms = None
 
 __all__ = ["batched_nms_first", "top_proposals", "use_first_k_nms"]
 
@@ -58,13 +72,16 @@ def batched_nms_first(
     if k <= 0 or n == 0 or not _loops_over_groups(boxes):
         return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]
     present, sizes = torch.unique(idxs, return_counts=True)
-    if k >= int(sizes.max()):  # no group could stop early
+    if k >= int(sizes.max()) and _nms is None:  # no group could stop early: nothing to gain
         return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]
     ranked, order = scores.sort(descending=True)
     if not bool(torch.isfinite(ranked).all()) or bool((ranked[1:] == ranked[:-1]).any()):
         return box_ops.batched_nms(boxes, scores, idxs, iou_threshold)[:k]
     groups = idxs[order]
     keep_mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if _groups_in_c(boxes, order, groups, sizes, iou_threshold, k, keep_mask):
+        keep = torch.where(keep_mask)[0]
+        return keep[scores[keep].sort(descending=True)[1]][:k]
     for group in present:
         members = order[groups == group]  # this group's boxes, best first
         size = min(members.numel(), 2 * k)
@@ -77,6 +94,51 @@ def batched_nms_first(
         keep_mask[prefix[kept]] = True
     keep = torch.where(keep_mask)[0]
     return keep[scores[keep].sort(descending=True)[1]][:k]
+
+
+def _groups_in_c(
+    boxes: torch.Tensor,
+    order: torch.Tensor,
+    groups: torch.Tensor,
+    sizes: torch.Tensor,
+    iou_threshold: float,
+    k: int,
+    keep_mask: torch.Tensor,
+) -> bool:
+    """Mark in ``keep_mask`` the first ``k`` boxes greedy NMS keeps in each group, by the C
+    kernel (``_nms.c``: torchvision's arithmetic, the groups over the calling thread's
+    OpenMP team); False, marking nothing, where it is not built or the boxes are not CPU fp32.
+
+    Args:
+        order: all boxes, best score first (no ties); groups: each one's group, in that order;
+        sizes: the boxes of each group, in ascending group order.
+    """
+    if _nms is None or boxes.device.type != "cpu" or boxes.dtype != torch.float32:
+        return False
+    members = order[torch.sort(groups, stable=True).indices]  # group after group, best first
+    starts = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
+    torch.cumsum(sizes, 0, out=starts[1:])
+    boxes = boxes.contiguous()
+    threads = torch.get_num_threads() if _share_teams() else 1
+    _nms.groups(
+        boxes.data_ptr(),
+        members.data_ptr(),
+        starts.data_ptr(),
+        sizes.numel(),
+        k,
+        float(iou_threshold),
+        keep_mask.data_ptr(),
+        threads,
+    )
+    return True
+
+
+@functools.cache
+def _share_teams() -> bool:
+    """Hand torch's libgomp to the kernel once, so it can spread groups over a pass's team."""
+    assert _nms is not None
+    _nms.set_openmp(gomp_parallel_address())
+    return gomp_parallel_address() != 0
 
 
 def _best(logits: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cvserve.models import threads
-from cvserve.models.instance import nhwc_roi_align
+from cvserve.models.instance import nhwc_roi_align, proposals
 from cvserve.models.threads import IntraOpShare, cpu_instances, per_thread_intra_op
 
 needs_openmp = pytest.mark.skipif(
@@ -258,25 +258,39 @@ def test_release_team_is_false_without_libgomp(monkeypatch: pytest.MonkeyPatch) 
 
 
 @needs_libgomp
-@pytest.mark.skipif(nhwc_roi_align._kernel is None, reason="the C extension was not built")
-def test_the_roi_align_kernel_pools_on_the_calling_threads_team() -> None:
-    """No thread pool of its own: its boxes go to the calling thread's libgomp team (made by its
-    call, as torch's parallel work makes it), and on one thread no team is made."""
-    maps = [torch.randn(1, 8, 32, 32).contiguous(memory_format=torch.channels_last)]
-    rois = torch.tensor([[0.0, 1.0, 1.0, 20.0, 20.0]] * 32)
-
-    def pool() -> None:
-        out = nhwc_roi_align.pool_levels(maps, rois, None, 7, [1.0], 0, True, torch.float32)
-        assert out is not None
+@pytest.mark.skipif(
+    nhwc_roi_align._kernel is None or proposals._nms is None, reason="the C extensions were not built"
+)
+@pytest.mark.parametrize("kernel", ["roi_align", "nms"])
+def test_the_c_kernels_run_on_the_calling_threads_team(kernel: str) -> None:
+    """No thread pool of their own: their work goes to the calling thread's libgomp team (made by
+    the call, as torch's parallel work makes it), and on one thread no team is made. Only the
+    kernel runs in the probing thread: its inputs are made beforehand."""
+    g = torch.Generator().manual_seed(0)
+    if kernel == "roi_align":
+        nhwc_roi_align._share_teams()
+        fmap = torch.randn(1, 8, 32, 32).contiguous(memory_format=torch.channels_last)
+        rois = torch.tensor([[0.0, 1.0, 1.0, 20.0, 20.0]] * 32)
+        out = torch.empty(32, 8, 7, 7)
+        maps = [(fmap.data_ptr(), 32, 32, 1.0)]
+        args = (maps, False, 1, 8, rois.data_ptr(), 32, 0, 7, 7, 0, True, out.data_ptr(), False)
+        call = nhwc_roi_align._kernel.pool
+    else:
+        proposals._share_teams()
+        corners = torch.rand(6000, 2, generator=g) * 300
+        boxes = torch.cat([corners, corners + 20], dim=1)
+        members = torch.randperm(6000, generator=g)
+        starts = torch.tensor([0, 2000, 4000, 6000])
+        keep = torch.zeros(6000, dtype=torch.bool)
+        args = (boxes.data_ptr(), members.data_ptr(), starts.data_ptr(), 3, 100, 0.7, keep.data_ptr())
+        call = proposals._nms.groups
 
     def body(sample) -> None:
-        torch.set_num_threads(2)
-        with nhwc_roi_align.one_thread():
-            pool()
+        call(*args, 1)
         sample()  # on one thread: no team
-        pool()
+        call(*args, 2)
         sample()  # shared: the team's worker
         assert threads.release_team()
 
-    assert _teams_in_named_thread("cvs-omp-pool", body) == [1, 2]
+    assert _teams_in_named_thread(f"cvs-omp-{kernel[:5]}", body) == [1, 2]
     assert "shared over each pass's OpenMP threads" in nhwc_roi_align.describe()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 # isort: split
 
+from unittest import mock
+
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -14,8 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import batched_nms
 
+from cvserve.models.instance import proposals
 from cvserve.models.instance.config import tiny_instance_config
 from cvserve.models.instance.proposals import batched_nms_first, top_proposals, use_first_k_nms
+
+needs_kernel = pytest.mark.skipif(
+    proposals._nms is None, reason="the C extension was not built (no C compiler at install)"
+)
 
 
 def _boxes(n: int, g: torch.Generator, extent: float = 300.0) -> torch.Tensor:
@@ -47,20 +54,59 @@ def _scores(n: int, g: torch.Generator, ties: bool, bad: bool) -> torch.Tensor:
     threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.95, 1.0]),
     ties=st.booleans(),
     bad=st.booleans(),
+    kernel=st.booleans(),
+    threads=st.sampled_from([1, 2]),
 )
 def test_batched_nms_first_equals_torchvision(
-    seed: int, n: int, groups: int, k: int, threshold: float, ties: bool, bad: bool
+    seed: int,
+    n: int,
+    groups: int,
+    k: int,
+    threshold: float,
+    ties: bool,
+    bad: bool,
+    kernel: bool,
+    threads: int,
 ) -> None:
+    """With the C kernel (on one thread or two) and without it (torchvision's nms per prefix)."""
     g = torch.Generator().manual_seed(seed)
     boxes, scores = _boxes(n, g), _scores(n, g, ties, bad)
     idxs = torch.randint(0, groups, (n,), generator=g)
     expected = batched_nms(boxes, scores, idxs, threshold)[:k]
-    assert torch.equal(batched_nms_first(boxes, scores, idxs, threshold, k), expected)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with mock.patch.object(proposals, "_nms", proposals._nms if kernel else None):
+            assert torch.equal(batched_nms_first(boxes, scores, idxs, threshold, k), expected)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.7, 1.0])
+def test_the_kernel_takes_the_served_sizes_and_odd_boxes(threshold: float) -> None:
+    """Five levels of 1000 candidates (the RPN's), with empty, inverted, identical and NaN boxes."""
+    g = torch.Generator().manual_seed(9)
+    boxes, scores = _boxes(5000, g), torch.randperm(5000, generator=g).float() / 5000  # no ties
+    boxes[::97] = boxes[::97, [0, 1, 0, 1]]  # empty
+    boxes[1::89] = boxes[1::89, [2, 3, 0, 1]]  # inverted
+    boxes[2::83] = boxes[3::83][: boxes[2::83].shape[0]]  # a copy of the next box
+    boxes[4::211, 1] = float("nan")
+    idxs = torch.arange(5000) // 1000
+    calls = []
+    real = proposals._nms
+    kernel = mock.Mock(wraps=real)
+    kernel.groups.side_effect = lambda *args: calls.append(args) or real.groups(*args)
+    with mock.patch.object(proposals, "_nms", kernel):
+        for k in (1, 250, 999):
+            expected = batched_nms(boxes, scores, idxs, threshold)[:k]
+            assert torch.equal(batched_nms_first(boxes, scores, idxs, threshold, k), expected)
+    assert len(calls) == 3  # each k through the kernel
 
 
 def test_batched_nms_first_stops_early_and_still_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cvserve.models.instance import proposals
-
+    """Without the C kernel: torchvision's nms over growing prefixes."""
+    monkeypatch.setattr(proposals, "_nms", None)
     g = torch.Generator().manual_seed(3)
     boxes, scores = _boxes(3000, g), torch.rand(3000, generator=g)
     idxs = torch.arange(3000) % 3
