@@ -50,7 +50,7 @@ fi
 
 inputs_hash() {
     (cd "$ROOT" && cat pyproject.toml requirements/*.txt scripts/bootstrap.sh scripts/install_detectron2.py \
-        models/instance/_roi_align.c models/instance/_nms.c \
+        models/instance/_roi_align.c models/instance/_nms.c models/instance/_kernels.h \
         && echo "extras=$EXTRAS torch_index=$TORCH_INDEX" \
         && if [[ -n "$TORCH_REQUIREMENTS" ]]; then cat "$TORCH_REQUIREMENTS"; fi) | sha256sum | cut -d' ' -f1
 }

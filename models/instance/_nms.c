@@ -17,17 +17,7 @@
  * The caller (cvserve/models/instance/proposals.py) passes the members of each group in
  * descending score order, without ties (torchvision's order is then the same).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-#include <stdint.h>
-#include <stdlib.h>
-
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define CVSERVE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CVSERVE_CLONES
-#endif
+#include "_kernels.h"
 
 /* std::max(a, b) and std::min(a, b), NaN handling included. */
 static inline float max_as_std(float a, float b) { return (a < b) ? b : a; }
@@ -93,9 +83,6 @@ static void run_job(void *arg) {
     free(scratch);
 }
 
-typedef void (*GompParallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
-static GompParallel gomp_parallel = NULL;
-
 /* groups(boxes_ptr, members_ptr, starts_ptr, n_groups, k, iou_threshold, keep_ptr, threads)
  * boxes: (N, 4) fp32 rows; members: int64 indices into boxes, group after group, each best
  * first; starts: n_groups + 1 int64 offsets of the groups in members; keep: N bytes, set to
@@ -117,26 +104,15 @@ static PyObject *py_groups(PyObject *self, PyObject *args) {
                (const int64_t *)(uintptr_t)starts, n_groups, k, threshold,
                (uint8_t *)(uintptr_t)keep, 0, 0};
     Py_BEGIN_ALLOW_THREADS;
-    if (threads > 1 && n_groups > 1 && gomp_parallel != NULL)
-        gomp_parallel(run_job, &job, (unsigned)threads, 0);
-    else
-        run_job(&job);
+    run_on_team(run_job, &job, n_groups > 1 ? threads : 1);
     Py_END_ALLOW_THREADS;
     if (job.failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
-/* set_openmp(gomp_parallel_address) -> None: libgomp's GOMP_parallel, or 0 for one thread. */
-static PyObject *py_set_openmp(PyObject *self, PyObject *args) {
-    unsigned long long address;
-    if (!PyArg_ParseTuple(args, "K", &address)) return NULL;
-    gomp_parallel = (GompParallel)(uintptr_t)address;
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
     {"groups", py_groups, METH_VARARGS, "Greedy NMS within groups, first k kept (see _nms.c)."},
-    {"set_openmp", py_set_openmp, METH_VARARGS, "Hand over libgomp's GOMP_parallel (or 0)."},
+    CVSERVE_SET_OPENMP_METHOD,
     {NULL, NULL, 0, NULL},
 };
 

@@ -24,19 +24,10 @@
  * coordinate and sample-count limits; level index) and leaves boxes outside the limits to
  * the caller; a box with a NaN or infinite coordinate pools to zeros.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_kernels.h"
 
 #include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
-
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define CVSERVE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CVSERVE_CLONES
-#endif
 
 typedef struct {
     long pos1, pos2, pos3, pos4; /* pixel indices (y * width + x) of the four neighbours */
@@ -278,10 +269,6 @@ static void run_job(void *arg) {
     free(scratch.acc);
 }
 
-/* libgomp's entry point for `#pragma omp parallel num_threads(n)` (GCC's ABI since 4.9). */
-typedef void (*GompParallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
-static GompParallel gomp_parallel = NULL;
-
 /* Below this many boxes one thread pools them: waking the team would cost more. */
 #define MIN_BOXES_TO_SHARE 8
 
@@ -350,23 +337,11 @@ static PyObject *py_pool(PyObject *self, PyObject *args) {
                                pooled_w, sampling_ratio);
     }
     if (status == ROIS_OK) {
-        if (threads > 1 && n_rois >= MIN_BOXES_TO_SHARE && gomp_parallel != NULL)
-            gomp_parallel(run_job, &job, (unsigned)threads, 0);
-        else
-            run_job(&job);
+        run_on_team(run_job, &job, n_rois >= MIN_BOXES_TO_SHARE ? threads : 1);
     }
     Py_END_ALLOW_THREADS;
     if (job.failed) return PyErr_NoMemory();
     return PyLong_FromLong(status);
-}
-
-/* set_openmp(gomp_parallel_address) -> None: libgomp's GOMP_parallel, or 0 to pool on the
- * calling thread alone. */
-static PyObject *py_set_openmp(PyObject *self, PyObject *args) {
-    unsigned long long address;
-    if (!PyArg_ParseTuple(args, "K", &address)) return NULL;
-    gomp_parallel = (GompParallel)(uintptr_t)address;
-    Py_RETURN_NONE;
 }
 
 /* isa() -> the instruction set the kernels dispatch to on this CPU. */
@@ -381,7 +356,7 @@ static PyObject *py_isa(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef methods[] = {
     {"pool", py_pool, METH_VARARGS, "RoIAlign forward over NHWC maps (see _roi_align.c)."},
-    {"set_openmp", py_set_openmp, METH_VARARGS, "Hand over libgomp's GOMP_parallel (or 0)."},
+    CVSERVE_SET_OPENMP_METHOD,
     {"isa", py_isa, METH_NOARGS, "The instruction set the kernels run with on this CPU."},
     {NULL, NULL, 0, NULL},
 };
