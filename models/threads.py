@@ -38,6 +38,7 @@ import functools
 import os
 import threading
 import time
+import types
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -52,10 +53,12 @@ __all__ = [
     "cpu_share",
     "forward_threads",
     "gomp_parallel_address",
+    "kernel_threads",
     "libgomp",
     "limit_helper_thread",
     "per_thread_intra_op",
     "release_team",
+    "shares_team",
 ]
 
 # Most forward passes at once that ``instances: auto`` runs on a CPU: beyond a few, the
@@ -79,8 +82,8 @@ def libgomp() -> ctypes.CDLL | None:
 
     Only libgomp: there ``omp_pause_resource_all`` frees the calling thread's team alone,
     while LLVM's and Intel's runtimes pause every thread of the process; and its
-    ``GOMP_parallel`` is what the RoIAlign kernel shares a pass's team with
-    (:mod:`cvserve.models.instance.nhwc_roi_align`).
+    ``GOMP_parallel`` is what cvserve's C kernels share a pass's team with
+    (:func:`shares_team`).
     """
     if not per_thread_intra_op():
         return None
@@ -110,6 +113,20 @@ def gomp_parallel_address() -> int:
     """
     lib = libgomp()
     return (ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value or 0) if lib is not None else 0
+
+
+@functools.cache
+def shares_team(kernel: types.ModuleType) -> bool:
+    """Hand :func:`gomp_parallel_address` to a C kernel module once (its ``set_openmp``);
+    whether it can now spread its work over the calling thread's team."""
+    kernel.set_openmp(gomp_parallel_address())
+    return gomp_parallel_address() != 0
+
+
+def kernel_threads(kernel: types.ModuleType) -> int:
+    """The threads a C kernel module may use in the calling thread: its intra-op count
+    (``torch.get_num_threads()``, the pass's share) where :func:`shares_team`, else 1."""
+    return torch.get_num_threads() if shares_team(kernel) else 1
 
 
 @functools.cache

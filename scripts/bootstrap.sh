@@ -3,8 +3,8 @@
 #
 # Idempotent and quick when nothing changed: a stamp in .venv records a hash of every
 # input (pyproject.toml, requirements/, this script, the detectron2 installer, the C
-# source of the RoIAlign kernel the install compiles), and the install runs again only
-# when one of them differs.
+# sources of the RoIAlign and NMS kernels the install compiles and their shared header),
+# and the install runs again only when one of them differs.
 #
 # Environment:
 #   PYTHON          interpreter used to create the venv (default: python3.11)

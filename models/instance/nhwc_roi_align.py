@@ -10,6 +10,9 @@ each other in NHWC and vectorise (AVX-512 or AVX2 where the CPU has them, chosen
 time). bf16 values are widened to fp32 exactly before any arithmetic, so the result equals
 ``torchvision.ops.roi_align(input.float(), rois.float(), ...)`` bit for bit
 (tests/unit/models/instance/test_nhwc_roi_align.py checks it property by property).
+:func:`pool_levels` pools every level of a feature pyramid in one call, writing the maps'
+dtype or fp32, with the boxes spread over the calling thread's OpenMP team
+(:func:`cvserve.models.threads.shares_team`); ``cvserve.models.instance.pooler`` uses it.
 
 Inputs the kernel does not take go to torchvision unchanged: other devices and dtypes,
 boxes beyond 2**24 feature pixels or with sample grids too large to allocate, and anything
@@ -21,7 +24,6 @@ pools to zeros.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import types
@@ -32,7 +34,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torchvision.ops import roi_align
 
-from cvserve.models.threads import gomp_parallel_address
+from cvserve.models.threads import kernel_threads, shares_team
 
 _kernel: types.ModuleType | None
 try:  # built by pip install (pyproject.toml, optional: a C compiler is needed)
@@ -92,7 +94,7 @@ def describe() -> str:
     """The CPU RoIAlign in use, for logs and ``cvserve info``."""
     if _kernel is None:
         return f"torchvision (cvserve's NHWC kernel is not built: {_IMPORT_ERROR})"
-    shared = "boxes shared over each pass's OpenMP threads" if _share_teams() else "one thread per call"
+    shared = "boxes shared over each pass's OpenMP threads" if shares_team(_kernel) else "one thread per call"
     return f"cvserve NHWC kernel ({_kernel.isa()}; {shared})"
 
 
@@ -124,14 +126,6 @@ def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     return int(size[0]), int(size[1])
-
-
-@functools.cache
-def _share_teams() -> bool:
-    """Hand torch's libgomp to the kernel once, so it can spread boxes over a pass's team."""
-    assert _kernel is not None
-    _kernel.set_openmp(gomp_parallel_address())
-    return gomp_parallel_address() != 0
 
 
 def pool_levels(
@@ -182,7 +176,7 @@ def pool_levels(
         levels = levels.to(torch.int64).contiguous()
         if levels.shape != (rois.shape[0],):
             raise ValueError(f"levels must have shape ({rois.shape[0]},), got {tuple(levels.shape)}")
-    threads = torch.get_num_threads() if _share_teams() and not getattr(_off, "one_thread", False) else 1
+    threads = 1 if getattr(_off, "one_thread", False) else kernel_threads(_kernel)
     status = _kernel.pool(
         [
             (m.data_ptr(), int(m.shape[2]), int(m.shape[3]), float(s))

@@ -8,8 +8,9 @@ the time in its poolers (``benchmarks/README.md``, "One pooling call per pooler"
 :class:`NhwcROIPooler` assigns the levels as detectron2 does and hands all boxes to
 :func:`~cvserve.models.instance.nhwc_roi_align.pool_levels`, which writes each box's row of
 the output in the features' dtype, spread over the pass's intra-op threads. The values are
-the same bit for bit (tests/unit/models/instance/test_pooler.py). Inputs the kernel does not take (a GPU,
-fp16, a gradient, boxes past its limits) go through detectron2's forward unchanged.
+the same bit for bit (tests/unit/models/instance/test_pooler.py). Inputs the kernel does
+not take (a GPU, fp16, a gradient, boxes past its limits) go through detectron2's forward
+unchanged.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ on random inputs (hypothesis), ties and non-finite values included.
 
 from __future__ import annotations
 
-import functools
 import types
 from collections.abc import Sequence
 
@@ -40,7 +39,7 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 from torchvision.ops import boxes as box_ops
 
-from cvserve.models.threads import gomp_parallel_address
+from cvserve.models.threads import kernel_threads
 
 _nms: types.ModuleType | None
 try:  # built by pip install (pyproject.toml, optional: a C compiler is needed)
@@ -119,7 +118,6 @@ def _groups_in_c(
     starts = torch.zeros(sizes.numel() + 1, dtype=torch.int64)
     torch.cumsum(sizes, 0, out=starts[1:])
     boxes = boxes.contiguous()
-    threads = torch.get_num_threads() if _share_teams() else 1
     _nms.groups(
         boxes.data_ptr(),
         members.data_ptr(),
@@ -128,17 +126,9 @@ def _groups_in_c(
         k,
         float(iou_threshold),
         keep_mask.data_ptr(),
-        threads,
+        kernel_threads(_nms),
     )
     return True
-
-
-@functools.cache
-def _share_teams() -> bool:
-    """Hand torch's libgomp to the kernel once, so it can spread groups over a pass's team."""
-    assert _nms is not None
-    _nms.set_openmp(gomp_parallel_address())
-    return gomp_parallel_address() != 0
 
 
 def _best(logits: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:

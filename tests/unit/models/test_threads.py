@@ -268,7 +268,7 @@ def test_the_c_kernels_run_on_the_calling_threads_team(kernel: str) -> None:
     kernel runs in the probing thread: its inputs are made beforehand."""
     g = torch.Generator().manual_seed(0)
     if kernel == "roi_align":
-        nhwc_roi_align._share_teams()
+        threads.shares_team(nhwc_roi_align._kernel)
         fmap = torch.randn(1, 8, 32, 32).contiguous(memory_format=torch.channels_last)
         rois = torch.tensor([[0.0, 1.0, 1.0, 20.0, 20.0]] * 32)
         out = torch.empty(32, 8, 7, 7)
@@ -276,7 +276,7 @@ def test_the_c_kernels_run_on_the_calling_threads_team(kernel: str) -> None:
         args = (maps, False, 1, 8, rois.data_ptr(), 32, 0, 7, 7, 0, True, out.data_ptr(), False)
         call = nhwc_roi_align._kernel.pool
     else:
-        proposals._share_teams()
+        threads.shares_team(proposals._nms)
         corners = torch.rand(6000, 2, generator=g) * 300
         boxes = torch.cat([corners, corners + 20], dim=1)
         members = torch.randperm(6000, generator=g)
